@@ -1,0 +1,20 @@
+//! Coffer's archiver: the `cofferd` daemon and the `coffer` CLI.
+//!
+//! This library exists so the binaries stay thin and the tests can drive every part; it
+//! promises no API stability.
+//!
+//! # Layout
+//! - [`ids`], [`envelope`]: identities and the evidence recorded with each arrival.
+//! - [`config`]: `coffer.toml`, parsed then validated into an immutable [`config::Config`].
+//! - [`store`]: the archive — segment log, redb index, the single writer thread.
+//! - [`smtp`]: the SMTP/LMTP listeners: a sans-IO codec, sessions, accept loops.
+//! - [`server`]: wires listeners to the store and runs until shutdown.
+//! - [`cli`]: the `coffer` subcommands.
+
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod ids;
+pub mod server;
+pub mod smtp;
+pub mod store;

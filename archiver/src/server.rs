@@ -1,0 +1,1 @@
+//! Runs the daemon: store, listeners, signals, shutdown.
