@@ -143,3 +143,100 @@ pub struct VerifyReport {
     /// One line per problem, naming the message or record.
     pub problems: Vec<String>,
 }
+
+/// Errors of the store as a whole (open, recovery, reads).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("index error: {0}")]
+    Index(String),
+    #[error("store is damaged: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("the daemon is running (it holds {0}); stop it first")]
+    DaemonRunning(PathBuf),
+}
+
+/// Why a message id (or prefix) did not name exactly one message.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("no archived message matches {0:?}")]
+    NotFound(String),
+    #[error("{0:?} matches {1} messages; give more digits")]
+    Ambiguous(String, usize),
+    #[error("{0:?} is not a message id or a prefix of at least 8 hex digits")]
+    BadPrefix(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Read access to a store, for the CLI and the daemon's own readers.
+///
+/// Opens read-only beside a running daemon (redb in `SingleWriter` mode); with no daemon
+/// running it opens the store itself, repairing it after a crash if it must.
+pub struct StoreReader {
+    _private: (),
+}
+
+#[allow(clippy::unused_self, unused_variables)]
+impl StoreReader {
+    /// # Errors
+    /// The store does not exist or cannot be opened.
+    pub fn open(data_dir: &std::path::Path) -> Result<StoreReader, StoreError> {
+        Err(StoreError::Unsupported(format!("not implemented: {}", data_dir.display())))
+    }
+
+    /// Whether a daemon holds the store's write lock.
+    pub fn daemon_running(&self) -> bool {
+        false
+    }
+
+    pub fn status(&self) -> Result<StoreStatus, StoreError> {
+        Err(StoreError::Unsupported("not implemented".into()))
+    }
+
+    /// Messages matching `query`, newest arrival first.
+    pub fn search(&self, query: &Query) -> Result<Vec<MessageRecord>, StoreError> {
+        Err(StoreError::Unsupported("not implemented".into()))
+    }
+
+    /// Resolves a full id or a unique prefix of at least 8 hex digits.
+    pub fn resolve(&self, prefix: &str) -> Result<MessageId, LookupError> {
+        Err(LookupError::NotFound(prefix.into()))
+    }
+
+    pub fn record(&self, id: &MessageId) -> Result<MessageRecord, StoreError> {
+        Err(StoreError::Unsupported("not implemented".into()))
+    }
+
+    /// The archived bytes, exactly.
+    pub fn read_message(&self, id: &MessageId) -> Result<Vec<u8>, StoreError> {
+        Err(StoreError::Unsupported("not implemented".into()))
+    }
+
+    pub fn arrivals(&self, id: &MessageId) -> Result<Vec<Arrival>, StoreError> {
+        Err(StoreError::Unsupported("not implemented".into()))
+    }
+
+    /// Number of messages `verify` will check (for a progress bar).
+    pub fn message_count(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Re-hashes every message; with `deep`, also checks the index against the log.
+    /// `progress(done, total)` is called as it goes.
+    pub fn verify(
+        &self,
+        deep: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<VerifyReport, StoreError> {
+        Err(StoreError::Unsupported("not implemented".into()))
+    }
+}
