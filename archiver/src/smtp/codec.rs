@@ -367,27 +367,26 @@ fn parse_line(line: &[u8]) -> Result<Command, CommandError> {
         return parse_rcpt(arg);
     }
     if is("HELO") || is("EHLO") || is("LHLO") {
-        // smtp-proto checks the syntax; we keep the whole raw argument as evidence.
-        let mut it = line.iter();
-        return match Request::parse(&mut it) {
-            Ok(_) => {
-                let raw = String::from_utf8_lossy(trim_end(arg)).into_owned();
-                Ok(if is("HELO") {
-                    Command::Helo(raw)
-                } else if is("EHLO") {
-                    Command::Ehlo(raw)
-                } else {
-                    Command::Lhlo(raw)
-                })
-            }
-            Err(_) => Err(CommandError::Syntax(if is("HELO") {
+        // Any non-empty argument is taken, and kept whole as evidence (smtp-proto would
+        // refuse two spaces after the verb and cut the argument at the first space).
+        let raw = trim_end(arg);
+        if raw.is_empty() {
+            return Err(CommandError::Syntax(if is("HELO") {
                 "HELO domain"
             } else if is("EHLO") {
                 "EHLO domain"
             } else {
                 "LHLO domain"
-            })),
-        };
+            }));
+        }
+        let raw = String::from_utf8_lossy(raw).into_owned();
+        return Ok(if is("HELO") {
+            Command::Helo(raw)
+        } else if is("EHLO") {
+            Command::Ehlo(raw)
+        } else {
+            Command::Lhlo(raw)
+        });
     }
     // Commands that take no argument, or whose argument we ignore.
     let no_arg = |cmd: Command, syntax: &'static str| {
@@ -888,6 +887,8 @@ mod tests {
             ("LHLO x", Ok(Command::Lhlo("x".into()))),
             ("EHLO", Err(E::Syntax("EHLO domain"))),
             ("HELO", Err(E::Syntax("HELO domain"))),
+            ("HELO  ", Err(E::Syntax("HELO domain"))),
+            ("HELO  x y", Ok(Command::Helo("x y".into()))),
             ("MAIL FROM:<>", mail("", &[], None, None)),
             (
                 "mail from:<a@b.example>",

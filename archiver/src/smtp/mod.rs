@@ -9,6 +9,7 @@
 //! fake and the store's handle implements it elsewhere.
 
 pub mod codec;
+pub mod session;
 
 use std::future::Future;
 use std::pin::Pin;
