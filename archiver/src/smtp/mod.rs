@@ -9,7 +9,11 @@
 //! fake and the store's handle implements it elsewhere.
 
 pub mod codec;
+pub mod listener;
 pub mod session;
+
+pub use listener::{serve, Listener};
+pub use session::SessionConfig;
 
 use std::future::Future;
 use std::pin::Pin;
