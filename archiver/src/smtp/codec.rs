@@ -726,6 +726,47 @@ mod tests {
         }
     }
 
+    /// The DATA rules stated over a whole input: the message ends at the first CRLF.CRLF
+    /// (DATA starting counts as a CRLF), and every CRLF-dot before it loses its dot.
+    fn model(content: &[u8]) -> Option<Vec<u8>> {
+        let mut s = b"\r\n".to_vec();
+        s.extend_from_slice(content);
+        let end = s.windows(5).position(|w| w == b"\r\n.\r\n")?;
+        let body = &s[..end + 2];
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < body.len() {
+            out.push(body[i]);
+            if body[i..].starts_with(b"\r\n.") {
+                out.push(b'\n');
+                i += 3;
+            } else {
+                i += 1;
+            }
+        }
+        Some(out[2..].to_vec())
+    }
+
+    #[test]
+    fn random_data_matches_the_model() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5321);
+        let alphabet = b"\r\n.a";
+        for _ in 0..300 {
+            let len = rng.gen_range(0..24);
+            let content: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect();
+            let mut wire = b"DATA\r\n".to_vec();
+            wire.extend_from_slice(&content);
+            let got = run_all_splits(&wire, Limits::default(), MAX);
+            match model(&content) {
+                None => assert_eq!(got, vec![data()], "{content:?}"),
+                Some(want) => assert_eq!(got[..2], [data(), msg(&want)], "{content:?}"),
+            }
+        }
+    }
+
     #[test]
     fn smuggled_terminators_never_end_data() {
         for fake in [&b"\n.\n"[..], b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"] {
