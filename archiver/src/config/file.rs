@@ -4,7 +4,7 @@
 //!
 //! Values that validation may still refuse (names, limits, addresses) are wrapped in
 //! [`Spanned`] so that error can point at the line too. Defaults are applied in
-//! [`super::validate`], not here: this layer only says what the file says.
+//! `validate`, not here: this layer only says what the file says.
 
 use serde::Deserialize;
 use toml::Spanned;

@@ -1,13 +1,13 @@
 //! Configuration: `coffer.toml` (docs/interfaces.md "Configuration").
 //!
-//! Loading is two steps: [`file`] parses the TOML into raw structs (unknown keys are
+//! Loading is two steps: [`file`](mod@file) parses the TOML into raw structs (unknown keys are
 //! errors naming file, line and key), then validation turns them into the immutable
 //! [`Config`] the rest of the daemon reads, applying the [`defaults`]. Units (`"25MiB"`,
 //! `"30s"`) are parsed in [`units`]. [`check`] lists what is valid but probably wrong
 //! (warnings); [`reload_diff`] what a SIGHUP cannot apply.
 //!
 //! # Layout
-//! - [`file`]: serde structs, one per section, unknown keys denied.
+//! - [`file`](mod@file): serde structs, one per section, unknown keys denied.
 //! - `validate`: `FileConfig` → [`Config`].
 //! - [`model`]: the validated, immutable [`Config`].
 //! - [`defaults`]: every default, with its unit and reason.
@@ -56,6 +56,21 @@ pub struct ConfigError {
     pub message: String,
     /// The I/O error behind "cannot read", if that was the problem.
     pub source: Option<std::io::Error>,
+}
+
+impl ConfigError {
+    /// An error about `file` as a whole, with no line (e.g. from a caller that checks
+    /// something the parser cannot, such as a socket path that is not reachable).
+    pub fn new(file: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.into(),
+            line: None,
+            column: None,
+            key: None,
+            message: message.into(),
+            source: None,
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -147,12 +162,11 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
 /// The file cannot be read, or is not a valid configuration.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.display().to_string(),
-        line: None,
-        column: None,
-        key: None,
-        message: "cannot read the configuration file".into(),
         source: Some(e),
+        ..ConfigError::new(
+            path.display().to_string(),
+            "cannot read the configuration file",
+        )
     })?;
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut config = parse(&text, path.display().to_string(), absolute.parent(), false)?;

@@ -23,14 +23,7 @@ impl SourceText<'_> {
 
     /// An error with no position (a problem with the file as a whole).
     pub fn error(&self, message: String) -> ConfigError {
-        ConfigError {
-            file: self.file.clone(),
-            line: None,
-            column: None,
-            key: None,
-            message,
-            source: None,
-        }
+        ConfigError::new(self.file.clone(), message)
     }
 
     /// An error at `span`, about `key`. The message should name the key itself; the
