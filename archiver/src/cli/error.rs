@@ -95,13 +95,7 @@ mod tests {
     fn every_error_maps_to_its_documented_code() {
         let cases: Vec<(CliError, u8)> = vec![
             (CliError::Usage("bad".into()), 2),
-            (
-                CliError::Config(ConfigError {
-                    file: "c.toml".into(),
-                    message: "line 3".into(),
-                }),
-                2,
-            ),
+            (CliError::Config(ConfigError::new("c.toml", "line 3")), 2),
             (CliError::NoArchive("/nope".into()), 1),
             (
                 CliError::Store(StoreError::DaemonRunning("/d/index.redb".into())),
