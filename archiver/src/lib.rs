@@ -8,14 +8,17 @@
 //! - [`config`]: `coffer.toml`, parsed then validated into an immutable [`config::Config`].
 //! - [`store`]: the archive — segment log, redb index, the single writer thread.
 //! - [`smtp`]: the SMTP/LMTP listeners: a sans-IO codec, sessions, accept loops.
+//! - [`metrics`], [`console`]: Prometheus counters, `/health` and `/metrics` over HTTP.
 //! - [`server`]: wires listeners to the store and runs until shutdown.
 //! - [`cli`]: the `coffer` subcommands.
 
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod envelope;
 pub mod ids;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod smtp;
 pub mod store;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigSource};
+use crate::metrics::{CountingSink, Metrics};
 use crate::smtp::{Listener, Sink};
 use crate::store::{Incoming, IngestError, Receipt, Store, StoreHandle, StoreOptions};
 
@@ -73,8 +74,22 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         info!(listener = %l.name, bind = %l.bind, protocol = %l.protocol, "listening");
         listeners.push(bound);
     }
+    let console = match &config.console {
+        Some(c) => Some(
+            tokio::net::TcpListener::bind(c.bind)
+                .await
+                .with_context(|| format!("binding the console on {}", c.bind))?,
+        ),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sink: Arc<dyn Sink> = Arc::new(handle);
+    let metrics = Arc::new(Metrics::new(
+        config.listeners.iter().map(|l| l.name.as_str()),
+    ));
+    let sink: Arc<dyn Sink> = Arc::new(CountingSink {
+        store: handle.clone(),
+        metrics: metrics.clone(),
+    });
     let hostname = config.node.name.clone();
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
@@ -87,6 +102,14 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         });
     }
     drop(sink);
+    if let Some(listener) = console {
+        tasks.spawn(crate::console::serve(
+            listener,
+            handle,
+            metrics,
+            stop_rx.clone(),
+        ));
+    }
     notify_ready();
 
     let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -18,6 +18,7 @@ pub mod io;
 pub mod log;
 pub mod reader;
 pub mod record;
+pub mod stats;
 pub mod summary;
 pub mod writer;
 
@@ -199,6 +200,8 @@ pub enum LookupError {
 pub const INGEST_ZSTD_LEVEL: i32 = 1;
 /// Messages smaller than this are stored uncompressed (zstd gains little on them).
 pub const COMPRESS_MIN_BYTES: usize = 512;
+/// Messages up to this size are hashed and compressed on the async task itself.
+const INLINE_PREPARE_MAX: usize = 256 << 10;
 /// Jobs waiting for the writer; producers block (on blocking threads) beyond this.
 const CHANNEL_CAPACITY: usize = 1024;
 
@@ -217,6 +220,7 @@ pub struct Shared {
     low_disk: AtomicBool,
     /// The writer hit a sync/commit failure and is reopening the store.
     failed: AtomicBool,
+    stats: stats::StoreStats,
 }
 
 /// The open store: owns the writer thread. Dropping every [`StoreHandle`] and calling
@@ -260,6 +264,7 @@ impl Store {
             free_disk: AtomicU64::new(u64::MAX),
             low_disk: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            stats: stats::StoreStats::default(),
         });
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let w = writer::Writer::new(engine, shared.clone(), opts.segment_size);
@@ -328,15 +333,29 @@ impl Drop for PendingGuard {
     }
 }
 
+thread_local! {
+    /// One zstd context per thread, reused: creating one per message is measurable.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(bytes: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(INGEST_ZSTD_LEVEL).ok();
+        }
+        c.as_mut()?.compress(bytes).ok()
+    })
+}
+
 /// Hashes, compresses and parses a message: the CPU work done before the writer sees it.
 fn prepare(msg: Incoming) -> writer::Prepared {
     let id = crate::ids::MessageId::of(&msg.bytes);
     let summary = summary::Summary::of(&msg.bytes);
     let raw_len = u32::try_from(msg.bytes.len()).expect("messages are capped far below 4 GiB");
     let compressed = if msg.bytes.len() >= COMPRESS_MIN_BYTES {
-        zstd::bulk::compress(&msg.bytes, INGEST_ZSTD_LEVEL)
-            .ok()
-            .filter(|c| c.len() < msg.bytes.len())
+        compress(&msg.bytes).filter(|c| c.len() < msg.bytes.len())
     } else {
         None
     };
@@ -365,6 +384,31 @@ impl StoreHandle {
         &self.shared.epoch
     }
 
+    /// Counters for `/metrics`.
+    pub fn stats(&self) -> &stats::StoreStats {
+        &self.shared.stats
+    }
+
+    /// Bytes accepted and not yet answered (the `max_pending` budget in use).
+    pub fn pending_bytes(&self) -> u64 {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// Free disk in `data_dir` as last measured.
+    pub fn free_disk(&self) -> u64 {
+        self.shared.free_disk.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store failed and is reopening (ingest answers 451 meanwhile).
+    pub fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Relaxed)
+    }
+
+    /// Whether free disk is below `min_free_disk` (ingest answers 452 meanwhile).
+    pub fn low_disk(&self) -> bool {
+        self.shared.low_disk.load(Ordering::Relaxed)
+    }
+
     fn admit(&self, len: u64) -> Result<PendingGuard, IngestError> {
         if self.shared.failed.load(Ordering::Relaxed) {
             return Err(IngestError::Unavailable(
@@ -386,21 +430,37 @@ impl StoreHandle {
     /// Dropping the future does not withdraw the message: it may still be committed.
     pub async fn ingest(&self, msg: Incoming) -> Result<Receipt, IngestError> {
         let guard = self.admit(msg.bytes.len() as u64)?;
+        // Hashing and light compression of a small message cost tens of µs: cheaper inline
+        // than a hop to a blocking thread and back. Big ones go to the blocking pool.
+        let prepared = if msg.bytes.len() <= INLINE_PREPARE_MAX {
+            prepare(msg)
+        } else {
+            tokio::task::spawn_blocking(move || prepare(msg))
+                .await
+                .map_err(|e| IngestError::Unavailable(format!("preparing the message: {e}")))?
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sender = self.tx.clone();
-        let sent = tokio::task::spawn_blocking(move || {
-            let job = writer::Job {
-                prepared: prepare(msg),
-                reply: Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            };
-            sender.send(job).is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        if !sent {
-            return Err(IngestError::ShuttingDown);
+        let job = writer::Job {
+            prepared,
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(job)) => {
+                // The writer is behind: wait for room on a blocking thread, not here.
+                let sender = self.tx.clone();
+                let sent = tokio::task::spawn_blocking(move || sender.send(job).is_ok())
+                    .await
+                    .unwrap_or(false);
+                if !sent {
+                    return Err(IngestError::ShuttingDown);
+                }
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return Err(IngestError::ShuttingDown)
+            }
         }
         let result = rx.await.unwrap_or(Err(IngestError::ShuttingDown));
         drop(guard);

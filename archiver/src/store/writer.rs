@@ -76,6 +76,11 @@ impl Writer {
             last_reopen: None,
         };
         w.refresh_disk();
+        if let Some(e) = &w.engine {
+            if let Ok(txn) = e.db.begin_write() {
+                publish_totals(&w.shared, &read_totals(&txn));
+            }
+        }
         w
     }
 
@@ -141,6 +146,7 @@ impl Writer {
         ) {
             Ok(engine) => {
                 info!("store reopened and recovered after a failure");
+                self.shared.stats.reopens.fetch_add(1, Ordering::Relaxed);
                 self.engine = Some(engine);
                 self.shared.failed.store(false, Ordering::Relaxed);
                 Ok(())
@@ -159,7 +165,15 @@ impl Writer {
             }
             return;
         }
+        let started = Instant::now();
         let outcome = self.try_commit(&batch);
+        let stats = &self.shared.stats;
+        if outcome.is_ok() {
+            stats.batch_messages.observe(batch.len() as u64);
+            stats
+                .commit_us
+                .observe(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        }
         self.refresh_disk();
         match outcome {
             Ok(receipts) => {
@@ -294,6 +308,10 @@ impl Writer {
         if !buf.is_empty() {
             if let Err(e) = engine.log.append(&buf) {
                 drop(txn);
+                self.shared
+                    .stats
+                    .errors_append
+                    .fetch_add(1, Ordering::Relaxed);
                 if let Err(t) = engine.log.truncate(base) {
                     return Err(BatchError::Poisoned(format!(
                         "append failed ({e}) and the rollback failed too ({t})"
@@ -303,14 +321,53 @@ impl Writer {
             }
             // Durable point: after this sync every record of the batch survives a crash.
             if let Err(e) = engine.log.sync() {
+                self.shared
+                    .stats
+                    .errors_sync
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(BatchError::Poisoned(format!("syncing the log: {e}")));
             }
         }
         put_u64(&txn, index::K_TAIL_SEG, u64::from(segment)).map_err(|e| fail(idx_err(e)))?;
         put_u64(&txn, index::K_TAIL_OFF, engine.log.active.len).map_err(|e| fail(idx_err(e)))?;
-        txn.commit()
-            .map_err(|e| BatchError::Poisoned(format!("committing the index: {e}")))?;
+        let totals = read_totals(&txn);
+        if let Err(e) = txn.commit() {
+            self.shared
+                .stats
+                .errors_commit
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(BatchError::Poisoned(format!("committing the index: {e}")));
+        }
+        publish_totals(&self.shared, &totals);
         Ok(receipts)
+    }
+}
+
+const TOTAL_KEYS: [&str; 5] = [
+    index::K_MESSAGES,
+    index::K_ARRIVALS,
+    index::K_REPEATS,
+    index::K_RAW_BYTES,
+    index::K_STORED_BYTES,
+];
+
+/// The index's totals as this transaction sees them.
+fn read_totals(txn: &redb::WriteTransaction) -> [u64; 5] {
+    TOTAL_KEYS.map(|k| get_u64(txn, k).unwrap_or(0))
+}
+
+/// Mirrors committed totals into the stats `/metrics` reads.
+fn publish_totals(shared: &Shared, totals: &[u64; 5]) {
+    let s = &shared.stats;
+    let slots = [
+        &s.messages,
+        &s.arrivals,
+        &s.repeats,
+        &s.raw_bytes,
+        &s.stored_bytes,
+    ];
+    for (slot, v) in slots.into_iter().zip(totals) {
+        slot.store(*v, Ordering::Relaxed);
     }
 }
 

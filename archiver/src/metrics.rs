@@ -1,0 +1,403 @@
+//! Prometheus metrics: counters kept by the daemon, rendered as text for `/metrics`.
+//!
+//! Per-listener counters are counted where a listener hands a message to the store
+//! ([`CountingSink`]); store totals, batch sizes, commit latency and errors come from the
+//! store's own [`StoreStats`](crate::store::stats::StoreStats).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::smtp::Sink;
+use crate::store::stats::Histogram;
+use crate::store::{Incoming, IngestError, Receipt, StoreHandle};
+
+/// Why a listener refused a message, as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_pending` reached (451 4.3.2).
+    Busy,
+    /// Free disk under `min_free_disk`, or ENOSPC (452 4.3.1).
+    DiskFull,
+    /// The store failed and is reopening (451 4.3.0).
+    Unavailable,
+    /// The daemon is stopping (421).
+    ShuttingDown,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::Busy,
+        Refusal::DiskFull,
+        Refusal::Unavailable,
+        Refusal::ShuttingDown,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Busy => "max_pending",
+            Refusal::DiskFull => "disk_full",
+            Refusal::Unavailable => "store_failed",
+            Refusal::ShuttingDown => "shutting_down",
+        }
+    }
+
+    fn of(e: &IngestError) -> Refusal {
+        match e {
+            IngestError::Busy => Refusal::Busy,
+            IngestError::DiskFull => Refusal::DiskFull,
+            IngestError::ShuttingDown => Refusal::ShuttingDown,
+            _ => Refusal::Unavailable,
+        }
+    }
+}
+
+/// Counters of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerCounters {
+    /// Messages durably archived (new arrivals).
+    pub messages: AtomicU64,
+    /// Bytes of those messages.
+    pub bytes: AtomicU64,
+    /// Retries of arrivals already stored (acknowledged, nothing added).
+    pub repeats: AtomicU64,
+    refusals: [AtomicU64; 4],
+}
+
+impl ListenerCounters {
+    pub fn refusals(&self, r: Refusal) -> u64 {
+        self.refusals[r as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Every counter the daemon exports.
+#[derive(Debug)]
+pub struct Metrics {
+    listeners: BTreeMap<String, ListenerCounters>,
+    /// Milliseconds from the store's hand-off to its answer, per message.
+    pub ingest_ms: Histogram<10>,
+}
+
+impl Metrics {
+    /// Counters for these listener names (fixed for the daemon's life).
+    pub fn new<'a>(listeners: impl IntoIterator<Item = &'a str>) -> Metrics {
+        Metrics {
+            listeners: listeners
+                .into_iter()
+                .map(|n| (n.to_owned(), ListenerCounters::default()))
+                .collect(),
+            ingest_ms: Histogram::new([1, 2, 5, 10, 20, 50, 100, 250, 1000, 5000]),
+        }
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerCounters> {
+        self.listeners.get(name)
+    }
+
+    fn record(&self, listener: &str, bytes: u64, result: &Result<Receipt, IngestError>) {
+        let Some(c) = self.listeners.get(listener) else {
+            return;
+        };
+        match result {
+            Ok(r) if r.repeat => {
+                c.repeats.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {
+                c.messages.fetch_add(1, Ordering::Relaxed);
+                c.bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+            Err(e) => {
+                c.refusals[Refusal::of(e) as usize].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self, store: &StoreHandle) -> String {
+        let mut out = String::with_capacity(4096);
+        let s = store.stats();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        family(
+            &mut out,
+            "coffer_received_messages_total",
+            "counter",
+            "Messages archived, by listener (new arrivals).",
+        );
+        for (name, c) in &self.listeners {
+            let _ = writeln!(
+                out,
+                "coffer_received_messages_total{{listener=\"{name}\"}} {}",
+                get(&c.messages)
+            );
+        }
+        family(
+            &mut out,
+            "coffer_received_bytes_total",
+            "counter",
+            "Bytes of messages archived, by listener.",
+        );
+        for (name, c) in &self.listeners {
+            let _ = writeln!(
+                out,
+                "coffer_received_bytes_total{{listener=\"{name}\"}} {}",
+                get(&c.bytes)
+            );
+        }
+        family(
+            &mut out,
+            "coffer_repeats_total",
+            "counter",
+            "Retries of arrivals already stored, by listener.",
+        );
+        for (name, c) in &self.listeners {
+            let _ = writeln!(
+                out,
+                "coffer_repeats_total{{listener=\"{name}\"}} {}",
+                get(&c.repeats)
+            );
+        }
+        family(
+            &mut out,
+            "coffer_refusals_total",
+            "counter",
+            "Messages refused with a temporary error, by listener and reason.",
+        );
+        for (name, c) in &self.listeners {
+            for r in Refusal::ALL {
+                let _ = writeln!(
+                    out,
+                    "coffer_refusals_total{{listener=\"{name}\",reason=\"{}\"}} {}",
+                    r.label(),
+                    c.refusals(r)
+                );
+            }
+        }
+        for (metric, help, v) in [
+            (
+                "coffer_store_messages",
+                "Distinct messages in the store.",
+                get(&s.messages),
+            ),
+            (
+                "coffer_store_arrivals",
+                "Arrivals in the store.",
+                get(&s.arrivals),
+            ),
+            (
+                "coffer_store_raw_bytes",
+                "Bytes of the distinct messages as received.",
+                get(&s.raw_bytes),
+            ),
+            (
+                "coffer_store_stored_bytes",
+                "Bytes the messages take in the log.",
+                get(&s.stored_bytes),
+            ),
+            (
+                "coffer_pending_bytes",
+                "Bytes accepted and not yet committed (max_pending budget in use).",
+                store.pending_bytes(),
+            ),
+            (
+                "coffer_free_disk_bytes",
+                "Free disk in data_dir, as last measured.",
+                store.free_disk(),
+            ),
+            (
+                "coffer_store_failed",
+                "1 while the store is failed and reopening (ingest answers 451).",
+                u64::from(store.failed()),
+            ),
+            (
+                "coffer_low_disk",
+                "1 while free disk is under min_free_disk (ingest answers 452).",
+                u64::from(store.low_disk()),
+            ),
+        ] {
+            family(&mut out, metric, "gauge", help);
+            let _ = writeln!(out, "{metric} {v}");
+        }
+        family(
+            &mut out,
+            "coffer_store_repeats_total",
+            "counter",
+            "Retries of arrivals already stored, all listeners.",
+        );
+        let _ = writeln!(out, "coffer_store_repeats_total {}", get(&s.repeats));
+        family(
+            &mut out,
+            "coffer_store_errors_total",
+            "counter",
+            "Store I/O errors, by kind.",
+        );
+        for (kind, v) in [
+            ("append", get(&s.errors_append)),
+            ("sync", get(&s.errors_sync)),
+            ("commit", get(&s.errors_commit)),
+        ] {
+            let _ = writeln!(out, "coffer_store_errors_total{{kind=\"{kind}\"}} {v}");
+        }
+        family(
+            &mut out,
+            "coffer_store_reopens_total",
+            "counter",
+            "Times the store was reopened after a failure.",
+        );
+        let _ = writeln!(out, "coffer_store_reopens_total {}", get(&s.reopens));
+        histogram(
+            &mut out,
+            "coffer_commit_batch_messages",
+            "Messages per group commit.",
+            &s.batch_messages,
+            1.0,
+        );
+        histogram(
+            &mut out,
+            "coffer_commit_seconds",
+            "Duration of a group commit (append, fdatasync, index commit).",
+            &s.commit_us,
+            1e6,
+        );
+        histogram(
+            &mut out,
+            "coffer_ingest_seconds",
+            "From hand-off to the store until it answered, per message.",
+            &self.ingest_ms,
+            1e3,
+        );
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn histogram<const N: usize>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    h: &Histogram<N>,
+    per_unit: f64,
+) {
+    family(out, name, "histogram", help);
+    for (bound, count) in h.cumulative() {
+        match bound {
+            Some(b) => {
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{le=\"{}\"}} {count}",
+                    b as f64 / per_unit
+                );
+            }
+            None => {
+                let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{name}_sum {}",
+        h.sum.load(Ordering::Relaxed) as f64 / per_unit
+    );
+    let _ = writeln!(out, "{name}_count {}", h.count.load(Ordering::Relaxed));
+}
+
+/// The listeners' [`Sink`]: the store's handle, counting what passes per listener.
+pub struct CountingSink {
+    pub store: StoreHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Sink for CountingSink {
+    fn ingest(
+        &self,
+        msg: Incoming,
+    ) -> Pin<Box<dyn Future<Output = Result<Receipt, IngestError>> + Send + '_>> {
+        Box::pin(async move {
+            let listener = msg.session.listener.clone();
+            let bytes = msg.bytes.len() as u64;
+            let started = std::time::Instant::now();
+            let result = self.store.ingest(msg).await;
+            self.metrics
+                .ingest_ms
+                .observe(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+            self.metrics.record(&listener, bytes, &result);
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Envelope, SessionInfo};
+    use crate::store::fault::FaultVfs;
+    use crate::store::{Store, StoreOptions};
+
+    fn incoming(body: &[u8]) -> Incoming {
+        Incoming {
+            bytes: body.to_vec(),
+            envelope: Envelope {
+                mail_from: "a@x".into(),
+                mail_params: vec![],
+                rcpt_to: vec!["b@y".into()],
+            },
+            session: SessionInfo {
+                listener: "journal".into(),
+                ..SessionInfo::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn counters_equal_what_was_sent() {
+        let store = Store::open_with(
+            Arc::new(FaultVfs::new()),
+            StoreOptions {
+                data_dir: "/m".into(),
+                node: "n".into(),
+                segment_size: 1 << 20,
+                max_pending: 1 << 20,
+                min_free_disk: 0,
+            },
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::new(["journal", "ha"]));
+        let sink = CountingSink {
+            store: store.handle(),
+            metrics: metrics.clone(),
+        };
+        sink.ingest(incoming(b"Subject: 1\r\n\r\nx\r\n"))
+            .await
+            .unwrap();
+        sink.ingest(incoming(b"Subject: 2\r\n\r\nyy\r\n"))
+            .await
+            .unwrap();
+        sink.ingest(incoming(b"Subject: 2\r\n\r\nyy\r\n"))
+            .await
+            .unwrap();
+        let text = metrics.render(&store.handle());
+        for line in [
+            "coffer_received_messages_total{listener=\"journal\"} 2",
+            "coffer_received_bytes_total{listener=\"journal\"} 35",
+            "coffer_repeats_total{listener=\"journal\"} 1",
+            "coffer_received_messages_total{listener=\"ha\"} 0",
+            "coffer_store_messages 2",
+            "coffer_store_arrivals 2",
+            "coffer_store_repeats_total 1",
+            "coffer_commit_batch_messages_count 3",
+            "coffer_commit_seconds_bucket{le=\"0.05\"} 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
