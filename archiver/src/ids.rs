@@ -80,7 +80,11 @@ impl FromStr for ArrivalId {
         if node.is_empty() || epoch.len() != 8 || !epoch.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
-        Ok(Self { node: node.to_owned(), epoch: epoch.to_owned(), seq })
+        Ok(Self {
+            node: node.to_owned(),
+            epoch: epoch.to_owned(),
+            seq,
+        })
     }
 }
 

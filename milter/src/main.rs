@@ -7,7 +7,10 @@ fn main() {
     match arg.as_deref() {
         Some("--version") => println!("coffer-milter {}", env!("CARGO_PKG_VERSION")),
         _ => {
-            println!("coffer-milter {}: not built yet; see the project issues", env!("CARGO_PKG_VERSION"));
+            println!(
+                "coffer-milter {}: not built yet; see the project issues",
+                env!("CARGO_PKG_VERSION")
+            );
         }
     }
 }

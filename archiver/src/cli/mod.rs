@@ -1,1 +1,569 @@
-//! The `coffer` command-line client.
+//! The `coffer` command-line client (docs/interfaces.md "Commands").
+//!
+//! `bin/coffer.rs` only calls [`main`]. Each subcommand is a function over an open
+//! [`StoreReader`] that writes to a `&mut dyn Write`; every error becomes an exit status
+//! in one place, [`error::exit_code`].
+
+pub mod dates;
+pub mod error;
+pub mod export;
+pub mod output;
+
+use std::ffi::OsString;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::config;
+use crate::store::{LookupError, Query, StoreError, StoreReader};
+use error::{exit_code, CliError, EXIT_FINDING, EXIT_OK, EXIT_STATUS_HELP, EXIT_USAGE};
+use output::{StatusOutput, VerifyOutput};
+
+/// Query and retrieve a Coffer e-mail archive.
+#[derive(Parser, Debug)]
+#[command(name = "coffer", version, after_help = EXIT_STATUS_HELP)]
+pub struct Cli {
+    /// Configuration file [default: $COFFER_CONFIG, else /etc/coffer/coffer.toml if it
+    /// exists, else the built-in default with the archive in ./coffer-data]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show the archive's totals and replication state.
+    Status(StatusArgs),
+    /// List archived messages matching filters, newest arrival first.
+    Search(SearchArgs),
+    /// Write one message's archived bytes, exactly, to stdout.
+    #[command(
+        after_help = "Exits 1 when no message matches, 2 when the prefix is ambiguous \
+                            or not hex."
+    )]
+    Get(GetArgs),
+    /// Write matching messages to files.
+    Export(ExportArgs),
+    /// Re-hash every message and report damage (exits 1 when problems are found).
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Filters shared by `search` and `export`. All given filters must match.
+#[derive(Args, Debug, Default, Clone)]
+pub struct Filters {
+    /// Sender (header From), case-insensitive: an exact address or @domain.
+    #[arg(long, value_name = "ADDR")]
+    pub from: Option<String>,
+    /// Recipient (To, Cc or envelope), case-insensitive: an exact address or @domain.
+    #[arg(long, value_name = "ADDR")]
+    pub to: Option<String>,
+    /// Case-insensitive substring of the decoded Subject.
+    #[arg(long, value_name = "TEXT")]
+    pub subject: Option<String>,
+    /// The Message-ID header, with or without angle brackets.
+    #[arg(long = "message-id", value_name = "ID")]
+    pub message_id: Option<String>,
+    /// Arrived at or after DATE: RFC 3339 (2026-01-02T15:04:05+01:00) or YYYY-MM-DD,
+    /// which means 00:00 UTC that day.
+    #[arg(long, value_name = "DATE", value_parser = dates::parse_since)]
+    pub since: Option<i64>,
+    /// Arrived before DATE: RFC 3339 (exclusive), or YYYY-MM-DD, which includes that
+    /// whole day (UTC).
+    #[arg(long, value_name = "DATE", value_parser = dates::parse_until)]
+    pub until: Option<i64>,
+}
+
+impl Filters {
+    /// The store query for these filters.
+    ///
+    /// # Errors
+    /// `--since` is not before `--until`.
+    pub fn query(&self, limit: usize) -> Result<Query, CliError> {
+        if let (Some(s), Some(u)) = (self.since, self.until) {
+            if s >= u {
+                return Err(CliError::Usage(format!(
+                    "--since ({}) must be before --until ({})",
+                    dates::format_us(s),
+                    dates::format_us(u)
+                )));
+            }
+        }
+        Ok(Query {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            subject: self.subject.clone(),
+            message_id: self.message_id.clone(),
+            since_us: self.since,
+            until_us: self.until,
+            limit,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub filters: Filters,
+    /// Show at most N messages; 0 shows all.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub limit: usize,
+    /// One JSON array of message records (with their arrivals) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// Message id: 64 hex digits, or a unique prefix of at least 8.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Print the message's arrivals (envelopes) as JSON instead of its bytes.
+    #[arg(long)]
+    pub envelope: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// PATH/ID.eml (exact bytes) and PATH/ID.json (the record with its arrivals).
+    Eml,
+    /// One mboxrd file.
+    Mbox,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "A rerun into the same PATH skips files already complete, so an \
+                        interrupted export can simply be started again."
+)]
+pub struct ExportArgs {
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: ExportFormat,
+    /// Output folder (created if missing).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub filters: Filters,
+    /// Export at most N messages; 0 (the default) exports all.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub limit: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Also check the index against the log.
+    #[arg(long)]
+    pub deep: bool,
+    /// One JSON document on stdout: the report plus "ok".
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Entry point of the `coffer` binary.
+pub fn main() -> ExitCode {
+    ExitCode::from(run_args(std::env::args_os()))
+}
+
+/// Parses `args` (program name first), runs the subcommand, returns the exit status.
+pub fn run_args<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; the rest are usage errors.
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    init_logging();
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    match run(&cli, &mut out) {
+        Ok(code) => code,
+        Err(e) if e.is_broken_pipe() => exit_code(&e),
+        Err(e) => {
+            eprintln!("coffer: {e}");
+            exit_code(&e)
+        }
+    }
+}
+
+/// Warnings (such as "no configuration file, using the built-in default") on stderr.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COFFER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs a parsed command line; `Ok` carries the exit status (0, or 1 for a finding).
+///
+/// # Errors
+/// Whatever stopped the command; [`exit_code`] maps it.
+pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
+    // Usage errors first: they need neither configuration nor store.
+    if let Command::Export(a) = &cli.command {
+        if a.format == ExportFormat::Mbox {
+            return Err(CliError::Usage("mbox export is not available yet".into()));
+        }
+    }
+    if let Command::Get(a) = &cli.command {
+        id_prefix(&a.id)?;
+    }
+    let cfg = config::load(cli.config.as_deref())?;
+    let store = open_store(&cfg.node.data_dir)?;
+    match &cli.command {
+        Command::Status(a) => cmd_status(&store, a, out),
+        Command::Search(a) => cmd_search(&store, a, out),
+        Command::Get(a) => cmd_get(&store, a, out),
+        Command::Export(a) => cmd_export(&store, a),
+        Command::Verify(a) => cmd_verify(&store, a, out),
+    }
+}
+
+/// A message id or prefix as the store wants it: 8 to 64 hex digits, lowercase.
+///
+/// # Errors
+/// Anything else is [`LookupError::BadPrefix`] (a usage error).
+pub fn id_prefix(s: &str) -> Result<String, CliError> {
+    if (8..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(LookupError::BadPrefix(s.to_owned()).into())
+    }
+}
+
+/// Opens the store at `data_dir`; a missing folder is "no archive" rather than an I/O
+/// error.
+fn open_store(data_dir: &Path) -> Result<StoreReader, CliError> {
+    if !data_dir.is_dir() {
+        return Err(CliError::NoArchive(data_dir.to_owned()));
+    }
+    match StoreReader::open(data_dir) {
+        Ok(s) => Ok(s),
+        Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(CliError::NoArchive(data_dir.to_owned()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn cmd_status(store: &StoreReader, a: &StatusArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    // Connections come from the daemon's control socket once replication lands.
+    let status = StatusOutput::new(store.status()?, Vec::new());
+    if a.json {
+        output::write_json(out, &status)
+    } else {
+        output::write_status_human(out, &status, store.daemon_running())
+    }
+    .and_then(|()| out.flush())
+    .map_err(CliError::Output)?;
+    Ok(EXIT_OK)
+}
+
+fn cmd_search(store: &StoreReader, a: &SearchArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let query = a.filters.query(a.limit)?;
+    let records = store.search(&query)?;
+    if a.json {
+        output::write_json(out, &records)
+    } else {
+        output::write_search_human(out, &records)
+    }
+    .and_then(|()| out.flush())
+    .map_err(CliError::Output)?;
+    if !a.json {
+        if records.is_empty() {
+            eprintln!("no messages match");
+        } else if a.limit != 0 && records.len() >= a.limit {
+            eprintln!("showing the first {}; --limit 0 shows all", records.len());
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn cmd_get(store: &StoreReader, a: &GetArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let id = store.resolve(&id_prefix(&a.id)?)?;
+    if a.envelope {
+        let arrivals = store.arrivals(&id)?;
+        output::write_json(out, &arrivals)
+    } else {
+        let bytes = store.read_message(&id)?;
+        out.write_all(&bytes)
+    }
+    .and_then(|()| out.flush())
+    .map_err(CliError::Output)?;
+    Ok(EXIT_OK)
+}
+
+/// A progress bar on stderr when stderr is a terminal; hidden otherwise.
+fn progress_bar(what: &str) -> ProgressBar {
+    if !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} messages ({eta} left)")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_prefix(what.to_owned());
+    pb
+}
+
+fn cmd_export(store: &StoreReader, a: &ExportArgs) -> Result<u8, CliError> {
+    let query = a.filters.query(a.limit)?;
+    let pb = progress_bar("exporting");
+    let res = export::export_eml(store, &query, &a.out, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let summary = res?;
+    eprintln!("{}", summary.line(&a.out));
+    Ok(if summary.damaged.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_FINDING
+    })
+}
+
+fn cmd_verify(store: &StoreReader, a: &VerifyArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let pb = progress_bar(if a.deep {
+        "verifying (deep)"
+    } else {
+        "verifying"
+    });
+    if let Ok(n) = store.message_count() {
+        pb.set_length(n);
+    }
+    let res = store.verify(a.deep, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let report = res?;
+    let ok = report.problems.is_empty();
+    if a.json {
+        output::write_json(
+            out,
+            &VerifyOutput {
+                ok,
+                report: &report,
+            },
+        )
+    } else {
+        output::write_verify_human(out, &report)
+    }
+    .and_then(|()| out.flush())
+    .map_err(CliError::Output)?;
+    Ok(if ok { EXIT_OK } else { EXIT_FINDING })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("coffer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn config_is_global_before_or_after_the_subcommand() {
+        for args in [
+            &["--config", "/etc/c.toml", "status"][..],
+            &["status", "--config", "/etc/c.toml"],
+            &["status", "--config=/etc/c.toml", "--json"],
+        ] {
+            let cli = parse(args).unwrap();
+            assert_eq!(
+                cli.config.as_deref(),
+                Some(Path::new("/etc/c.toml")),
+                "{args:?}"
+            );
+        }
+        let cli = parse(&["get", "abcdef01", "--config", "c.toml", "--envelope"]).unwrap();
+        assert_eq!(cli.config.as_deref(), Some(Path::new("c.toml")));
+        assert!(matches!(
+            cli.command,
+            Command::Get(GetArgs { envelope: true, .. })
+        ));
+        assert!(parse(&["status"]).unwrap().config.is_none());
+    }
+
+    #[test]
+    fn search_limits() {
+        let Command::Search(a) = parse(&["search"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(a.limit, 100);
+        assert!(!a.json);
+        let Command::Search(a) = parse(&["search", "--limit", "0", "--json"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.limit, 0);
+        assert!(a.json);
+        assert_eq!(a.filters.query(a.limit).unwrap().limit, 0);
+        assert!(parse(&["search", "--limit", "-1"]).is_err());
+        let Command::Export(a) = parse(&["export", "--format", "eml", "--out", "x"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.limit, 0, "export takes everything by default");
+    }
+
+    #[test]
+    fn search_filters_become_a_query() {
+        let cli = parse(&[
+            "search",
+            "--from",
+            "@example.org",
+            "--to",
+            "bob@example.net",
+            "--subject",
+            "invoice",
+            "--message-id",
+            "<m1@x>",
+            "--since",
+            "2026-01-01",
+            "--until",
+            "2026-01-01",
+        ])
+        .unwrap();
+        let Command::Search(a) = cli.command else {
+            panic!()
+        };
+        let q = a.filters.query(a.limit).unwrap();
+        assert_eq!(q.from.as_deref(), Some("@example.org"));
+        assert_eq!(q.to.as_deref(), Some("bob@example.net"));
+        assert_eq!(q.subject.as_deref(), Some("invoice"));
+        assert_eq!(q.message_id.as_deref(), Some("<m1@x>"));
+        // One whole day: since <= t < until.
+        assert_eq!(q.until_us.unwrap() - q.since_us.unwrap(), 86_400_000_000);
+        assert_eq!(q.limit, 100);
+    }
+
+    #[test]
+    fn bad_dates_and_empty_ranges_are_usage_errors() {
+        let e = parse(&["search", "--since", "last tuesday"]).unwrap_err();
+        assert!(e.use_stderr());
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("RFC 3339"), "{e}");
+        assert_eq!(run_args(["coffer", "search", "--until", "2026-02-30"]), 2);
+
+        let Command::Search(a) =
+            parse(&["search", "--since", "2026-01-02", "--until", "2026-01-01"])
+                .unwrap()
+                .command
+        else {
+            panic!()
+        };
+        let err = a.filters.query(a.limit).unwrap_err();
+        assert_eq!(exit_code(&err), 2);
+        assert!(err.to_string().contains("--since"), "{err}");
+    }
+
+    #[test]
+    fn usage_help_and_version_exit_codes() {
+        for args in [
+            &[][..],
+            &["frobnicate"],
+            &["get"],
+            &["export", "--format", "zip", "--out", "x"],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.use_stderr(), "{args:?}");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+        assert_eq!(run_args(["coffer", "status", "--bogus"]), 2);
+        for args in [
+            &["--help"][..],
+            &["--version"],
+            &["search", "--help"],
+            &["-V"],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(!e.use_stderr(), "{args:?}");
+            assert_eq!(e.exit_code(), 0, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn help_documents_exit_statuses_and_date_semantics() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let help = cmd.render_long_help().to_string();
+        assert!(help.contains("no archive exists"), "{help}");
+        assert!(help.contains("4  the daemon is running"), "{help}");
+        let search = cmd
+            .find_subcommand_mut("search")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(search.contains("includes that whole day"), "{search}");
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn mbox_export_is_refused_for_now() {
+        let cli = parse(&["export", "--format", "mbox", "--out", "/nonexistent/x"]).unwrap();
+        let err = run(&cli, &mut Vec::new()).unwrap_err();
+        assert_eq!(exit_code(&err), 2);
+        assert_eq!(err.to_string(), "mbox export is not available yet");
+    }
+
+    #[test]
+    fn message_id_prefixes() {
+        let full = "AB".repeat(32);
+        assert_eq!(id_prefix(&full).unwrap(), "ab".repeat(32));
+        assert_eq!(id_prefix("0123abcd").unwrap(), "0123abcd");
+        for bad in [
+            "",
+            "0123abc",
+            "0123abcg",
+            "../../etc",
+            &"a".repeat(65),
+            "0123 abcd",
+        ] {
+            let err = id_prefix(bad).unwrap_err();
+            assert_eq!(exit_code(&err), 2, "{bad}");
+        }
+        // Checked before any configuration or store is touched.
+        let cli = parse(&["get", "xyz"]).unwrap();
+        assert_eq!(exit_code(&run(&cli, &mut Vec::new()).unwrap_err()), 2);
+    }
+
+    #[test]
+    fn a_missing_data_dir_is_no_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("coffer-data");
+        let err = open_store(&missing).err().unwrap();
+        assert_eq!(exit_code(&err), 1);
+        assert_eq!(
+            err.to_string(),
+            format!("no archive at {}", missing.display())
+        );
+    }
+}

@@ -1,1 +1,30 @@
 //! SMTP and LMTP listeners.
+//!
+//! # Layout
+//! - [`codec`]: sans-IO codec: command lines and DATA content in, typed events out.
+//! - [`session`]: one connection's state machine over the codec and an async stream.
+//! - [`listener`]: TCP and Unix accept loops: allow-list, connection limit, shutdown.
+//!
+//! The session talks to the store only through [`Sink`], so it can be tested with a
+//! fake and the store's handle implements it elsewhere.
+
+pub mod codec;
+pub mod listener;
+pub mod session;
+
+pub use listener::{serve, Listener};
+pub use session::SessionConfig;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::store::{Incoming, IngestError, Receipt};
+
+/// Where a session hands a complete message. `ingest` resolves only once the message is
+/// durable (design.md §2.1): the session answers 250 after it returns `Ok`, never before.
+pub trait Sink: Send + Sync + 'static {
+    fn ingest(
+        &self,
+        msg: Incoming,
+    ) -> Pin<Box<dyn Future<Output = Result<Receipt, IngestError>> + Send + '_>>;
+}

@@ -11,9 +11,22 @@
 //!
 //! See `docs/store-format.md` for the byte layout, the commit order and the invariants.
 
+pub mod engine;
+pub mod fault;
+pub mod index;
 pub mod io;
+pub mod log;
+pub mod reader;
+pub mod record;
+pub mod summary;
+pub mod writer;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use reader::StoreReader;
 
 use serde::{Deserialize, Serialize};
 
@@ -154,6 +167,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("I/O error: {0}")]
+    Os(#[from] std::io::Error),
     #[error("index error: {0}")]
     Index(String),
     #[error("store is damaged: {0}")]
@@ -162,6 +177,8 @@ pub enum StoreError {
     Unsupported(String),
     #[error("the daemon is running (it holds {0}); stop it first")]
     DaemonRunning(PathBuf),
+    #[error("no archive at {0}")]
+    NoStore(PathBuf),
 }
 
 /// Why a message id (or prefix) did not name exactly one message.
@@ -177,66 +194,238 @@ pub enum LookupError {
     Store(#[from] StoreError),
 }
 
-/// Read access to a store, for the CLI and the daemon's own readers.
-///
-/// Opens read-only beside a running daemon (redb in `SingleWriter` mode); with no daemon
-/// running it opens the store itself, repairing it after a crash if it must.
-pub struct StoreReader {
-    _private: (),
+/// zstd level used at ingest: light, so the writer keeps up; sealed segments are
+/// recompressed harder later.
+pub const INGEST_ZSTD_LEVEL: i32 = 1;
+/// Messages smaller than this are stored uncompressed (zstd gains little on them).
+pub const COMPRESS_MIN_BYTES: usize = 512;
+/// Jobs waiting for the writer; producers block (on blocking threads) beyond this.
+const CHANNEL_CAPACITY: usize = 1024;
+
+/// State shared by the handles and the writer thread.
+pub struct Shared {
+    vfs: Arc<dyn io::Vfs>,
+    data_dir: PathBuf,
+    node: String,
+    epoch: String,
+    max_pending: u64,
+    min_free_disk: u64,
+    /// Bytes accepted by `ingest` and not yet answered.
+    pending: AtomicU64,
+    /// Free disk as last measured by the writer.
+    free_disk: AtomicU64,
+    low_disk: AtomicBool,
+    /// The writer hit a sync/commit failure and is reopening the store.
+    failed: AtomicBool,
 }
 
-#[allow(clippy::unused_self, unused_variables)]
-impl StoreReader {
+/// The open store: owns the writer thread. Dropping every [`StoreHandle`] and calling
+/// [`Store::close`] drains the writer (every accepted job is answered) and joins it.
+pub struct Store {
+    handle: StoreHandle,
+    writer: Option<JoinHandle<()>>,
+}
+
+/// A cheap-clone front for the writer thread, used by listeners.
+#[derive(Clone)]
+pub struct StoreHandle {
+    shared: Arc<Shared>,
+    tx: crossbeam_channel::Sender<writer::Job>,
+}
+
+impl Store {
+    /// Opens the store on the real filesystem.
+    ///
     /// # Errors
-    /// The store does not exist or cannot be opened.
-    pub fn open(data_dir: &std::path::Path) -> Result<StoreReader, StoreError> {
-        Err(StoreError::Unsupported(format!("not implemented: {}", data_dir.display())))
+    /// See [`Store::open_with`].
+    pub fn open(opts: StoreOptions) -> Result<Store, StoreError> {
+        Self::open_with(Arc::new(io::RealVfs), opts)
     }
 
-    /// Whether a daemon holds the store's write lock.
-    pub fn daemon_running(&self) -> bool {
-        false
+    /// Opens (creating or recovering) the store and starts the writer thread.
+    ///
+    /// # Errors
+    /// Another process has the store open ([`StoreError::DaemonRunning`]), I/O errors,
+    /// or damage that recovery cannot repair.
+    pub fn open_with(vfs: Arc<dyn io::Vfs>, opts: StoreOptions) -> Result<Store, StoreError> {
+        let engine = engine::Engine::open(vfs.clone(), &opts.data_dir, Some(&opts.node))?;
+        let shared = Arc::new(Shared {
+            vfs,
+            data_dir: opts.data_dir.clone(),
+            node: opts.node.clone(),
+            epoch: uuid::Uuid::from_bytes(engine.epoch).to_string(),
+            max_pending: opts.max_pending,
+            min_free_disk: opts.min_free_disk,
+            pending: AtomicU64::new(0),
+            free_disk: AtomicU64::new(u64::MAX),
+            low_disk: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        });
+        let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
+        let w = writer::Writer::new(engine, shared.clone(), opts.segment_size);
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || w.run(&rx))
+            .map_err(|source| StoreError::Io {
+                path: opts.data_dir.clone(),
+                source,
+            })?;
+        Ok(Store {
+            handle: StoreHandle { shared, tx },
+            writer: Some(writer),
+        })
     }
 
-    pub fn status(&self) -> Result<StoreStatus, StoreError> {
-        Err(StoreError::Unsupported("not implemented".into()))
+    pub fn handle(&self) -> StoreHandle {
+        self.handle.clone()
     }
 
-    /// Messages matching `query`, newest arrival first.
-    pub fn search(&self, query: &Query) -> Result<Vec<MessageRecord>, StoreError> {
-        Err(StoreError::Unsupported("not implemented".into()))
+    /// Stops the writer once every other handle is gone: it answers everything already
+    /// queued, commits, and exits.
+    pub fn close(mut self) {
+        self.shutdown();
     }
 
-    /// Resolves a full id or a unique prefix of at least 8 hex digits.
-    pub fn resolve(&self, prefix: &str) -> Result<MessageId, LookupError> {
-        Err(LookupError::NotFound(prefix.into()))
-    }
-
-    pub fn record(&self, id: &MessageId) -> Result<MessageRecord, StoreError> {
-        Err(StoreError::Unsupported("not implemented".into()))
-    }
-
-    /// The archived bytes, exactly.
-    pub fn read_message(&self, id: &MessageId) -> Result<Vec<u8>, StoreError> {
-        Err(StoreError::Unsupported("not implemented".into()))
-    }
-
-    pub fn arrivals(&self, id: &MessageId) -> Result<Vec<Arrival>, StoreError> {
-        Err(StoreError::Unsupported("not implemented".into()))
-    }
-
-    /// Number of messages `verify` will check (for a progress bar).
-    pub fn message_count(&self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-
-    /// Re-hashes every message; with `deep`, also checks the index against the log.
-    /// `progress(done, total)` is called as it goes.
-    pub fn verify(
-        &self,
-        deep: bool,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<VerifyReport, StoreError> {
-        Err(StoreError::Unsupported("not implemented".into()))
+    fn shutdown(&mut self) {
+        let (dead_tx, _) = crossbeam_channel::bounded(1);
+        drop(std::mem::replace(&mut self.handle.tx, dead_tx));
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
     }
 }
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Holds `len` bytes of the `max_pending` budget until dropped.
+struct PendingGuard {
+    shared: Arc<Shared>,
+    len: u64,
+}
+
+impl PendingGuard {
+    fn acquire(shared: &Arc<Shared>, len: u64) -> Result<Self, IngestError> {
+        let before = shared.pending.fetch_add(len, Ordering::AcqRel);
+        // Always admit one message, however big, when nothing else is pending.
+        if before > 0 && before + len > shared.max_pending {
+            shared.pending.fetch_sub(len, Ordering::AcqRel);
+            return Err(IngestError::Busy);
+        }
+        Ok(Self {
+            shared: shared.clone(),
+            len,
+        })
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.shared.pending.fetch_sub(self.len, Ordering::AcqRel);
+    }
+}
+
+/// Hashes, compresses and parses a message: the CPU work done before the writer sees it.
+fn prepare(msg: Incoming) -> writer::Prepared {
+    let id = crate::ids::MessageId::of(&msg.bytes);
+    let summary = summary::Summary::of(&msg.bytes);
+    let raw_len = u32::try_from(msg.bytes.len()).expect("messages are capped far below 4 GiB");
+    let compressed = if msg.bytes.len() >= COMPRESS_MIN_BYTES {
+        zstd::bulk::compress(&msg.bytes, INGEST_ZSTD_LEVEL)
+            .ok()
+            .filter(|c| c.len() < msg.bytes.len())
+    } else {
+        None
+    };
+    let (codec, payload) = match compressed {
+        Some(c) => (record::CODEC_ZSTD, c),
+        None => (record::CODEC_STORED, msg.bytes),
+    };
+    writer::Prepared {
+        id,
+        raw_len,
+        codec,
+        payload,
+        summary,
+        envelope: msg.envelope,
+        session: msg.session,
+    }
+}
+
+impl StoreHandle {
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// The store epoch (a UUID).
+    pub fn epoch(&self) -> &str {
+        &self.shared.epoch
+    }
+
+    fn admit(&self, len: u64) -> Result<PendingGuard, IngestError> {
+        if self.shared.failed.load(Ordering::Relaxed) {
+            return Err(IngestError::Unavailable(
+                "the store failed and is being reopened".into(),
+            ));
+        }
+        if self.shared.low_disk.load(Ordering::Relaxed) {
+            return Err(IngestError::DiskFull);
+        }
+        PendingGuard::acquire(&self.shared, len)
+    }
+
+    /// Archives one message. Resolves only once it is durable (or refused).
+    ///
+    /// # Errors
+    /// An [`IngestError`]: every one is temporary; the client keeps the mail.
+    ///
+    /// # Cancellation
+    /// Dropping the future does not withdraw the message: it may still be committed.
+    pub async fn ingest(&self, msg: Incoming) -> Result<Receipt, IngestError> {
+        let guard = self.admit(msg.bytes.len() as u64)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sender = self.tx.clone();
+        let sent = tokio::task::spawn_blocking(move || {
+            let job = writer::Job {
+                prepared: prepare(msg),
+                reply: Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            };
+            sender.send(job).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if !sent {
+            return Err(IngestError::ShuttingDown);
+        }
+        let result = rx.await.unwrap_or(Err(IngestError::ShuttingDown));
+        drop(guard);
+        result
+    }
+
+    /// [`StoreHandle::ingest`] for threads outside a runtime (tests, import).
+    ///
+    /// # Errors
+    /// As [`StoreHandle::ingest`].
+    pub fn ingest_blocking(&self, msg: Incoming) -> Result<Receipt, IngestError> {
+        let guard = self.admit(msg.bytes.len() as u64)?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job = writer::Job {
+            prepared: prepare(msg),
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        };
+        self.tx.send(job).map_err(|_| IngestError::ShuttingDown)?;
+        let result = rx.recv().unwrap_or(Err(IngestError::ShuttingDown));
+        drop(guard);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1056 @@
+//! Sans-IO SMTP/LMTP codec: bytes in, [`Event`]s out.
+//!
+//! The codec has two modes. In *command* mode it frames lines itself (so that the line
+//! cap is ours, not smtp-proto's, and so that a long `MAIL` line can be allowed for
+//! XCOFFER later), then parses each line into a typed [`Command`], using smtp-proto for
+//! address and parameter syntax. In *data* mode (entered by the session with
+//! [`Codec::start_data`] once it has answered 354) it collects the message: dot-unstuffing,
+//! ending only at `<CRLF>.<CRLF>`, and never holding more than the size cap.
+//!
+//! # DATA rules (docs/interfaces.md "Bytes", design.md §2.7)
+//! - The start of DATA counts as the start of a line: a dot-stuffed first line is
+//!   unstuffed, and a DATA that is only `.<CRLF>` ends with an empty message.
+//! - Only `<CRLF>.<CRLF>` ends DATA. A bare LF or bare CR never starts a line, so
+//!   `\n.\n`, `\n.\r\n`, `\r.\r\n` and `\r\n.\n` never end a message (SMTP smuggling).
+//! - After a CRLF, a leading `.` is removed (dot-unstuffing); nothing else is changed.
+//! - The archived bytes run up to and including the CRLF before the terminating dot.
+//! - Past the size cap the codec stops buffering, keeps consuming to the terminator,
+//!   then reports [`Event::TooBig`].
+
+use std::borrow::Cow;
+
+use smtp_proto::Request;
+
+/// Longest command line accepted, CRLF included. RFC 5321 asks for at least 512; this is
+/// what smtp-proto's own receiver allows and leaves room for long parameter lists.
+pub const MAX_LINE: usize = 4096;
+
+/// Longest `MAIL` line accepted where XCOFFER is trusted: its metadata rides in a
+/// parameter (docs/interfaces.md "Wire extensions").
+pub const MAX_XCOFFER_MAIL_LINE: usize = 16 * 1024;
+
+/// Line caps of a [`Codec`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest command line, CRLF included.
+    pub max_line: usize,
+    /// Longest `MAIL` command line, CRLF included; at least `max_line`.
+    pub max_mail_line: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_line: MAX_LINE,
+            max_mail_line: MAX_LINE,
+        }
+    }
+}
+
+/// What [`Codec::decode`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// All input was consumed; feed more.
+    NeedMore,
+    /// One command line, parsed (or why it could not be).
+    Command(Result<Command, CommandError>),
+    /// DATA ended with `<CRLF>.<CRLF>`: the archived bytes.
+    Message(Vec<u8>),
+    /// DATA ended, but its content was larger than the cap: `size` bytes (after
+    /// unstuffing) were received and dropped.
+    TooBig { size: u64 },
+}
+
+/// A parsed command. Strings are as the client sent them (invalid UTF-8 replaced).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `HELO arg`: the raw argument.
+    Helo(String),
+    /// `EHLO arg`: the raw argument.
+    Ehlo(String),
+    /// `LHLO arg` (LMTP): the raw argument.
+    Lhlo(String),
+    Mail(MailFrom),
+    Rcpt(RcptTo),
+    Data,
+    /// `BDAT size [LAST]`: parsed, not yet served (CHUNKING is not advertised).
+    Bdat {
+        size: u64,
+        last: bool,
+    },
+    Rset,
+    Noop,
+    Quit,
+    Vrfy,
+    Help,
+    StartTls,
+    /// A command we know but do not offer (`EXPN`, `AUTH`, `ETRN`, `ATRN`, `BURL`).
+    NotImplemented(&'static str),
+}
+
+/// `MAIL FROM:<path> params`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailFrom {
+    /// The reverse path between the angle brackets, as sent; empty for `<>`.
+    pub address: String,
+    /// Every parameter as sent, XCOFFER excepted.
+    pub params: Vec<String>,
+    /// The `SIZE=` value, if given.
+    pub size: Option<u64>,
+    /// The `BODY=` value, upper-cased, if given.
+    pub body: Option<String>,
+    /// The raw `XCOFFER=` value, if given. The session decides whether it is trusted.
+    pub xcoffer: Option<String>,
+}
+
+/// `RCPT TO:<path> params`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RcptTo {
+    /// The forward path between the angle brackets, as sent.
+    pub address: String,
+    /// Every parameter as sent.
+    pub params: Vec<String>,
+}
+
+/// Why a command line was refused. The session turns these into replies.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("line too long")]
+    LineTooLong,
+    #[error("unrecognized command")]
+    Unknown,
+    #[error("syntax: {0}")]
+    Syntax(&'static str),
+    #[error("bad sender address syntax")]
+    BadSender,
+    #[error("bad recipient address syntax")]
+    BadRecipient,
+    #[error("invalid value for parameter {0}")]
+    InvalidParam(String),
+    #[error("unsupported parameter {0}")]
+    UnsupportedParam(String),
+}
+
+const MAIL_SYNTAX: &str = "MAIL FROM:<reverse-path> [parameters]";
+const RCPT_SYNTAX: &str = "RCPT TO:<forward-path> [parameters]";
+
+/// MAIL parameters we accept: those of the extensions advertised in EHLO.
+const MAIL_PARAMS: &[&str] = &["SIZE", "BODY", "SMTPUTF8"];
+/// RCPT parameters we accept: none (DSN is not offered).
+const RCPT_PARAMS: &[&str] = &[];
+
+/// The incremental codec of one connection.
+#[derive(Debug)]
+pub struct Codec {
+    limits: Limits,
+    mode: Mode,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Command {
+        /// A partial line carried over between calls; never longer than the line cap.
+        line: Vec<u8>,
+        /// The current line went over its cap: drop bytes up to the next LF.
+        discarding: bool,
+    },
+    Data(DataState),
+}
+
+#[derive(Debug)]
+struct DataState {
+    /// The unstuffed content so far; never longer than `max`.
+    buf: Vec<u8>,
+    /// Content bytes seen (after unstuffing), buffered or not.
+    size: u64,
+    max: u64,
+    pos: LinePos,
+}
+
+/// Where the data decoder is relative to CRLF line starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinePos {
+    /// Right after a CRLF (or at the start of DATA).
+    LineStart,
+    /// Inside a line; `cr` when the last byte was a CR.
+    Mid { cr: bool },
+    /// Saw `.` at a line start (not yet emitted: it is either stuffing or the end).
+    Dot,
+    /// Saw `.` CR at a line start.
+    DotCr,
+}
+
+impl Codec {
+    pub fn new(limits: Limits) -> Self {
+        assert!(limits.max_mail_line >= limits.max_line && limits.max_line >= 8);
+        Self {
+            limits,
+            mode: Mode::Command {
+                line: Vec::new(),
+                discarding: false,
+            },
+        }
+    }
+
+    /// Changes the line caps (e.g. allows a long MAIL line once XCOFFER is trusted).
+    pub fn set_limits(&mut self, limits: Limits) {
+        assert!(limits.max_mail_line >= limits.max_line && limits.max_line >= 8);
+        self.limits = limits;
+    }
+
+    /// True while collecting DATA content.
+    pub fn in_data(&self) -> bool {
+        matches!(self.mode, Mode::Data(_))
+    }
+
+    /// Switches to data mode: the bytes that follow are message content, up to
+    /// `<CRLF>.<CRLF>`. At most `max_size` bytes are buffered.
+    pub fn start_data(&mut self, max_size: u64) {
+        self.mode = Mode::Data(DataState {
+            buf: Vec::new(),
+            size: 0,
+            max: max_size,
+            pos: LinePos::LineStart,
+        });
+    }
+
+    /// Decodes the next event from `input`. Returns how many bytes were consumed and the
+    /// event; on [`Event::NeedMore`] all of `input` was consumed (partial lines are kept
+    /// inside the codec). Call again with the rest after any other event.
+    pub fn decode(&mut self, input: &[u8]) -> (usize, Event) {
+        match &mut self.mode {
+            Mode::Command { line, discarding } => {
+                let Some(lf) = input.iter().position(|&b| b == b'\n') else {
+                    if !*discarding {
+                        line.extend_from_slice(input);
+                        if line.len() > line_cap(line, &self.limits) {
+                            *discarding = true;
+                            line.clear();
+                        }
+                    }
+                    return (input.len(), Event::NeedMore);
+                };
+                let consumed = lf + 1;
+                if *discarding {
+                    *discarding = false;
+                    return (consumed, Event::Command(Err(CommandError::LineTooLong)));
+                }
+                let full: Cow<'_, [u8]> = if line.is_empty() {
+                    Cow::Borrowed(&input[..consumed])
+                } else {
+                    line.extend_from_slice(&input[..consumed]);
+                    Cow::Owned(std::mem::take(line))
+                };
+                let event = if full.len() > line_cap(&full, &self.limits) {
+                    Err(CommandError::LineTooLong)
+                } else {
+                    parse_line(&full)
+                };
+                (consumed, Event::Command(event))
+            }
+            Mode::Data(state) => {
+                let (consumed, done) = state.ingest(input);
+                if !done {
+                    return (consumed, Event::NeedMore);
+                }
+                let Mode::Data(state) = std::mem::replace(
+                    &mut self.mode,
+                    Mode::Command {
+                        line: Vec::new(),
+                        discarding: false,
+                    },
+                ) else {
+                    unreachable!("mode checked above")
+                };
+                let event = if state.size > state.max {
+                    Event::TooBig { size: state.size }
+                } else {
+                    Event::Message(state.buf)
+                };
+                (consumed, event)
+            }
+        }
+    }
+}
+
+/// The cap for a line starting with `start`: longer for MAIL.
+fn line_cap(start: &[u8], limits: &Limits) -> usize {
+    if start.len() >= 5 && start[..5].eq_ignore_ascii_case(b"MAIL ") {
+        limits.max_mail_line
+    } else {
+        limits.max_line
+    }
+}
+
+impl DataState {
+    fn push(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        if self.size <= self.max {
+            self.buf.extend_from_slice(bytes);
+        } else if !self.buf.is_empty() {
+            // Over the cap: free what we held, keep counting.
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Consumes content; returns (bytes consumed, whether the terminator was seen).
+    fn ingest(&mut self, input: &[u8]) -> (usize, bool) {
+        let mut i = 0;
+        while i < input.len() {
+            match self.pos {
+                LinePos::Mid { cr } => {
+                    // Fast path: copy up to and including the next LF in one go.
+                    let rest = &input[i..];
+                    match rest.iter().position(|&b| b == b'\n') {
+                        None => {
+                            self.push(rest);
+                            self.pos = LinePos::Mid {
+                                cr: rest.last() == Some(&b'\r'),
+                            };
+                            return (input.len(), false);
+                        }
+                        Some(lf) => {
+                            let before_cr = if lf == 0 { cr } else { rest[lf - 1] == b'\r' };
+                            self.push(&rest[..=lf]);
+                            self.pos = if before_cr {
+                                LinePos::LineStart
+                            } else {
+                                LinePos::Mid { cr: false }
+                            };
+                            i += lf + 1;
+                        }
+                    }
+                }
+                LinePos::LineStart => {
+                    if input[i] == b'.' {
+                        self.pos = LinePos::Dot;
+                        i += 1;
+                    } else {
+                        self.pos = LinePos::Mid { cr: false };
+                    }
+                }
+                LinePos::Dot => {
+                    if input[i] == b'\r' {
+                        self.pos = LinePos::DotCr;
+                        i += 1;
+                    } else {
+                        // A stuffed dot: dropped; the byte is ordinary content.
+                        self.pos = LinePos::Mid { cr: false };
+                    }
+                }
+                LinePos::DotCr => {
+                    if input[i] == b'\n' {
+                        return (i + 1, true);
+                    }
+                    // `.` CR then something else: the dot was stuffing, the CR is content.
+                    self.push(b"\r");
+                    self.pos = LinePos::Mid { cr: true };
+                }
+            }
+        }
+        (input.len(), false)
+    }
+}
+
+/// Parses one complete command line (ending in LF).
+fn parse_line(line: &[u8]) -> Result<Command, CommandError> {
+    let body = strip_eol(line);
+    let verb_end = body.iter().position(|&b| b == b' ').unwrap_or(body.len());
+    let verb = &body[..verb_end];
+    let arg = trim_start(&body[verb_end..]);
+    let is = |name: &str| verb.eq_ignore_ascii_case(name.as_bytes());
+
+    if is("MAIL") {
+        return parse_mail(arg);
+    }
+    if is("RCPT") {
+        return parse_rcpt(arg);
+    }
+    if is("HELO") || is("EHLO") || is("LHLO") {
+        // Any non-empty argument is taken, and kept whole as evidence (smtp-proto would
+        // refuse two spaces after the verb and cut the argument at the first space).
+        let raw = trim_end(arg);
+        if raw.is_empty() {
+            return Err(CommandError::Syntax(if is("HELO") {
+                "HELO domain"
+            } else if is("EHLO") {
+                "EHLO domain"
+            } else {
+                "LHLO domain"
+            }));
+        }
+        let raw = String::from_utf8_lossy(raw).into_owned();
+        return Ok(if is("HELO") {
+            Command::Helo(raw)
+        } else if is("EHLO") {
+            Command::Ehlo(raw)
+        } else {
+            Command::Lhlo(raw)
+        });
+    }
+    // Commands that take no argument, or whose argument we ignore.
+    let no_arg = |cmd: Command, syntax: &'static str| {
+        if trim_end(arg).is_empty() {
+            Ok(cmd)
+        } else {
+            Err(CommandError::Syntax(syntax))
+        }
+    };
+    if is("DATA") {
+        return no_arg(Command::Data, "DATA");
+    }
+    if is("RSET") {
+        return no_arg(Command::Rset, "RSET");
+    }
+    if is("QUIT") {
+        return no_arg(Command::Quit, "QUIT");
+    }
+    if is("STARTTLS") {
+        return no_arg(Command::StartTls, "STARTTLS");
+    }
+    if is("NOOP") {
+        return Ok(Command::Noop);
+    }
+    if is("HELP") {
+        return Ok(Command::Help);
+    }
+    if is("VRFY") {
+        return if trim_end(arg).is_empty() {
+            Err(CommandError::Syntax("VRFY string"))
+        } else {
+            Ok(Command::Vrfy)
+        };
+    }
+    if is("BDAT") {
+        let mut it = line.iter();
+        return match Request::parse(&mut it) {
+            Ok(Request::Bdat {
+                chunk_size,
+                is_last,
+            }) => Ok(Command::Bdat {
+                size: chunk_size as u64,
+                last: is_last,
+            }),
+            _ => Err(CommandError::Syntax("BDAT chunk-size [LAST]")),
+        };
+    }
+    for name in ["EXPN", "AUTH", "ETRN", "ATRN", "BURL"] {
+        if is(name) {
+            return Ok(Command::NotImplemented(name));
+        }
+    }
+    Err(CommandError::Unknown)
+}
+
+fn parse_mail(arg: &[u8]) -> Result<Command, CommandError> {
+    let Some(rest) = strip_prefix_ci(arg, b"FROM:") else {
+        return Err(CommandError::Syntax(MAIL_SYNTAX));
+    };
+    let (path, params) = split_path(rest).ok_or(CommandError::Syntax(MAIL_SYNTAX))?;
+    let mut xcoffer = None;
+    let mut kept: Vec<&[u8]> = Vec::new();
+    let mut size = None;
+    let mut body = None;
+    for p in &params {
+        let key = param_key(p);
+        if key.eq_ignore_ascii_case(b"XCOFFER") {
+            let value = p.get(key.len() + 1..).unwrap_or_default();
+            if xcoffer.is_some() || value.is_empty() {
+                return Err(CommandError::InvalidParam("XCOFFER".into()));
+            }
+            xcoffer = Some(String::from_utf8_lossy(value).into_owned());
+            continue;
+        }
+        check_known(key, MAIL_PARAMS)?;
+        let value = p.get(key.len() + 1..).unwrap_or_default();
+        if key.eq_ignore_ascii_case(b"SIZE") {
+            size = Some(
+                std::str::from_utf8(value)
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| CommandError::InvalidParam("SIZE".into()))?,
+            );
+        } else if key.eq_ignore_ascii_case(b"BODY") {
+            body = Some(String::from_utf8_lossy(value).to_ascii_uppercase());
+        }
+        kept.push(p);
+    }
+    // smtp-proto validates the path and the parameters we kept (not XCOFFER, whose value
+    // it would drop and whose length it would refuse).
+    let mut canon = Vec::with_capacity(16 + path.len() + params.len() * 16);
+    canon.extend_from_slice(b"MAIL FROM:<");
+    canon.extend_from_slice(path);
+    canon.push(b'>');
+    for p in &kept {
+        canon.push(b' ');
+        canon.extend_from_slice(p);
+    }
+    canon.extend_from_slice(b"\r\n");
+    let mut it = canon.iter();
+    match Request::parse(&mut it) {
+        Ok(Request::Mail { .. }) => {}
+        Ok(_) => return Err(CommandError::Syntax(MAIL_SYNTAX)),
+        Err(e) => return Err(map_proto_error(e, CommandError::BadSender, MAIL_SYNTAX)),
+    }
+    Ok(Command::Mail(MailFrom {
+        address: String::from_utf8_lossy(path).into_owned(),
+        params: kept
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect(),
+        size,
+        body,
+        xcoffer,
+    }))
+}
+
+fn parse_rcpt(arg: &[u8]) -> Result<Command, CommandError> {
+    let Some(rest) = strip_prefix_ci(arg, b"TO:") else {
+        return Err(CommandError::Syntax(RCPT_SYNTAX));
+    };
+    let (path, params) = split_path(rest).ok_or(CommandError::Syntax(RCPT_SYNTAX))?;
+    if path.is_empty() {
+        return Err(CommandError::BadRecipient);
+    }
+    for p in &params {
+        check_known(param_key(p), RCPT_PARAMS)?;
+    }
+    let mut canon = Vec::with_capacity(12 + path.len());
+    canon.extend_from_slice(b"RCPT TO:<");
+    canon.extend_from_slice(path);
+    canon.extend_from_slice(b">\r\n");
+    let mut it = canon.iter();
+    match Request::parse(&mut it) {
+        Ok(Request::Rcpt { .. }) => {}
+        Ok(_) => return Err(CommandError::Syntax(RCPT_SYNTAX)),
+        Err(e) => return Err(map_proto_error(e, CommandError::BadRecipient, RCPT_SYNTAX)),
+    }
+    Ok(Command::Rcpt(RcptTo {
+        address: String::from_utf8_lossy(path).into_owned(),
+        params: params
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect(),
+    }))
+}
+
+fn map_proto_error(
+    e: smtp_proto::Error,
+    bad_address: CommandError,
+    syntax: &'static str,
+) -> CommandError {
+    match e {
+        smtp_proto::Error::InvalidSenderAddress | smtp_proto::Error::InvalidRecipientAddress => {
+            bad_address
+        }
+        smtp_proto::Error::InvalidParameter { param } => CommandError::InvalidParam(param.into()),
+        smtp_proto::Error::UnsupportedParameter { param } => CommandError::UnsupportedParam(param),
+        _ => CommandError::Syntax(syntax),
+    }
+}
+
+fn check_known(key: &[u8], known: &[&str]) -> Result<(), CommandError> {
+    if known.iter().any(|k| key.eq_ignore_ascii_case(k.as_bytes())) {
+        Ok(())
+    } else {
+        Err(CommandError::UnsupportedParam(
+            String::from_utf8_lossy(key).to_ascii_uppercase(),
+        ))
+    }
+}
+
+/// The keyword of `KEY=value` or `KEY`.
+fn param_key(p: &[u8]) -> &[u8] {
+    &p[..p.iter().position(|&b| b == b'=').unwrap_or(p.len())]
+}
+
+/// Splits `<path> params...` (spaces after the colon tolerated) into the raw path between
+/// the brackets and the parameters. Quoted strings in the path may contain `>`.
+fn split_path(rest: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+    let rest = trim_start(rest);
+    let inner = rest.strip_prefix(b"<")?;
+    let mut in_quote = false;
+    let mut escaped = false;
+    let mut end = None;
+    for (i, &b) in inner.iter().enumerate() {
+        if escaped {
+            escaped = false;
+        } else if b == b'\\' && in_quote {
+            escaped = true;
+        } else if b == b'"' {
+            in_quote = !in_quote;
+        } else if b == b'>' && !in_quote {
+            end = Some(i);
+            break;
+        }
+    }
+    let end = end?;
+    let path = &inner[..end];
+    let after = &inner[end + 1..];
+    if !after.is_empty() && after[0] != b' ' {
+        return None;
+    }
+    let params = after
+        .split(|&b| b == b' ')
+        .filter(|p| !p.is_empty())
+        .collect();
+    Some((path, params))
+}
+
+fn strip_prefix_ci<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    if s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        Some(&s[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+fn strip_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn trim_start(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    &s[n..]
+}
+
+fn trim_end(s: &[u8]) -> &[u8] {
+    let n = s
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    &s[..s.len() - n]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: u64 = 64;
+
+    /// Feeds `chunks` in order; enters data mode after every DATA command (as the session
+    /// does after its 354). Returns every event but `NeedMore`.
+    fn run(chunks: &[&[u8]], limits: Limits, max: u64) -> Vec<Event> {
+        let mut codec = Codec::new(limits);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            let mut rest = *chunk;
+            loop {
+                let (n, ev) = codec.decode(rest);
+                assert!(n <= rest.len());
+                rest = &rest[n..];
+                match ev {
+                    Event::NeedMore => {
+                        assert!(rest.is_empty(), "NeedMore must consume everything");
+                        break;
+                    }
+                    Event::Command(Ok(Command::Data)) => {
+                        codec.start_data(max);
+                        out.push(Event::Command(Ok(Command::Data)));
+                    }
+                    ev => out.push(ev),
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs `input` whole, byte by byte, and split at every boundary; all must agree.
+    fn run_all_splits(input: &[u8], limits: Limits, max: u64) -> Vec<Event> {
+        let whole = run(&[input], limits, max);
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(run(&bytes, limits, max), whole, "byte by byte");
+        for i in 0..=input.len() {
+            let (a, b) = input.split_at(i);
+            assert_eq!(run(&[a, b], limits, max), whole, "split at {i}");
+        }
+        whole
+    }
+
+    fn msg(bytes: &[u8]) -> Event {
+        Event::Message(bytes.to_vec())
+    }
+
+    fn data() -> Event {
+        Event::Command(Ok(Command::Data))
+    }
+
+    #[test]
+    fn data_content_table() {
+        let cases: &[(&str, &[u8], &[u8])] = &[
+            ("simple", b"a\r\nb\r\n.\r\n", b"a\r\nb\r\n"),
+            ("empty message", b".\r\n", b""),
+            ("dot-stuffed first line", b"..foo\r\n.\r\n", b".foo\r\n"),
+            (
+                "dot-stuffed later line",
+                b"a\r\n..b\r\n.\r\n",
+                b"a\r\n.b\r\n",
+            ),
+            ("stuffed lone dot", b"a\r\n..\r\n.\r\n", b"a\r\n.\r\n"),
+            ("dot then text unstuffed", b".x\r\n.\r\n", b"x\r\n"),
+            ("bare LF dot LF", b"a\n.\nb\r\n.\r\n", b"a\n.\nb\r\n"),
+            ("bare LF dot CRLF", b"a\n.\r\nb\r\n.\r\n", b"a\n.\r\nb\r\n"),
+            ("CRLF dot LF", b"a\r\n.\nb\r\n.\r\n", b"a\r\n\nb\r\n"),
+            ("bare CR dot CRLF", b"a\r.\r\nb\r\n.\r\n", b"a\r.\r\nb\r\n"),
+            (
+                "dot CR CR LF",
+                b"a\r\n.\r\r\nb\r\n.\r\n",
+                b"a\r\n\r\r\nb\r\n",
+            ),
+            ("dot CR x", b"a\r\n.\rx\r\n.\r\n", b"a\r\n\rx\r\n"),
+            (
+                "NUL and 8-bit kept",
+                b"\0\xff\xfe\r\n.\r\n",
+                b"\0\xff\xfe\r\n",
+            ),
+            (
+                "no final CRLF before dot is not an end",
+                b"a.\r\n.\r\n",
+                b"a.\r\n",
+            ),
+            ("CR at line end", b"a\r\r\n.\r\n", b"a\r\r\n"),
+        ];
+        for (name, input, want) in cases {
+            let mut wire = b"DATA\r\n".to_vec();
+            wire.extend_from_slice(input);
+            wire.extend_from_slice(b"NOOP\r\n");
+            let got = run_all_splits(&wire, Limits::default(), MAX);
+            assert_eq!(
+                got,
+                vec![data(), msg(want), Event::Command(Ok(Command::Noop))],
+                "{name}"
+            );
+        }
+    }
+
+    /// The DATA rules stated over a whole input: the message ends at the first CRLF.CRLF
+    /// (DATA starting counts as a CRLF), and every CRLF-dot before it loses its dot.
+    fn model(content: &[u8]) -> Option<Vec<u8>> {
+        let mut s = b"\r\n".to_vec();
+        s.extend_from_slice(content);
+        let end = s.windows(5).position(|w| w == b"\r\n.\r\n")?;
+        let body = &s[..end + 2];
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < body.len() {
+            out.push(body[i]);
+            if body[i..].starts_with(b"\r\n.") {
+                out.push(b'\n');
+                i += 3;
+            } else {
+                i += 1;
+            }
+        }
+        Some(out[2..].to_vec())
+    }
+
+    #[test]
+    fn random_data_matches_the_model() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5321);
+        let alphabet = b"\r\n.a";
+        for _ in 0..300 {
+            let len = rng.gen_range(0..24);
+            let content: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect();
+            let mut wire = b"DATA\r\n".to_vec();
+            wire.extend_from_slice(&content);
+            let got = run_all_splits(&wire, Limits::default(), MAX);
+            match model(&content) {
+                None => assert_eq!(got, vec![data()], "{content:?}"),
+                Some(want) => assert_eq!(got[..2], [data(), msg(&want)], "{content:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn smuggled_terminators_never_end_data() {
+        for fake in [&b"\n.\n"[..], b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"] {
+            let mut wire = b"DATA\r\nx".to_vec();
+            wire.extend_from_slice(fake);
+            wire.extend_from_slice(b"MAIL FROM:<evil@x>\r\n");
+            // Without a real terminator the message is still open.
+            let got = run_all_splits(&wire, Limits::default(), MAX);
+            assert_eq!(got, vec![data()], "{fake:?}");
+            wire.extend_from_slice(b".\r\n");
+            let got = run_all_splits(&wire, Limits::default(), MAX);
+            assert_eq!(got.len(), 2, "{fake:?}");
+            let Event::Message(m) = &got[1] else {
+                panic!("{got:?}")
+            };
+            assert!(m.ends_with(b"MAIL FROM:<evil@x>\r\n"), "{fake:?}");
+        }
+    }
+
+    #[test]
+    fn size_cap() {
+        // Exactly at the cap: kept.
+        let mut wire = b"DATA\r\n".to_vec();
+        let line = [b'a'; 62];
+        wire.extend_from_slice(&line);
+        wire.extend_from_slice(b"\r\n.\r\nRSET\r\n");
+        let got = run_all_splits(&wire, Limits::default(), 64);
+        assert_eq!(got[1], msg(&wire[6..6 + 64]));
+        // One over: dropped, counted, and the session goes on.
+        let got = run_all_splits(&wire, Limits::default(), 63);
+        assert_eq!(
+            got,
+            vec![
+                data(),
+                Event::TooBig { size: 64 },
+                Event::Command(Ok(Command::Rset))
+            ]
+        );
+    }
+
+    #[test]
+    fn over_cap_data_is_not_held() {
+        let mut codec = Codec::new(Limits::default());
+        assert_eq!(codec.decode(b"DATA\r\n").1, data());
+        codec.start_data(1000);
+        let chunk = vec![b'x'; 4096];
+        for _ in 0..10 {
+            assert_eq!(codec.decode(&chunk), (4096, Event::NeedMore));
+            let Mode::Data(state) = &codec.mode else {
+                panic!()
+            };
+            assert!(state.buf.len() <= 1000);
+        }
+        assert_eq!(
+            codec.decode(b"\r\n.\r\n"),
+            (5, Event::TooBig { size: 40962 })
+        );
+    }
+
+    #[test]
+    fn long_lines_are_refused_and_resynced() {
+        let limits = Limits {
+            max_line: 16,
+            max_mail_line: 40,
+        };
+        let cases: &[(&str, &[u8], Vec<Event>)] = &[
+            (
+                "exactly at the cap",
+                b"NOOP 012345678\r\n",
+                vec![Event::Command(Ok(Command::Noop))],
+            ),
+            (
+                "one over",
+                b"NOOP 0123456789\r\nRSET\r\n",
+                vec![
+                    Event::Command(Err(CommandError::LineTooLong)),
+                    Event::Command(Ok(Command::Rset)),
+                ],
+            ),
+            (
+                "far over",
+                &[b"NOOP ".as_slice(), &[b'x'; 200], b"\r\nQUIT\r\n"].concat(),
+                vec![
+                    Event::Command(Err(CommandError::LineTooLong)),
+                    Event::Command(Ok(Command::Quit)),
+                ],
+            ),
+            (
+                "MAIL gets the longer cap",
+                b"MAIL FROM:<aaaaaaaaaa@b.example>\r\n",
+                vec![Event::Command(Ok(Command::Mail(MailFrom {
+                    address: "aaaaaaaaaa@b.example".into(),
+                    params: vec![],
+                    size: None,
+                    body: None,
+                    xcoffer: None,
+                })))],
+            ),
+            (
+                "MAIL over its cap",
+                b"MAIL FROM:<aaaaaaaaaaaaaaaaaaaaaa@b.example>\r\nNOOP\r\n",
+                vec![
+                    Event::Command(Err(CommandError::LineTooLong)),
+                    Event::Command(Ok(Command::Noop)),
+                ],
+            ),
+        ];
+        for (name, input, want) in cases {
+            assert_eq!(&run_all_splits(input, limits, MAX), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn pipelined_commands_come_out_in_order() {
+        let wire = b"EHLO client.example\r\nMAIL FROM:<a@b.example> SIZE=10\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<e@f.example>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n";
+        let got = run_all_splits(wire, Limits::default(), MAX);
+        let rcpt = |a: &str| {
+            Event::Command(Ok(Command::Rcpt(RcptTo {
+                address: a.into(),
+                params: vec![],
+            })))
+        };
+        assert_eq!(
+            got,
+            vec![
+                Event::Command(Ok(Command::Ehlo("client.example".into()))),
+                Event::Command(Ok(Command::Mail(MailFrom {
+                    address: "a@b.example".into(),
+                    params: vec!["SIZE=10".into()],
+                    size: Some(10),
+                    body: None,
+                    xcoffer: None,
+                }))),
+                rcpt("c@d.example"),
+                rcpt("e@f.example"),
+                data(),
+                msg(b"hi\r\n"),
+                Event::Command(Ok(Command::Quit)),
+            ]
+        );
+    }
+
+    #[test]
+    fn command_table() {
+        use CommandError as E;
+        let mail = |address: &str, params: &[&str], size: Option<u64>, body: Option<&str>| {
+            Ok(Command::Mail(MailFrom {
+                address: address.into(),
+                params: params.iter().map(|p| p.to_string()).collect(),
+                size,
+                body: body.map(str::to_owned),
+                xcoffer: None,
+            }))
+        };
+        let cases: Vec<(&str, Result<Command, CommandError>)> = vec![
+            ("HELO x.example", Ok(Command::Helo("x.example".into()))),
+            ("ehlo [127.0.0.1]", Ok(Command::Ehlo("[127.0.0.1]".into()))),
+            ("EHLO odd  name ", Ok(Command::Ehlo("odd  name".into()))),
+            ("LHLO x", Ok(Command::Lhlo("x".into()))),
+            ("EHLO", Err(E::Syntax("EHLO domain"))),
+            ("HELO", Err(E::Syntax("HELO domain"))),
+            ("HELO  ", Err(E::Syntax("HELO domain"))),
+            ("HELO  x y", Ok(Command::Helo("x y".into()))),
+            ("MAIL FROM:<>", mail("", &[], None, None)),
+            (
+                "mail from:<a@b.example>",
+                mail("a@b.example", &[], None, None),
+            ),
+            (
+                "MAIL FROM: <a@b.example>",
+                mail("a@b.example", &[], None, None),
+            ),
+            (
+                "MAIL FROM:<Postmaster>",
+                mail("Postmaster", &[], None, None),
+            ),
+            (
+                "MAIL FROM:<a@b.example> BODY=8bitmime SMTPUTF8 SIZE=123",
+                mail(
+                    "a@b.example",
+                    &["BODY=8bitmime", "SMTPUTF8", "SIZE=123"],
+                    Some(123),
+                    Some("8BITMIME"),
+                ),
+            ),
+            (
+                "MAIL FROM:<\"odd>name\"@b.example>",
+                mail("\"odd>name\"@b.example", &[], None, None),
+            ),
+            (
+                "MAIL FROM:<a@b.example> SIZE=x",
+                Err(E::InvalidParam("SIZE".into())),
+            ),
+            (
+                "MAIL FROM:<a@b.example> BODY=WHAT",
+                Err(E::InvalidParam("BODY".into())),
+            ),
+            (
+                "MAIL FROM:<a@b.example> RET=FULL",
+                Err(E::UnsupportedParam("RET".into())),
+            ),
+            (
+                "MAIL FROM:<a@b.example> FOO=bar",
+                Err(E::UnsupportedParam("FOO".into())),
+            ),
+            ("MAIL FROM:a@b.example", Err(E::Syntax(MAIL_SYNTAX))),
+            ("MAIL FROM:<a@b.example", Err(E::Syntax(MAIL_SYNTAX))),
+            ("MAIL TO:<a@b.example>", Err(E::Syntax(MAIL_SYNTAX))),
+            ("MAIL FROM:<not an address>", Err(E::BadSender)),
+            (
+                "RCPT TO:<c@d.example>",
+                Ok(Command::Rcpt(RcptTo {
+                    address: "c@d.example".into(),
+                    params: vec![],
+                })),
+            ),
+            (
+                "RCPT TO:<postmaster>",
+                Ok(Command::Rcpt(RcptTo {
+                    address: "postmaster".into(),
+                    params: vec![],
+                })),
+            ),
+            ("RCPT TO:<>", Err(E::BadRecipient)),
+            (
+                "RCPT TO:<c@d.example> NOTIFY=NEVER",
+                Err(E::UnsupportedParam("NOTIFY".into())),
+            ),
+            ("RCPT FROM:<c@d.example>", Err(E::Syntax(RCPT_SYNTAX))),
+            ("DATA", Ok(Command::Data)),
+            ("DATA x", Err(E::Syntax("DATA"))),
+            ("RSET", Ok(Command::Rset)),
+            ("NOOP whatever", Ok(Command::Noop)),
+            ("QUIT", Ok(Command::Quit)),
+            ("VRFY bob", Ok(Command::Vrfy)),
+            ("HELP", Ok(Command::Help)),
+            ("STARTTLS", Ok(Command::StartTls)),
+            ("EXPN list", Ok(Command::NotImplemented("EXPN"))),
+            (
+                "BDAT 100 LAST",
+                Ok(Command::Bdat {
+                    size: 100,
+                    last: true,
+                }),
+            ),
+            ("BDAT x", Err(E::Syntax("BDAT chunk-size [LAST]"))),
+            ("FOO", Err(E::Unknown)),
+            ("", Err(E::Unknown)),
+            ("\0\0", Err(E::Unknown)),
+        ];
+        for (line, want) in cases {
+            for eol in ["\r\n", "\n"] {
+                let wire = format!("{line}{eol}");
+                let got = run(&[wire.as_bytes()], Limits::default(), MAX);
+                assert_eq!(got, vec![Event::Command(want.clone())], "{line:?}{eol:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn xcoffer_is_taken_off_before_parsing() {
+        let limits = Limits {
+            max_line: MAX_LINE,
+            max_mail_line: MAX_XCOFFER_MAIL_LINE,
+        };
+        let blob = "e".repeat(8000);
+        let wire = format!("MAIL FROM:<a@b.example> XCOFFER={blob} SIZE=5\r\n");
+        let got = run(&[wire.as_bytes()], limits, MAX);
+        assert_eq!(
+            got,
+            vec![Event::Command(Ok(Command::Mail(MailFrom {
+                address: "a@b.example".into(),
+                params: vec!["SIZE=5".into()],
+                size: Some(5),
+                body: None,
+                xcoffer: Some(blob),
+            })))]
+        );
+        let got = run(&[b"MAIL FROM:<a@b.example> XCOFFER=\r\n"], limits, MAX);
+        assert_eq!(
+            got,
+            vec![Event::Command(Err(CommandError::InvalidParam(
+                "XCOFFER".into()
+            )))]
+        );
+    }
+}

@@ -1,0 +1,891 @@
+//! One SMTP (or LMTP) connection: the state machine over [`Codec`] and an async stream.
+//!
+//! Generic over the stream so TCP, Unix sockets and `tokio::io::duplex` in tests share it.
+//! Replies to pipelined commands are buffered and flushed whenever the session is about
+//! to wait: for input, or for the store.
+//!
+//! The 250 after DATA is written only once [`Sink::ingest`] has returned `Ok`: the
+//! message is durable by then (design.md §2.1).
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::codec::{Codec, Command, CommandError, Event, Limits, MailFrom, RcptTo};
+use super::Sink;
+use crate::config::{ListenerConfig, Protocol};
+use crate::envelope::{Envelope, SessionInfo};
+use crate::store::{Incoming, IngestError};
+
+/// Bad commands (syntax, sequence, unknown) tolerated in one session before it is closed
+/// with 421: a client that far off is broken or probing.
+pub const MAX_BAD_COMMANDS: u32 = 20;
+
+/// Read buffer per session, in bytes. Bounds what one read hands to the codec.
+const READ_BUF: usize = 64 * 1024;
+
+/// Buffered replies beyond this many bytes are flushed even in the middle of a pipeline,
+/// so a client that sends without reading cannot grow our buffer.
+const MAX_PENDING_REPLIES: usize = 16 * 1024;
+
+/// What a session needs to know about its listener. Built once per listener (and again
+/// on reload); sessions share it.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// The listener's name, recorded with each arrival.
+    pub listener: String,
+    pub protocol: Protocol,
+    /// Our name in the greeting and the EHLO reply.
+    pub hostname: String,
+    /// Largest message accepted, in bytes (after dot-unstuffing).
+    pub max_message_size: u64,
+    /// Most recipients accepted in one transaction.
+    pub max_recipients: usize,
+    /// How long to wait for the client (to send, or to read our replies).
+    pub idle_timeout: Duration,
+}
+
+impl SessionConfig {
+    pub fn from_listener(config: &ListenerConfig, hostname: &str) -> Self {
+        Self {
+            listener: config.name.clone(),
+            protocol: config.protocol.clone(),
+            hostname: hostname.to_owned(),
+            max_message_size: config.max_message_size,
+            max_recipients: config.max_recipients,
+            idle_timeout: config.idle_timeout,
+        }
+    }
+}
+
+/// Serves one connection until the client quits, an error or timeout closes it, or
+/// shutdown is signalled.
+///
+/// `client_addr` is recorded with each arrival: `IP:PORT`, or `unix`.
+///
+/// # Shutdown
+/// When `shutdown` turns true (or its sender is dropped), a session waiting for a
+/// command answers `421 4.3.2` and closes; a session receiving DATA finishes the
+/// message (the sink answers) first, then closes the same way.
+///
+/// # Errors
+/// I/O errors on the stream. Protocol errors are answered on the wire, not returned.
+pub async fn serve<S>(
+    stream: S,
+    config: Arc<SessionConfig>,
+    client_addr: String,
+    sink: Arc<dyn Sink>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut session = Session {
+        io: stream,
+        codec: Codec::new(Limits::default()),
+        config,
+        client_addr,
+        sink,
+        out: Vec::with_capacity(512),
+        helo: None,
+        protocol: None,
+        tx: None,
+        bad_commands: 0,
+    };
+    session.run(shutdown).await
+}
+
+/// Whether the session goes on after a command.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Session<S> {
+    io: S,
+    codec: Codec,
+    config: Arc<SessionConfig>,
+    client_addr: String,
+    sink: Arc<dyn Sink>,
+    /// Replies not yet written.
+    out: Vec<u8>,
+    /// The raw HELO/EHLO/LHLO argument, once greeted.
+    helo: Option<String>,
+    /// `SMTP`, `ESMTP` or `LMTP`, as negotiated by the greeting command.
+    protocol: Option<&'static str>,
+    /// The open transaction, from MAIL to the end of DATA.
+    tx: Option<Envelope>,
+    bad_commands: u32,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> io::Result<()> {
+        let kind = match self.config.protocol {
+            Protocol::Smtp => "ESMTP",
+            Protocol::Lmtp => "LMTP",
+        };
+        let greeting = format!("220 {} {kind} Coffer", self.config.hostname);
+        self.reply(&greeting);
+        let mut stopping = *shutdown.borrow();
+        let mut buf = vec![0u8; READ_BUF];
+        let (mut pos, mut end) = (0, 0);
+        loop {
+            // Handle everything already read, in order (PIPELINING).
+            loop {
+                let (n, event) = self.codec.decode(&buf[pos..end]);
+                pos += n;
+                let flow = match event {
+                    Event::NeedMore => break,
+                    Event::Command(cmd) => self.command(cmd),
+                    Event::Message(bytes) => self.deliver(bytes).await?,
+                    Event::TooBig { size } => self.too_big(size),
+                };
+                if flow == Flow::Close {
+                    return self.flush().await;
+                }
+                if self.out.len() > MAX_PENDING_REPLIES {
+                    self.flush().await?;
+                }
+            }
+            self.flush().await?;
+            if stopping && !self.codec.in_data() {
+                return self.close_shutting_down().await;
+            }
+            let in_data = self.codec.in_data();
+            tokio::select! {
+                read = self.io.read(&mut buf) => {
+                    let n = read?;
+                    if n == 0 {
+                        if in_data {
+                            tracing::info!(listener = %self.config.listener,
+                                client = %self.client_addr, "client closed during DATA");
+                        }
+                        return Ok(());
+                    }
+                    (pos, end) = (0, n);
+                }
+                changed = shutdown.changed(), if !stopping && !in_data => {
+                    stopping = changed.is_err() || *shutdown.borrow();
+                }
+                () = tokio::time::sleep(self.config.idle_timeout) => {
+                    tracing::info!(listener = %self.config.listener,
+                        client = %self.client_addr, "idle timeout");
+                    let line = format!("421 4.4.2 {} idle timeout", self.config.hostname);
+                    self.reply(&line);
+                    return self.flush().await;
+                }
+            }
+        }
+    }
+
+    async fn close_shutting_down(&mut self) -> io::Result<()> {
+        let line = format!("421 4.3.2 {} shutting down", self.config.hostname);
+        self.reply(&line);
+        self.flush().await
+    }
+
+    fn reply(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Writes the buffered replies; a client that does not read them within the idle
+    /// timeout is dropped.
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.io.write_all(&self.out).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(self.config.idle_timeout, write).await {
+            Ok(result) => {
+                self.out.clear();
+                result
+            }
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client did not read our replies",
+            )),
+        }
+    }
+
+    /// Answers a refused command and counts it; too many close the session.
+    fn bad(&mut self, line: &str) -> Flow {
+        self.reply(line);
+        self.bad_commands += 1;
+        if self.bad_commands >= MAX_BAD_COMMANDS {
+            tracing::info!(listener = %self.config.listener, client = %self.client_addr,
+                "too many bad commands");
+            let line = format!("421 4.7.0 {} too many errors", self.config.hostname);
+            self.reply(&line);
+            return Flow::Close;
+        }
+        Flow::Continue
+    }
+
+    fn command(&mut self, cmd: Result<Command, CommandError>) -> Flow {
+        let cmd = match cmd {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                let line = match e {
+                    CommandError::LineTooLong => "500 5.5.6 Line too long".to_owned(),
+                    CommandError::Unknown => "500 5.5.1 Unrecognized command".to_owned(),
+                    CommandError::Syntax(s) => format!("501 5.5.4 Syntax: {s}"),
+                    CommandError::BadSender => "501 5.1.7 Bad sender address syntax".to_owned(),
+                    CommandError::BadRecipient => {
+                        "501 5.1.3 Bad recipient address syntax".to_owned()
+                    }
+                    CommandError::InvalidParam(p) => format!("501 5.5.4 Invalid value for {p}"),
+                    CommandError::UnsupportedParam(p) => {
+                        format!("555 5.5.4 Unsupported parameter {p}")
+                    }
+                };
+                return self.bad(&line);
+            }
+        };
+        let lmtp = self.config.protocol == Protocol::Lmtp;
+        match cmd {
+            Command::Helo(_) | Command::Ehlo(_) if lmtp => {
+                self.bad("500 5.5.1 Unrecognized command (this is LMTP: use LHLO)")
+            }
+            Command::Lhlo(_) if !lmtp => self.bad("500 5.5.1 Unrecognized command"),
+            Command::Helo(name) => {
+                self.greeted(name, "SMTP");
+                let line = format!("250 {}", self.config.hostname);
+                self.reply(&line);
+                Flow::Continue
+            }
+            Command::Ehlo(name) | Command::Lhlo(name) => {
+                self.greeted(name, if lmtp { "LMTP" } else { "ESMTP" });
+                self.ehlo_reply();
+                Flow::Continue
+            }
+            Command::Mail(mail) => self.mail(mail),
+            Command::Rcpt(rcpt) => self.rcpt(rcpt),
+            Command::Data => self.data(),
+            Command::Bdat { .. } => self.bad("502 5.5.1 BDAT not offered here"),
+            Command::Rset => {
+                self.tx = None;
+                self.reply("250 2.0.0 Ok");
+                Flow::Continue
+            }
+            Command::Noop => {
+                self.reply("250 2.0.0 Ok");
+                Flow::Continue
+            }
+            Command::Quit => {
+                self.reply("221 2.0.0 Bye");
+                Flow::Close
+            }
+            Command::Vrfy => {
+                self.reply("252 2.5.0 Cannot VRFY user, but will accept message");
+                Flow::Continue
+            }
+            Command::Help => {
+                self.reply("214 2.0.0 Coffer archive: see RFC 5321");
+                Flow::Continue
+            }
+            Command::StartTls => self.bad("502 5.5.1 STARTTLS not offered"),
+            Command::NotImplemented(name) => {
+                let line = format!("502 5.5.1 {name} not implemented");
+                self.bad(&line)
+            }
+        }
+    }
+
+    fn greeted(&mut self, name: String, protocol: &'static str) {
+        self.helo = Some(name);
+        self.protocol = Some(protocol);
+        self.tx = None;
+    }
+
+    /// The EHLO/LHLO capability list. CHUNKING, BINARYMIME and XCOFFER join it here
+    /// once they are served.
+    fn ehlo_reply(&mut self) {
+        let size = format!("SIZE {}", self.config.max_message_size);
+        let caps = [
+            "PIPELINING",
+            size.as_str(),
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ];
+        let first = format!("250-{}", self.config.hostname);
+        self.reply(&first);
+        for (i, cap) in caps.iter().enumerate() {
+            let sep = if i + 1 == caps.len() { ' ' } else { '-' };
+            let line = format!("250{sep}{cap}");
+            self.reply(&line);
+        }
+    }
+
+    fn mail(&mut self, mail: MailFrom) -> Flow {
+        if self.helo.is_none() {
+            return self.bad("503 5.5.1 Send EHLO first");
+        }
+        if self.tx.is_some() {
+            return self.bad("503 5.5.1 Nested MAIL command");
+        }
+        if mail.xcoffer.is_some() {
+            // Not advertised on any listener yet (docs/interfaces.md: refused with 555).
+            return self.bad("555 5.5.4 XCOFFER not allowed here");
+        }
+        if self.protocol == Some("SMTP") && !mail.params.is_empty() {
+            return self.bad("555 5.5.4 MAIL parameters need EHLO");
+        }
+        if mail.body.as_deref().is_some_and(|b| b == "BINARYMIME") {
+            return self.bad("555 5.5.4 BODY=BINARYMIME needs CHUNKING");
+        }
+        if mail.size.is_some_and(|s| s > self.config.max_message_size) {
+            self.reply("552 5.3.4 Message size exceeds fixed limit");
+            return Flow::Continue;
+        }
+        self.tx = Some(Envelope {
+            mail_from: mail.address,
+            mail_params: mail.params,
+            rcpt_to: Vec::new(),
+        });
+        self.reply("250 2.1.0 Ok");
+        Flow::Continue
+    }
+
+    fn rcpt(&mut self, rcpt: RcptTo) -> Flow {
+        let max = self.config.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            return self.bad("503 5.5.1 Need MAIL command");
+        };
+        if tx.rcpt_to.len() >= max {
+            self.reply("452 4.5.3 Too many recipients");
+            return Flow::Continue;
+        }
+        tx.rcpt_to.push(rcpt.address);
+        self.reply("250 2.1.5 Ok");
+        Flow::Continue
+    }
+
+    fn data(&mut self) -> Flow {
+        match &self.tx {
+            None => self.bad("503 5.5.1 Need MAIL command"),
+            Some(tx) if tx.rcpt_to.is_empty() => self.bad("503 5.5.1 Need RCPT command"),
+            Some(_) => {
+                self.reply("354 End data with <CR><LF>.<CR><LF>");
+                self.codec.start_data(self.config.max_message_size);
+                Flow::Continue
+            }
+        }
+    }
+
+    /// One reply for the whole message (SMTP), or one per recipient (LMTP).
+    fn reply_per_recipient(&mut self, line: &str, recipients: usize) {
+        let n = if self.config.protocol == Protocol::Lmtp {
+            recipients
+        } else {
+            1
+        };
+        for _ in 0..n {
+            self.reply(line);
+        }
+    }
+
+    fn too_big(&mut self, size: u64) -> Flow {
+        let recipients = self.tx.take().map_or(0, |tx| tx.rcpt_to.len());
+        tracing::info!(listener = %self.config.listener, client = %self.client_addr,
+            size, max = self.config.max_message_size, "message over the size limit");
+        self.reply_per_recipient("552 5.3.4 Message size exceeds fixed limit", recipients);
+        Flow::Continue
+    }
+
+    async fn deliver(&mut self, bytes: Vec<u8>) -> io::Result<Flow> {
+        let Some(envelope) = self.tx.take() else {
+            // DATA is only entered with an open transaction.
+            return Ok(Flow::Continue);
+        };
+        let recipients = envelope.rcpt_to.len();
+        let incoming = Incoming {
+            bytes,
+            envelope,
+            session: SessionInfo {
+                listener: self.config.listener.clone(),
+                protocol: self.protocol.unwrap_or("SMTP").to_owned(),
+                client_addr: Some(self.client_addr.clone()),
+                helo: self.helo.clone(),
+                queue_id: None,
+            },
+        };
+        // Whatever is pending (the 354 at least) goes out before we wait on the store.
+        self.flush().await?;
+        let result = self.sink.ingest(incoming).await;
+        let line = match result {
+            Ok(receipt) => {
+                tracing::debug!(listener = %self.config.listener, client = %self.client_addr,
+                    arrival = %receipt.arrival_id, message = %receipt.message_id,
+                    repeat = receipt.repeat, "message stored");
+                format!(
+                    "250 2.0.0 Ok: {} {}",
+                    receipt.arrival_id, receipt.message_id
+                )
+            }
+            Err(IngestError::ShuttingDown) => {
+                self.close_shutting_down().await?;
+                return Ok(Flow::Close);
+            }
+            Err(e) => {
+                tracing::warn!(listener = %self.config.listener, client = %self.client_addr,
+                    error = %e, "message not stored; client told to retry");
+                match e {
+                    IngestError::Busy => "451 4.3.2 Archive busy, try again later".to_owned(),
+                    IngestError::DiskFull => "452 4.3.1 Insufficient archive storage".to_owned(),
+                    _ => "451 4.3.0 Archive unavailable, try again later".to_owned(),
+                }
+            }
+        };
+        self.reply_per_recipient(&line, recipients);
+        Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::ids::{ArrivalId, MessageId};
+    use crate::store::Receipt;
+
+    /// Records what it is given; can be told to fail, or to wait for a signal.
+    #[derive(Default)]
+    pub(crate) struct FakeSink {
+        pub got: Mutex<Vec<Incoming>>,
+        pub fail: Mutex<Option<fn() -> IngestError>>,
+        pub gate: Mutex<Option<oneshot::Receiver<()>>>,
+    }
+
+    impl Sink for FakeSink {
+        fn ingest(
+            &self,
+            msg: Incoming,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<crate::store::Receipt, IngestError>>
+                    + Send
+                    + '_,
+            >,
+        > {
+            Box::pin(async move {
+                let gate = self.gate.lock().unwrap().take();
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                if let Some(fail) = *self.fail.lock().unwrap() {
+                    return Err(fail());
+                }
+                let mut got = self.got.lock().unwrap();
+                let receipt = Receipt {
+                    message_id: MessageId::of(&msg.bytes),
+                    arrival_id: ArrivalId {
+                        node: "test".into(),
+                        epoch: "0badf00d".into(),
+                        seq: got.len() as u64 + 1,
+                    },
+                    repeat: false,
+                };
+                got.push(msg);
+                Ok(receipt)
+            })
+        }
+    }
+
+    pub(crate) fn config() -> SessionConfig {
+        SessionConfig {
+            listener: "journal".into(),
+            protocol: Protocol::Smtp,
+            hostname: "mx.test".into(),
+            max_message_size: 100,
+            max_recipients: 3,
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The client end of a session over `tokio::io::duplex`.
+    pub(crate) struct Client<R> {
+        pub reader: BufReader<R>,
+        pub writer: Box<dyn AsyncWrite + Unpin + Send>,
+    }
+
+    impl<R: AsyncRead + Unpin> Client<R> {
+        pub async fn send(&mut self, s: &str) {
+            self.send_bytes(s.as_bytes()).await;
+        }
+
+        pub async fn send_bytes(&mut self, b: &[u8]) {
+            self.writer.write_all(b).await.unwrap();
+            self.writer.flush().await.unwrap();
+        }
+
+        /// Reads one (possibly multi-line) reply; empty at EOF.
+        pub async fn reply(&mut self) -> String {
+            let mut all = String::new();
+            loop {
+                let mut line = String::new();
+                let n =
+                    tokio::time::timeout(Duration::from_secs(20), self.reader.read_line(&mut line))
+                        .await
+                        .expect("reply in time")
+                        .unwrap();
+                all.push_str(&line);
+                if n == 0 || line.as_bytes().get(3) != Some(&b'-') {
+                    return all;
+                }
+            }
+        }
+
+        /// Reads one reply and checks its start.
+        pub async fn expect(&mut self, prefix: &str) -> String {
+            let r = self.reply().await;
+            assert!(r.starts_with(prefix), "want {prefix:?}, got {r:?}");
+            r
+        }
+
+        pub async fn cmd(&mut self, line: &str, prefix: &str) -> String {
+            self.send(&format!("{line}\r\n")).await;
+            self.expect(prefix).await
+        }
+    }
+
+    struct Harness {
+        client: Client<ReadHalf<DuplexStream>>,
+        sink: Arc<FakeSink>,
+        shutdown: watch::Sender<bool>,
+        task: JoinHandle<io::Result<()>>,
+    }
+
+    fn start(config: SessionConfig, sink: Arc<FakeSink>) -> Harness {
+        let (client, server) = tokio::io::duplex(256 * 1024);
+        let (tx, rx) = watch::channel(false);
+        let dyn_sink: Arc<dyn Sink> = sink.clone();
+        let task = tokio::spawn(serve(
+            server,
+            Arc::new(config),
+            "192.0.2.1:40000".into(),
+            dyn_sink,
+            rx,
+        ));
+        let (r, w): (ReadHalf<DuplexStream>, WriteHalf<DuplexStream>) = tokio::io::split(client);
+        Harness {
+            client: Client {
+                reader: BufReader::new(r),
+                writer: Box::new(w),
+            },
+            sink,
+            shutdown: tx,
+            task,
+        }
+    }
+
+    async fn greeted(config: SessionConfig) -> Harness {
+        let mut h = start(config, Arc::default());
+        h.client.expect("220 mx.test ESMTP Coffer").await;
+        h.client.cmd("EHLO client.test", "250-mx.test").await;
+        h
+    }
+
+    #[tokio::test]
+    async fn full_transaction() {
+        let mut h = start(config(), Arc::default());
+        let c = &mut h.client;
+        c.expect("220 mx.test ESMTP Coffer\r\n").await;
+        let ehlo = c.cmd("EHLO  client.test", "250-mx.test\r\n").await;
+        assert_eq!(
+            ehlo,
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 100\r\n250-8BITMIME\r\n\
+             250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
+        );
+        c.cmd("MAIL FROM:<a@b.test> BODY=8BITMIME", "250 2.1.0")
+            .await;
+        c.cmd("RCPT TO:<c@d.test>", "250 2.1.5").await;
+        c.cmd("DATA", "354 ").await;
+        c.send_bytes(b"Subject: x\r\n\r\n..dot\nbare\r\n.\r\n")
+            .await;
+        let want_bytes = b"Subject: x\r\n\r\n.dot\nbare\r\n";
+        let ok = c.reply().await;
+        assert_eq!(
+            ok,
+            format!(
+                "250 2.0.0 Ok: test/0badf00d/1 {}\r\n",
+                MessageId::of(want_bytes)
+            )
+        );
+        c.cmd("QUIT", "221 ").await;
+        assert_eq!(c.reply().await, "", "closed after QUIT");
+        h.task.await.unwrap().unwrap();
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].bytes, want_bytes);
+        assert_eq!(
+            got[0].envelope,
+            Envelope {
+                mail_from: "a@b.test".into(),
+                mail_params: vec!["BODY=8BITMIME".into()],
+                rcpt_to: vec!["c@d.test".into()],
+            }
+        );
+        assert_eq!(
+            got[0].session,
+            SessionInfo {
+                listener: "journal".into(),
+                protocol: "ESMTP".into(),
+                client_addr: Some("192.0.2.1:40000".into()),
+                helo: Some("client.test".into()),
+                queue_id: None,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn pipelined_transaction_then_null_sender() {
+        let mut h = greeted(config()).await;
+        let c = &mut h.client;
+        c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n")
+            .await;
+        for want in ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354 "] {
+            c.expect(want).await;
+        }
+        c.send("hello\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n.\r\nQUIT\r\n")
+            .await;
+        for want in [
+            "250 2.0.0 Ok: test/0badf00d/1 ",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354 ",
+        ] {
+            c.expect(want).await;
+        }
+        c.expect("250 2.0.0 Ok: test/0badf00d/2 ").await;
+        c.expect("221 ").await;
+        h.task.await.unwrap().unwrap();
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got[0].envelope.rcpt_to, ["x@y.test", "z@y.test"]);
+        assert_eq!(got[1].envelope.mail_from, "");
+        assert_eq!(got[1].bytes, b"");
+    }
+
+    #[tokio::test]
+    async fn replies_table() {
+        let mut h = start(config(), Arc::default());
+        h.client.expect("220 ").await;
+        let long = format!("NOOP {}", "x".repeat(5000));
+        let cases: &[(&str, &str)] = &[
+            ("MAIL FROM:<a@b.test>", "503 5.5.1"),
+            ("RCPT TO:<a@b.test>", "503 5.5.1"),
+            ("DATA", "503 5.5.1"),
+            ("LHLO x", "500 5.5.1"),
+            ("EHLO client.test", "250-"),
+            ("RCPT TO:<a@b.test>", "503 5.5.1"),
+            ("DATA", "503 5.5.1"),
+            ("MAIL FROM:<a@b.test> FOO=1", "555 5.5.4"),
+            ("MAIL FROM:<a@b.test> XCOFFER=abc", "555 5.5.4"),
+            ("MAIL FROM:<a@b.test> BODY=BINARYMIME", "555 5.5.4"),
+            ("MAIL FROM:<a@b.test> SIZE=x", "501 5.5.4"),
+            ("MAIL FROM:<a@b.test> SIZE=101", "552 5.3.4"),
+            ("MAIL FROM:a@b.test", "501 5.5.4"),
+            ("MAIL FROM:<not valid>", "501 5.1.7"),
+            ("MAIL FROM:<a@b.test> SIZE=100", "250 2.1.0"),
+            ("DATA", "503 5.5.1"),
+            ("MAIL FROM:<a@b.test>", "503 5.5.1"),
+            ("RCPT TO:<>", "501 5.1.3"),
+            ("RCPT TO:<c@d.test> NOTIFY=NEVER", "555 5.5.4"),
+            ("RSET", "250 2.0.0"),
+            ("--", "fresh session"),
+            ("EHLO client.test", "250-"),
+            ("RCPT TO:<a@b.test>", "503 5.5.1"),
+            ("NOOP", "250 2.0.0"),
+            ("VRFY bob", "252 "),
+            ("HELP", "214 "),
+            ("STARTTLS", "502 5.5.1"),
+            ("EXPN list", "502 5.5.1"),
+            ("BDAT 10 LAST", "502 5.5.1"),
+            ("WHAT", "500 5.5.1"),
+            (long.as_str(), "500 5.5.6"),
+            ("HELO other.test", "250 mx.test"),
+            ("MAIL FROM:<a@b.test> SIZE=10", "555 5.5.4"),
+            ("MAIL FROM:<a@b.test>", "250 2.1.0"),
+            ("QUIT", "221 "),
+        ];
+        for (line, want) in cases {
+            if *line == "--" {
+                // Keep under MAX_BAD_COMMANDS.
+                h.client.cmd("QUIT", "221 ").await;
+                h = start(config(), Arc::default());
+                h.client.expect("220 ").await;
+                continue;
+            }
+            h.client.cmd(line, want).await;
+        }
+        h.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn recipient_limit() {
+        let mut h = greeted(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        for i in 0..3 {
+            c.cmd(&format!("RCPT TO:<r{i}@b.test>"), "250 2.1.5").await;
+        }
+        c.cmd("RCPT TO:<r3@b.test>", "452 4.5.3 Too many recipients")
+            .await;
+        c.cmd("DATA", "354 ").await;
+        c.send(".\r\n").await;
+        c.expect("250 2.0.0").await;
+        assert_eq!(h.sink.got.lock().unwrap()[0].envelope.rcpt_to.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn message_over_the_limit_gets_552_and_the_session_goes_on() {
+        let mut h = greeted(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        let big = format!("{}\r\n.\r\n", "y".repeat(1000));
+        c.send(&big).await;
+        c.expect("552 5.3.4").await;
+        c.cmd("RCPT TO:<c@d.test>", "503 ").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        c.send("small\r\n.\r\n").await;
+        c.expect("250 2.0.0").await;
+        assert_eq!(h.sink.got.lock().unwrap().len(), 1);
+    }
+
+    async fn transaction(c: &mut Client<ReadHalf<DuplexStream>>) {
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        c.send("hi\r\n.\r\n").await;
+    }
+
+    #[tokio::test]
+    async fn sink_errors_become_temporary_failures() {
+        type MakeError = fn() -> IngestError;
+        let cases: &[(MakeError, &str)] = &[
+            (|| IngestError::Busy, "451 4.3.2 "),
+            (|| IngestError::DiskFull, "452 4.3.1 "),
+            (
+                || IngestError::Unavailable("disk on fire".into()),
+                "451 4.3.0 ",
+            ),
+        ];
+        for (fail, want) in cases {
+            let mut h = greeted(config()).await;
+            *h.sink.fail.lock().unwrap() = Some(*fail);
+            transaction(&mut h.client).await;
+            h.client.expect(want).await;
+            // The session goes on; the transaction is over.
+            h.client.cmd("RCPT TO:<c@d.test>", "503 ").await;
+            *h.sink.fail.lock().unwrap() = None;
+            transaction(&mut h.client).await;
+            h.client.expect("250 2.0.0").await;
+        }
+        let mut h = greeted(config()).await;
+        *h.sink.fail.lock().unwrap() = Some(|| IngestError::ShuttingDown);
+        transaction(&mut h.client).await;
+        h.client.expect("421 4.3.2 ").await;
+        assert_eq!(h.client.reply().await, "", "closed after 421");
+        h.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_250_before_the_sink_returns() {
+        let mut h = greeted(config()).await;
+        let (release, gate) = oneshot::channel();
+        *h.sink.gate.lock().unwrap() = Some(gate);
+        transaction(&mut h.client).await;
+        let early =
+            tokio::time::timeout(Duration::from_millis(200), h.client.reader.fill_buf()).await;
+        assert!(early.is_err(), "a reply came before the sink returned");
+        release.send(()).unwrap();
+        h.client.expect("250 2.0.0 Ok: ").await;
+    }
+
+    #[tokio::test]
+    async fn idle_timeout() {
+        let mut cfg = config();
+        cfg.idle_timeout = Duration::from_millis(100);
+        let mut h = greeted(cfg).await;
+        h.client.expect("421 4.4.2 mx.test idle timeout").await;
+        assert_eq!(h.client.reply().await, "");
+        h.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn too_many_bad_commands() {
+        let mut h = greeted(config()).await;
+        for _ in 0..MAX_BAD_COMMANDS - 1 {
+            h.client.cmd("BOGUS", "500 ").await;
+        }
+        h.client.send("BOGUS\r\n").await;
+        h.client.expect("500 ").await;
+        h.client.expect("421 4.7.0").await;
+        assert_eq!(h.client.reply().await, "");
+    }
+
+    #[tokio::test]
+    async fn shutdown_while_waiting_for_a_command() {
+        let mut h = greeted(config()).await;
+        h.shutdown.send(true).unwrap();
+        h.client.expect("421 4.3.2 mx.test shutting down").await;
+        assert_eq!(h.client.reply().await, "");
+        h.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_during_data_finishes_the_message() {
+        let mut h = greeted(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        c.send("part one\r\n").await;
+        h.shutdown.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.send("part two\r\n.\r\n").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        c.expect("421 4.3.2 ").await;
+        h.task.await.unwrap().unwrap();
+        assert_eq!(
+            h.sink.got.lock().unwrap()[0].bytes,
+            b"part one\r\npart two\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn lmtp_answers_per_recipient() {
+        let mut cfg = config();
+        cfg.protocol = Protocol::Lmtp;
+        let mut h = start(cfg, Arc::default());
+        let c = &mut h.client;
+        c.expect("220 mx.test LMTP Coffer").await;
+        c.cmd("EHLO x", "500 ").await;
+        c.cmd("LHLO x", "250-mx.test").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("RCPT TO:<e@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        c.send("hi\r\n.\r\n").await;
+        c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
+        c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
+        assert_eq!(h.sink.got.lock().unwrap()[0].session.protocol, "LMTP");
+    }
+}

@@ -1,0 +1,235 @@
+//! Segment files: append, sync, rotate, scan, read one record.
+//!
+//! Segments live in `DATA_DIR/log/NNNNNNNN.seg`. Only the newest segment is ever written;
+//! a new one is created (header written, file synced, directory synced) before the first
+//! record goes into it, so a torn write can only ever be at the tail of the newest one.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::io::{VFile, Vfs};
+use super::record::{
+    check_crc, RecordHeader, SegmentHeader, RECORD_HEADER_LEN, RECORD_TRAILER_LEN,
+    SEGMENT_HEADER_LEN,
+};
+
+pub const LOG_DIR: &str = "log";
+
+pub fn segment_path(log_dir: &Path, number: u32) -> PathBuf {
+    log_dir.join(format!("{number:08}.seg"))
+}
+
+/// Segment numbers present in `log_dir`, ascending.
+///
+/// # Errors
+/// The directory cannot be read.
+pub fn list_segments(vfs: &dyn Vfs, log_dir: &Path) -> io::Result<Vec<u32>> {
+    if !vfs.exists(log_dir) {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<u32> = vfs
+        .read_dir(log_dir)?
+        .iter()
+        .filter_map(|n| n.strip_suffix(".seg")?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Reads and checks a segment's header.
+///
+/// # Errors
+/// I/O errors, or `InvalidData` naming what is wrong.
+pub fn read_header(file: &dyn VFile) -> io::Result<SegmentHeader> {
+    let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+    file.read_exact_at(&mut b, 0)?;
+    SegmentHeader::decode(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// One record read back from a segment.
+pub struct RawRecord {
+    pub header: RecordHeader,
+    pub payload: Vec<u8>,
+    pub offset: u64,
+}
+
+/// Reads the record at `offset` and checks it (magic, lengths, CRC).
+///
+/// # Errors
+/// I/O errors; `InvalidData` for a record that fails its checks.
+pub fn read_record(file: &dyn VFile, offset: u64) -> io::Result<RawRecord> {
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    file.read_exact_at(&mut head, offset)?;
+    let header =
+        RecordHeader::decode(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut whole = vec![0u8; usize::try_from(header.total_len()).unwrap_or(usize::MAX)];
+    file.read_exact_at(&mut whole, offset)?;
+    if !check_crc(&whole) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "record checksum mismatch",
+        ));
+    }
+    whole.truncate(whole.len() - RECORD_TRAILER_LEN);
+    let payload = whole.split_off(RECORD_HEADER_LEN);
+    Ok(RawRecord {
+        header,
+        payload,
+        offset,
+    })
+}
+
+/// Outcome of scanning a segment from some offset.
+pub struct Scan {
+    /// Offset just past the last valid record.
+    pub valid_end: u64,
+    /// The file's length; bytes past `valid_end` are a torn or damaged tail.
+    pub file_len: u64,
+    /// Why the scan stopped before `file_len`, if it did.
+    pub stopped: Option<String>,
+}
+
+/// Reads records from `offset` to the end of a segment, calling `f` for each valid one,
+/// and stops at the first record that is incomplete or fails its checks.
+///
+/// # Errors
+/// I/O errors other than a short read, or an error returned by `f`.
+pub fn scan<E: From<io::Error>>(
+    file: &dyn VFile,
+    mut offset: u64,
+    mut f: impl FnMut(RawRecord) -> Result<(), E>,
+) -> Result<Scan, E> {
+    let file_len = file.len()?;
+    loop {
+        if offset == file_len {
+            return Ok(Scan {
+                valid_end: offset,
+                file_len,
+                stopped: None,
+            });
+        }
+        match read_record(file, offset) {
+            Ok(rec) => {
+                let next = offset + rec.header.total_len();
+                f(rec)?;
+                offset = next;
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::UnexpectedEof
+                    || e.kind() == io::ErrorKind::InvalidData =>
+            {
+                return Ok(Scan {
+                    valid_end: offset,
+                    file_len,
+                    stopped: Some(e.to_string()),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The newest segment, open for appending.
+#[derive(Debug)]
+pub struct ActiveSegment {
+    pub number: u32,
+    pub file: Box<dyn VFile>,
+    /// Bytes in the file that belong to it (everything before is valid).
+    pub len: u64,
+}
+
+/// The writer's view of the log.
+#[derive(Debug)]
+pub struct Log {
+    vfs: Arc<dyn Vfs>,
+    dir: PathBuf,
+    epoch: [u8; 16],
+    pub active: ActiveSegment,
+    /// A segment was created since the last sync: the directory needs a sync too.
+    dir_dirty: bool,
+}
+
+impl Log {
+    pub fn new(vfs: Arc<dyn Vfs>, dir: PathBuf, epoch: [u8; 16], active: ActiveSegment) -> Self {
+        Self {
+            vfs,
+            dir,
+            epoch,
+            active,
+            dir_dirty: false,
+        }
+    }
+
+    /// Creates segment `number` with its header, synced, and its name made durable.
+    ///
+    /// # Errors
+    /// Any I/O error; the half-created file is left for recovery to judge.
+    pub fn create_segment(
+        vfs: &dyn Vfs,
+        dir: &Path,
+        number: u32,
+        epoch: [u8; 16],
+    ) -> io::Result<ActiveSegment> {
+        let path = segment_path(dir, number);
+        let file = vfs.create_new(&path)?;
+        let header = SegmentHeader {
+            number,
+            epoch,
+            created_us: chrono::Utc::now().timestamp_micros(),
+        };
+        file.write_all_at(&header.encode(), 0)?;
+        file.sync_data()?;
+        vfs.sync_dir(dir)?;
+        Ok(ActiveSegment {
+            number,
+            file,
+            len: SEGMENT_HEADER_LEN,
+        })
+    }
+
+    /// Seals the active segment and starts the next one.
+    ///
+    /// # Errors
+    /// Creating the new segment failed.
+    pub fn rotate(&mut self) -> io::Result<()> {
+        let next = Self::create_segment(&*self.vfs, &self.dir, self.active.number + 1, self.epoch)?;
+        self.active = next;
+        self.dir_dirty = false;
+        Ok(())
+    }
+
+    /// Writes `bytes` at the end of the active segment. Not durable until [`Log::sync`].
+    ///
+    /// # Errors
+    /// The write failed (ENOSPC among others); the caller rolls back with [`Log::truncate`].
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<u64> {
+        let at = self.active.len;
+        self.active.file.write_all_at(bytes, at)?;
+        self.active.len += bytes.len() as u64;
+        Ok(at)
+    }
+
+    /// Cuts the active segment back to `len` (undoing a failed batch).
+    ///
+    /// # Errors
+    /// The truncate failed.
+    pub fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.active.len = len;
+        self.active.file.set_len(len)
+    }
+
+    /// fdatasync of the active segment (and its directory, if it is new).
+    ///
+    /// # Errors
+    /// The sync failed: the store must stop writing and reopen (the kernel may have
+    /// dropped the dirty pages, so retrying in place proves nothing).
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.active.file.sync_data()?;
+        if self.dir_dirty {
+            self.vfs.sync_dir(&self.dir)?;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+}

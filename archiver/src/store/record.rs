@@ -1,0 +1,233 @@
+//! The log's byte layout: segment headers and records (docs/store-format.md).
+//!
+//! All integers little-endian. A record is
+//!
+//! ```text
+//! 0   magic      b"CREC"
+//! 4   kind       u8    1 = message blob, 2 = arrival
+//! 5   flags      u8    bit 0: the message could not be parsed for the index
+//! 6   codec      u8    0 = stored, 1 = zstd frame
+//! 7   reserved   u8    0
+//! 8   dict_id    u32   zstd dictionary id, 0 = none
+//! 12  key_id     u32   encryption key id, 0 = not encrypted
+//! 16  stored_len u32   bytes of payload as stored
+//! 20  raw_len    u32   bytes of payload once decoded
+//! 24  message    [32]  the message id this record belongs to
+//! 56  payload    stored_len bytes
+//! ..  crc        u32   CRC-32C of everything before it
+//! ```
+
+use crate::ids::MessageId;
+
+pub const SEGMENT_MAGIC: &[u8; 8] = b"COFFSEG\0";
+pub const RECORD_MAGIC: &[u8; 4] = b"CREC";
+/// Format version of segments and index. Checked on open.
+pub const FORMAT_VERSION: u32 = 1;
+pub const SEGMENT_HEADER_LEN: u64 = 64;
+pub const RECORD_HEADER_LEN: usize = 56;
+pub const RECORD_TRAILER_LEN: usize = 4;
+/// No record payload is larger than this (a guard against reading garbage lengths).
+pub const MAX_PAYLOAD: u32 = 1 << 30;
+
+pub const KIND_MESSAGE: u8 = 1;
+pub const KIND_ARRIVAL: u8 = 2;
+
+pub const CODEC_STORED: u8 = 0;
+pub const CODEC_ZSTD: u8 = 1;
+
+pub const FLAG_UNPARSED: u8 = 1;
+
+/// The first 64 bytes of every segment file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub number: u32,
+    pub epoch: [u8; 16],
+    pub created_us: i64,
+}
+
+impl SegmentHeader {
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN as usize] {
+        let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+        b[0..8].copy_from_slice(SEGMENT_MAGIC);
+        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.number.to_le_bytes());
+        b[16..32].copy_from_slice(&self.epoch);
+        b[32..40].copy_from_slice(&self.created_us.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// # Errors
+    /// A description of what is wrong with the header.
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() < SEGMENT_HEADER_LEN as usize {
+            return Err("segment header is short".into());
+        }
+        if &b[0..8] != SEGMENT_MAGIC {
+            return Err("not a Coffer segment (bad magic)".into());
+        }
+        let crc = u32::from_le_bytes(b[60..64].try_into().unwrap());
+        if crc != crc32c::crc32c(&b[..60]) {
+            return Err("segment header checksum mismatch".into());
+        }
+        let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
+        if version != FORMAT_VERSION {
+            return Err(format!(
+                "segment format version {version}, this build reads {FORMAT_VERSION}"
+            ));
+        }
+        Ok(Self {
+            number: u32::from_le_bytes(b[12..16].try_into().unwrap()),
+            epoch: b[16..32].try_into().unwrap(),
+            created_us: i64::from_le_bytes(b[32..40].try_into().unwrap()),
+        })
+    }
+}
+
+/// A record's fixed header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub kind: u8,
+    pub flags: u8,
+    pub codec: u8,
+    pub dict_id: u32,
+    pub key_id: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub message: MessageId,
+}
+
+impl RecordHeader {
+    /// Total bytes of the record on disk.
+    pub fn total_len(&self) -> u64 {
+        (RECORD_HEADER_LEN + RECORD_TRAILER_LEN) as u64 + u64::from(self.stored_len)
+    }
+
+    /// Parses the fixed header. Does not check the CRC (that needs the payload).
+    ///
+    /// # Errors
+    /// Why the bytes are not a record header.
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() < RECORD_HEADER_LEN {
+            return Err("short record header".into());
+        }
+        if &b[0..4] != RECORD_MAGIC {
+            return Err("bad record magic".into());
+        }
+        let h = Self {
+            kind: b[4],
+            flags: b[5],
+            codec: b[6],
+            dict_id: u32::from_le_bytes(b[8..12].try_into().unwrap()),
+            key_id: u32::from_le_bytes(b[12..16].try_into().unwrap()),
+            stored_len: u32::from_le_bytes(b[16..20].try_into().unwrap()),
+            raw_len: u32::from_le_bytes(b[20..24].try_into().unwrap()),
+            message: MessageId(b[24..56].try_into().unwrap()),
+        };
+        if !matches!(h.kind, KIND_MESSAGE | KIND_ARRIVAL) {
+            return Err(format!("unknown record kind {}", h.kind));
+        }
+        if h.stored_len > MAX_PAYLOAD || h.raw_len > MAX_PAYLOAD {
+            return Err("record length out of range".into());
+        }
+        Ok(h)
+    }
+}
+
+/// Appends one complete record (header, payload, CRC) to `out`.
+pub fn encode_record(out: &mut Vec<u8>, h: &RecordHeader, payload: &[u8]) {
+    debug_assert_eq!(payload.len(), h.stored_len as usize);
+    let start = out.len();
+    out.extend_from_slice(RECORD_MAGIC);
+    out.extend_from_slice(&[h.kind, h.flags, h.codec, 0]);
+    out.extend_from_slice(&h.dict_id.to_le_bytes());
+    out.extend_from_slice(&h.key_id.to_le_bytes());
+    out.extend_from_slice(&h.stored_len.to_le_bytes());
+    out.extend_from_slice(&h.raw_len.to_le_bytes());
+    out.extend_from_slice(&h.message.0);
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Checks a whole record's CRC; `record` is header + payload + trailer.
+pub fn check_crc(record: &[u8]) -> bool {
+    let (body, trailer) = record.split_at(record.len() - RECORD_TRAILER_LEN);
+    u32::from_le_bytes(trailer.try_into().unwrap()) == crc32c::crc32c(body)
+}
+
+/// Decodes a message payload into the archived bytes.
+///
+/// # Errors
+/// Unknown codec, encryption, or a payload that does not decode to `raw_len` bytes.
+pub fn decode_payload(h: &RecordHeader, payload: &[u8]) -> Result<Vec<u8>, String> {
+    if h.key_id != 0 {
+        return Err(format!(
+            "record is encrypted with key {}; no key store yet",
+            h.key_id
+        ));
+    }
+    if h.dict_id != 0 {
+        return Err(format!(
+            "record needs zstd dictionary {}; none loaded",
+            h.dict_id
+        ));
+    }
+    let raw = match h.codec {
+        CODEC_STORED => payload.to_vec(),
+        CODEC_ZSTD => {
+            zstd::bulk::decompress(payload, h.raw_len as usize).map_err(|e| format!("zstd: {e}"))?
+        }
+        c => return Err(format!("unknown codec {c}")),
+    };
+    if raw.len() != h.raw_len as usize {
+        return Err(format!(
+            "decoded {} bytes, header says {}",
+            raw.len(),
+            h.raw_len
+        ));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_and_crc() {
+        let id = MessageId::of(b"x");
+        let h = RecordHeader {
+            kind: KIND_MESSAGE,
+            flags: 0,
+            codec: CODEC_STORED,
+            dict_id: 0,
+            key_id: 0,
+            stored_len: 3,
+            raw_len: 3,
+            message: id,
+        };
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &h, b"abc");
+        assert_eq!(buf.len() as u64, h.total_len());
+        assert_eq!(RecordHeader::decode(&buf).unwrap(), h);
+        assert!(check_crc(&buf));
+        buf[57] ^= 1;
+        assert!(!check_crc(&buf));
+    }
+
+    #[test]
+    fn segment_header_round_trip() {
+        let h = SegmentHeader {
+            number: 7,
+            epoch: [9; 16],
+            created_us: 123,
+        };
+        let b = h.encode();
+        assert_eq!(SegmentHeader::decode(&b).unwrap(), h);
+        let mut bad = b;
+        bad[20] ^= 1;
+        assert!(SegmentHeader::decode(&bad).is_err());
+    }
+}

@@ -1,0 +1,371 @@
+//! Store unit tests on the real filesystem (tempdir) and on the fault layer.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::fault::FaultVfs;
+use super::*;
+use crate::envelope::{Envelope, SessionInfo};
+
+fn opts(dir: &Path) -> StoreOptions {
+    StoreOptions {
+        data_dir: dir.to_owned(),
+        node: "node-a".into(),
+        segment_size: 64 << 20,
+        max_pending: 256 << 20,
+        min_free_disk: 0,
+    }
+}
+
+fn msg(bytes: &[u8], from: &str, to: &[&str]) -> Incoming {
+    Incoming {
+        bytes: bytes.to_vec(),
+        envelope: Envelope {
+            mail_from: from.into(),
+            mail_params: vec![],
+            rcpt_to: to.iter().map(|s| (*s).to_owned()).collect(),
+        },
+        session: SessionInfo {
+            listener: "journal".into(),
+            protocol: "ESMTP".into(),
+            client_addr: Some("127.0.0.1:1234".into()),
+            helo: Some("client".into()),
+            queue_id: None,
+        },
+    }
+}
+
+const M1: &[u8] = b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: Quarterly numbers\r\nMessage-ID: <m1@example.org>\r\n\r\nHello Bob.\r\n";
+
+#[test]
+fn ingest_then_read_back_exact_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(opts(dir.path())).unwrap();
+    let h = store.handle();
+    let big: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("line {i}\r\n").into_bytes())
+        .collect();
+    let r1 = h
+        .ingest_blocking(msg(M1, "alice@example.org", &["bob@example.net"]))
+        .unwrap();
+    let r2 = h.ingest_blocking(msg(&big, "x@y", &["z@w"])).unwrap();
+    assert!(!r1.repeat && !r2.repeat);
+    assert_eq!(r1.arrival_id.node, "node-a");
+    assert_eq!(r1.arrival_id.seq + 1, r2.arrival_id.seq);
+    drop(h);
+    store.close();
+
+    let reader = StoreReader::open(dir.path()).unwrap();
+    assert!(!reader.daemon_running());
+    assert_eq!(reader.read_message(&r1.message_id).unwrap(), M1);
+    assert_eq!(reader.read_message(&r2.message_id).unwrap(), big);
+    let st = reader.status().unwrap();
+    assert_eq!((st.messages, st.arrivals, st.repeats), (2, 2, 0));
+    assert!(st.stored_bytes < st.raw_bytes, "the big message compresses");
+    let prefix = &r1.message_id.to_hex()[..10];
+    assert_eq!(reader.resolve(prefix).unwrap(), r1.message_id);
+    assert!(matches!(
+        reader.resolve("0000000000"),
+        Err(LookupError::NotFound(_))
+    ));
+    assert!(matches!(
+        reader.resolve("xyz"),
+        Err(LookupError::BadPrefix(_))
+    ));
+    let report = reader.verify(true, &mut |_, _| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.messages_checked, 2);
+}
+
+#[test]
+fn retry_is_a_repeat_new_envelope_is_a_new_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(opts(dir.path())).unwrap();
+    let h = store.handle();
+    let a = h
+        .ingest_blocking(msg(M1, "alice@example.org", &["bob@example.net"]))
+        .unwrap();
+    let b = h
+        .ingest_blocking(msg(M1, "alice@example.org", &["bob@example.net"]))
+        .unwrap();
+    assert!(b.repeat);
+    assert_eq!(a.arrival_id, b.arrival_id);
+    let c = h
+        .ingest_blocking(msg(M1, "alice@example.org", &["carol@example.net"]))
+        .unwrap();
+    assert!(!c.repeat);
+    assert_ne!(a.arrival_id, c.arrival_id);
+    // Same Message-ID header, different bytes: a different message, kept.
+    let other = [M1, b"PS.\r\n"].concat();
+    let d = h
+        .ingest_blocking(msg(&other, "alice@example.org", &["bob@example.net"]))
+        .unwrap();
+    assert_ne!(d.message_id, a.message_id);
+    drop(h);
+    store.close();
+    let reader = StoreReader::open(dir.path()).unwrap();
+    let st = reader.status().unwrap();
+    assert_eq!((st.messages, st.arrivals, st.repeats), (2, 3, 1));
+    let arrivals = reader.arrivals(&a.message_id).unwrap();
+    assert_eq!(arrivals.len(), 2);
+    let found = reader
+        .search(&Query {
+            message_id: Some("<m1@example.org>".into()),
+            ..Query::default()
+        })
+        .unwrap();
+    assert_eq!(found.len(), 2);
+}
+
+#[test]
+fn search_by_address_domain_subject_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(opts(dir.path())).unwrap();
+    let h = store.handle();
+    let a = h
+        .ingest_blocking(msg(M1, "alice@example.org", &["bob@example.net"]))
+        .unwrap();
+    let m2 = b"From: carol@other.org\r\nTo: dave@example.net\r\nCc: Erin <erin@cc.example>\r\nSubject: lunch\r\n\r\nx\r\n";
+    let b = h
+        .ingest_blocking(msg(m2, "bounce@other.org", &["hidden@bcc.example"]))
+        .unwrap();
+    drop(h);
+    store.close();
+    let r = StoreReader::open(dir.path()).unwrap();
+    let ids =
+        |q: Query| -> Vec<String> { r.search(&q).unwrap().into_iter().map(|m| m.id).collect() };
+    let (ah, bh) = (a.message_id.to_hex(), b.message_id.to_hex());
+    assert_eq!(
+        ids(Query {
+            from: Some("ALICE@example.org".into()),
+            ..Query::default()
+        }),
+        vec![ah.clone()]
+    );
+    assert_eq!(
+        ids(Query {
+            to: Some("@example.net".into()),
+            ..Query::default()
+        })
+        .len(),
+        2
+    );
+    assert_eq!(
+        ids(Query {
+            to: Some("erin@cc.example".into()),
+            ..Query::default()
+        }),
+        vec![bh.clone()]
+    );
+    assert_eq!(
+        ids(Query {
+            to: Some("hidden@bcc.example".into()),
+            ..Query::default()
+        }),
+        vec![bh.clone()]
+    );
+    assert_eq!(
+        ids(Query {
+            subject: Some("QUARTERLY".into()),
+            ..Query::default()
+        }),
+        vec![ah.clone()]
+    );
+    assert_eq!(
+        ids(Query::default()),
+        vec![bh.clone(), ah.clone()],
+        "newest first"
+    );
+    assert_eq!(
+        ids(Query {
+            limit: 1,
+            ..Query::default()
+        }),
+        vec![bh]
+    );
+    assert!(ids(Query {
+        since_us: Some(i64::MAX - 1),
+        ..Query::default()
+    })
+    .is_empty());
+}
+
+#[test]
+fn torn_tail_is_truncated_and_acknowledged_mail_survives() {
+    let vfs = FaultVfs::new();
+    let dir = Path::new("/store");
+    let store = Store::open_with(Arc::new(vfs.clone()), opts(dir)).unwrap();
+    let h = store.handle();
+    let a = h.ingest_blocking(msg(M1, "a@x", &["b@y"])).unwrap();
+    // The next batch dies at its first sync: its bytes may be torn on disk.
+    vfs.crash_at_sync(1);
+    assert!(h
+        .ingest_blocking(msg(b"Subject: lost\r\n\r\nx\r\n", "a@x", &["b@y"]))
+        .is_err());
+    drop(h);
+    store.close();
+    vfs.power_loss(12345);
+    let reader = StoreReader::open_with(Arc::new(vfs.clone()), dir).unwrap();
+    assert_eq!(reader.read_message(&a.message_id).unwrap(), M1);
+    assert_eq!(reader.status().unwrap().arrivals, 1);
+    assert!(reader
+        .verify(true, &mut |_, _| {})
+        .unwrap()
+        .problems
+        .is_empty());
+}
+
+#[test]
+fn enospc_rolls_back_and_ingest_resumes() {
+    let vfs = FaultVfs::new();
+    let dir = Path::new("/store");
+    let store = Store::open_with(Arc::new(vfs.clone()), opts(dir)).unwrap();
+    let h = store.handle();
+    vfs.set_enospc(true);
+    let err = h.ingest_blocking(msg(M1, "a@x", &["b@y"])).unwrap_err();
+    assert!(matches!(err, IngestError::DiskFull), "{err}");
+    vfs.set_enospc(false);
+    // The idle writer re-measures free disk and lifts the refusal by itself.
+    let mut ok = None;
+    for _ in 0..50 {
+        match h.ingest_blocking(msg(M1, "a@x", &["b@y"])) {
+            Ok(r) => {
+                ok = Some(r);
+                break;
+            }
+            Err(IngestError::DiskFull) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let r = ok.expect("ingest resumed once space returned");
+    assert!(!r.repeat);
+}
+
+#[test]
+fn sync_failure_poisons_then_the_store_reopens_itself() {
+    let vfs = FaultVfs::new();
+    let dir = Path::new("/store");
+    let store = Store::open_with(Arc::new(vfs.clone()), opts(dir)).unwrap();
+    let h = store.handle();
+    let a = h.ingest_blocking(msg(M1, "a@x", &["b@y"])).unwrap();
+    vfs.set_sync_eio(true);
+    assert!(matches!(
+        h.ingest_blocking(msg(b"x\r\n", "a@x", &["b@y"])),
+        Err(IngestError::Unavailable(_))
+    ));
+    vfs.set_sync_eio(false);
+    let mut last = None;
+    for _ in 0..50 {
+        match h.ingest_blocking(msg(b"y\r\n", "a@x", &["b@y"])) {
+            Ok(r) => {
+                last = Some(r);
+                break;
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+    assert!(last.is_some(), "the writer reopened the store");
+    drop(h);
+    store.close();
+    let reader = StoreReader::open_with(Arc::new(vfs), dir).unwrap();
+    assert_eq!(reader.read_message(&a.message_id).unwrap(), M1);
+}
+
+#[test]
+fn max_pending_refuses_with_busy_but_always_admits_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.max_pending = 10;
+    let store = Store::open(o).unwrap();
+    let h = store.handle();
+    // One message bigger than the budget is admitted when nothing else is pending.
+    h.ingest_blocking(msg(M1, "a@x", &["b@y"])).unwrap();
+    let g = h.admit(5).unwrap();
+    assert!(matches!(h.admit(6), Err(IngestError::Busy)));
+    drop(g);
+    assert!(h.admit(6).is_ok());
+}
+
+#[test]
+fn second_writer_is_refused_and_reader_follows_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(opts(dir.path())).unwrap();
+    assert!(matches!(
+        Store::open(opts(dir.path())),
+        Err(StoreError::DaemonRunning(_))
+    ));
+    let h = store.handle();
+    let a = h.ingest_blocking(msg(M1, "a@x", &["b@y"])).unwrap();
+    let reader = StoreReader::open(dir.path()).unwrap();
+    assert!(reader.daemon_running());
+    assert_eq!(reader.read_message(&a.message_id).unwrap(), M1);
+    let b = h
+        .ingest_blocking(msg(b"Subject: later\r\n\r\n.\r\n", "a@x", &["b@y"]))
+        .unwrap();
+    assert_eq!(
+        reader.read_message(&b.message_id).unwrap(),
+        b"Subject: later\r\n\r\n.\r\n"
+    );
+    assert_eq!(reader.status().unwrap().arrivals, 2);
+}
+
+#[test]
+fn segments_rotate_and_reopen_keeps_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.segment_size = 4096;
+    let mut ids = Vec::new();
+    {
+        let store = Store::open(o.clone()).unwrap();
+        let h = store.handle();
+        for i in 0..30 {
+            let body = format!("Subject: {i}\r\n\r\n{}\r\n", "x".repeat(500 + i));
+            ids.push(
+                h.ingest_blocking(msg(body.as_bytes(), "a@x", &["b@y"]))
+                    .unwrap(),
+            );
+        }
+    }
+    let segs = log::list_segments(&io::RealVfs, &dir.path().join("log")).unwrap();
+    assert!(segs.len() > 3, "{segs:?}");
+    let store = Store::open(o).unwrap();
+    let next = store
+        .handle()
+        .ingest_blocking(msg(b"z\r\n", "a@x", &["b@y"]))
+        .unwrap();
+    assert_eq!(next.arrival_id.seq, ids.last().unwrap().arrival_id.seq + 1);
+    store.close();
+    let reader = StoreReader::open(dir.path()).unwrap();
+    for r in &ids {
+        reader.read_message(&r.message_id).unwrap();
+    }
+    assert!(reader
+        .verify(true, &mut |_, _| {})
+        .unwrap()
+        .problems
+        .is_empty());
+}
+
+#[test]
+fn index_lost_is_rebuilt_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let a;
+    {
+        let store = Store::open(opts(dir.path())).unwrap();
+        a = store
+            .handle()
+            .ingest_blocking(msg(M1, "a@x", &["b@y"]))
+            .unwrap();
+    }
+    std::fs::remove_file(dir.path().join("index.redb")).unwrap();
+    let store = Store::open(opts(dir.path())).unwrap();
+    let again = store
+        .handle()
+        .ingest_blocking(msg(M1, "a@x", &["b@y"]))
+        .unwrap();
+    assert!(again.repeat, "arrival keys were rebuilt from the log");
+    assert_eq!(again.arrival_id, a.arrival_id);
+    store.close();
+    let reader = StoreReader::open(dir.path()).unwrap();
+    assert_eq!(reader.status().unwrap().arrivals, 1);
+}
