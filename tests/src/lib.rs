@@ -71,19 +71,19 @@ pub fn wait_until<T>(
 
 /// Path of a binary built from this workspace (`cofferd`, `coffer`, `coffer-milter`).
 ///
-/// Looked up, in order: `$COFFER_BIN_DIR`; the profile directory this test binary was
-/// built into (`<target>/<profile>/deps/<test>` → `<target>/<profile>`). When the
-/// binary is missing there, the workspace binaries are built once with `cargo build`
-/// (so a plain `cargo test` works); `COFFER_E2E_NO_BUILD=1` turns that off.
+/// With `$COFFER_BIN_DIR` set, the binary is taken from there as is. Otherwise it is the
+/// one in the profile directory this test binary was built into (`<target>/<profile>/deps/
+/// <test>` → `<target>/<profile>`), brought up to date first by one `cargo build --bins`
+/// per test process (a no-op when nothing changed), so a plain `cargo test` never runs
+/// stale binaries. `COFFER_E2E_NO_BUILD=1` skips that build.
 ///
 /// # Panics
 /// The binary cannot be found or built.
 pub fn bin(name: &str) -> PathBuf {
-    let dir = bin_dir();
-    let path = dir.join(name);
-    if !path.is_file() {
+    if std::env::var_os("COFFER_BIN_DIR").is_none() {
         build_binaries_once();
     }
+    let path = bin_dir().join(name);
     assert!(
         path.is_file(),
         "{} not found; build the workspace first (`cargo build --workspace`) or set COFFER_BIN_DIR",
@@ -114,14 +114,8 @@ fn build_binaries_once() {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let dir = bin_dir();
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--bins",
-            "-p",
-            "coffer-archiver",
-            "-p",
-            "coffer-milter",
-        ]);
+        cmd.args(["build", "--quiet", "--locked", "--bins"]);
+        cmd.args(["-p", "coffer-archiver", "-p", "coffer-milter"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -129,10 +123,6 @@ fn build_binaries_once() {
             cmd.env("CARGO_TARGET_DIR", target);
         }
         cmd.current_dir(workspace_root());
-        eprintln!(
-            "e2e: binaries missing in {}; running {cmd:?}",
-            dir.display()
-        );
         let status = cmd.status().expect("run cargo build");
         assert!(
             status.success(),

@@ -36,6 +36,8 @@ struct Sent {
     to: Vec<String>,
     /// The message id from the 250, if one came.
     acked: Option<String>,
+    /// Transactions started for this message (more than 1: resent after a failure).
+    attempts: usize,
 }
 
 fn message(thread: usize, n: usize, rng: &mut impl Rng) -> Vec<u8> {
@@ -79,6 +81,7 @@ fn client(
         let to_refs: Vec<&str> = to.iter().map(String::as_str).collect();
         let bytes = message(thread, n, &mut rng);
         let mut result = None;
+        let mut attempts = 0;
         for _ in 0..ATTEMPTS_PER_MESSAGE {
             if Instant::now() >= end {
                 break;
@@ -92,6 +95,7 @@ fn client(
                 .ok();
             }
             let Some(c) = session.as_mut() else { continue };
+            attempts += 1;
             match c.send(&from, &to_refs, &bytes) {
                 Ok(acc) => {
                     result = Some(acc.message_id);
@@ -112,6 +116,7 @@ fn client(
             from,
             to,
             acked: result,
+            attempts,
         });
     }
     if let Some(c) = session {
@@ -200,8 +205,9 @@ fn acknowledged_mail_survives_kill9() {
         .collect();
 
     let acked_msgs: Vec<&Sent> = sent.iter().filter(|s| s.acked.is_some()).collect();
+    let resent = sent.iter().filter(|s| s.attempts > 1).count();
     eprintln!(
-        "kill9: {} sent, {} acknowledged, {kills_done} kills",
+        "kill9: {} sent, {} acknowledged, {resent} resent after a failure, {kills_done} kills",
         sent.len(),
         acked_msgs.len()
     );
