@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod ids;
+pub mod journal;
 pub mod logging;
 pub mod server;
 pub mod smtp;
