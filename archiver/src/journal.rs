@@ -461,7 +461,7 @@ impl<'a> PartSpans<'a> {
         }
     }
 
-    /// Is the line `[start, end)` a delimiter? `Some(true)` for the close delimiter.
+    /// Is `line` (without its line break) a delimiter? `Some(true)` for the close delimiter.
     fn delimiter(&self, line: &[u8]) -> Option<bool> {
         let rest = line.strip_prefix(b"--")?.strip_prefix(self.boundary)?;
         if rest.starts_with(b"--") {
