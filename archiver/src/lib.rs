@@ -17,6 +17,7 @@ pub mod config;
 pub mod console;
 pub mod envelope;
 pub mod ids;
+pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod server;
