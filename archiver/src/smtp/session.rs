@@ -4,8 +4,17 @@
 //! Replies to pipelined commands are buffered and flushed whenever the session is about
 //! to wait: for input, or for the store.
 //!
-//! The 250 after DATA is written only once [`Sink::ingest`] has returned `Ok`: the
-//! message is durable by then (design.md §2.1).
+//! The 250 after DATA (or `BDAT ... LAST`) is written only once [`Sink::ingest`] has
+//! returned `Ok`: the message is durable by then (design.md §2.1). LMTP answers once per
+//! accepted recipient, all after that one ingest.
+//!
+//! # Extensions (docs/interfaces.md "Wire extensions", "SMTP/LMTP extensions in detail")
+//! - CHUNKING and BINARYMIME everywhere: `BDAT` chunks are read exactly, appended, and
+//!   `LAST` delivers. BDAT and DATA do not mix in one transaction; `BODY=BINARYMIME`
+//!   needs BDAT.
+//! - XCOFFER only where [`SessionConfig::trust_xcoffer`] is set: advertised as
+//!   `XCOFFER NODE EPOCH` (from [`Sink::node`] and [`Sink::epoch`]), MAIL lines up to
+//!   16 KiB, and the decoded value kept with the arrival. Elsewhere it is refused with 555.
 
 use std::io;
 use std::sync::Arc;
@@ -14,7 +23,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::codec::{Codec, Command, CommandError, Event, Limits, MailFrom, RcptTo};
+use coffer_proto::Xcoffer;
+
+use super::codec::{
+    Codec, Command, CommandError, Event, Limits, MailFrom, RcptTo, MAX_LINE, MAX_XCOFFER_MAIL_LINE,
+};
 use super::Sink;
 use crate::config::{ListenerConfig, Protocol};
 use crate::envelope::{Envelope, SessionInfo};
@@ -46,6 +59,10 @@ pub struct SessionConfig {
     pub max_recipients: usize,
     /// How long to wait for the client (to send, or to read our replies).
     pub idle_timeout: Duration,
+    /// Advertise XCOFFER, accept `XCOFFER=` on MAIL (and MAIL lines up to 16 KiB). Only for
+    /// the milter's LMTP socket and HA listeners: an XCOFFER client can set arrival ids
+    /// and traces.
+    pub trust_xcoffer: bool,
 }
 
 impl SessionConfig {
@@ -57,6 +74,19 @@ impl SessionConfig {
             max_message_size: config.max_message_size,
             max_recipients: config.max_recipients,
             idle_timeout: config.idle_timeout,
+            trust_xcoffer: config.trust_xcoffer,
+        }
+    }
+
+    /// The codec's line caps: MAIL lines may carry XCOFFER where it is trusted.
+    fn limits(&self) -> Limits {
+        Limits {
+            max_line: MAX_LINE,
+            max_mail_line: if self.trust_xcoffer {
+                MAX_XCOFFER_MAIL_LINE
+            } else {
+                MAX_LINE
+            },
         }
     }
 }
@@ -85,7 +115,7 @@ where
 {
     let mut session = Session {
         io: stream,
-        codec: Codec::new(Limits::default()),
+        codec: Codec::new(config.limits()),
         config,
         client_addr,
         sink,
@@ -93,6 +123,7 @@ where
         helo: None,
         protocol: None,
         tx: None,
+        chunk: None,
         bad_commands: 0,
     };
     session.run(shutdown).await
@@ -117,9 +148,37 @@ struct Session<S> {
     helo: Option<String>,
     /// `SMTP`, `ESMTP` or `LMTP`, as negotiated by the greeting command.
     protocol: Option<&'static str>,
-    /// The open transaction, from MAIL to the end of DATA.
-    tx: Option<Envelope>,
+    /// The open transaction, from MAIL to the end of DATA (or BDAT LAST).
+    tx: Option<Transaction>,
+    /// What to do with the BDAT chunk the codec is reading.
+    chunk: Option<ChunkPlan>,
     bad_commands: u32,
+}
+
+/// One mail transaction, from MAIL on.
+struct Transaction {
+    envelope: Envelope,
+    /// The decoded `XCOFFER=` value (trusted listeners only).
+    xcoffer: Option<Xcoffer>,
+    /// `BODY=BINARYMIME` was declared: the content may only come by BDAT.
+    binarymime: bool,
+    /// The content received by BDAT so far; `None` until the first chunk (and while the
+    /// codec holds it to append a chunk).
+    chunks: Option<Vec<u8>>,
+    /// Whether a BDAT chunk was taken: DATA is then out of sequence.
+    chunking: bool,
+}
+
+/// What happens to a BDAT chunk once the codec has read it.
+#[derive(Debug)]
+enum ChunkPlan {
+    /// Appended to the transaction (the codec appends it); `last` delivers the message.
+    Append { size: u64, last: bool },
+    /// Dropped, then refused with this reply (a sequence error).
+    Refuse(&'static str),
+    /// Dropped: the message would be `total` bytes, over the limit. 552, and the
+    /// transaction ends.
+    TooBig { total: u64, last: bool },
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -143,6 +202,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Event::Command(cmd) => self.command(cmd),
                     Event::Message(bytes) => self.deliver(bytes).await?,
                     Event::TooBig { size } => self.too_big(size),
+                    Event::Chunk(bytes) => self.chunk_read(bytes).await?,
                 };
                 if flow == Flow::Close {
                     return self.flush().await;
@@ -162,7 +222,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if n == 0 {
                         if in_data {
                             tracing::info!(listener = %self.config.listener,
-                                client = %self.client_addr, "client closed during DATA");
+                                client = %self.client_addr,
+                                "client closed during message content; nothing stored");
                         }
                         return Ok(());
                     }
@@ -245,6 +306,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     CommandError::UnsupportedParam(p) => {
                         format!("555 5.5.4 Unsupported parameter {p}")
                     }
+                    CommandError::BadBdat => {
+                        // The chunk's length is unknown: whatever follows cannot be told
+                        // from commands, so the session ends here.
+                        tracing::info!(listener = %self.config.listener,
+                            client = %self.client_addr, "BDAT without a readable size");
+                        self.tx = None;
+                        self.reply("501 5.5.4 Syntax: BDAT chunk-size [LAST]");
+                        let line = format!(
+                            "421 4.7.0 {} closing: lost track of BDAT",
+                            self.config.hostname
+                        );
+                        self.reply(&line);
+                        return Flow::Close;
+                    }
                 };
                 return self.bad(&line);
             }
@@ -269,7 +344,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Mail(mail) => self.mail(mail),
             Command::Rcpt(rcpt) => self.rcpt(rcpt),
             Command::Data => self.data(),
-            Command::Bdat { .. } => self.bad("502 5.5.1 BDAT not offered here"),
+            Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
                 self.tx = None;
                 self.reply("250 2.0.0 Ok");
@@ -305,17 +380,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.tx = None;
     }
 
-    /// The EHLO/LHLO capability list. CHUNKING, BINARYMIME and XCOFFER join it here
-    /// once they are served.
+    /// The EHLO/LHLO capability list; XCOFFER only where it is trusted.
     fn ehlo_reply(&mut self) {
         let size = format!("SIZE {}", self.config.max_message_size);
-        let caps = [
-            "PIPELINING",
-            size.as_str(),
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
+        let mut caps = vec![
+            "PIPELINING".to_owned(),
+            size,
+            "8BITMIME".to_owned(),
+            "BINARYMIME".to_owned(),
+            "CHUNKING".to_owned(),
+            "SMTPUTF8".to_owned(),
+            "ENHANCEDSTATUSCODES".to_owned(),
         ];
+        if self.config.trust_xcoffer {
+            caps.push(format!(
+                "XCOFFER {} {}",
+                self.sink.node(),
+                self.sink.epoch()
+            ));
+        }
         let first = format!("250-{}", self.config.hostname);
         self.reply(&first);
         for (i, cap) in caps.iter().enumerate() {
@@ -332,24 +415,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.tx.is_some() {
             return self.bad("503 5.5.1 Nested MAIL command");
         }
-        if mail.xcoffer.is_some() {
-            // Not advertised on any listener yet (docs/interfaces.md: refused with 555).
-            return self.bad("555 5.5.4 XCOFFER not allowed here");
+        if mail.xcoffer.is_some() && !self.config.trust_xcoffer {
+            // Not advertised here: nobody outside may set arrival ids or traces.
+            return self.bad("555 5.5.4 XCOFFER not accepted here");
         }
-        if self.protocol == Some("SMTP") && !mail.params.is_empty() {
+        if self.protocol == Some("SMTP") && (!mail.params.is_empty() || mail.xcoffer.is_some()) {
             return self.bad("555 5.5.4 MAIL parameters need EHLO");
         }
-        if mail.body.as_deref().is_some_and(|b| b == "BINARYMIME") {
-            return self.bad("555 5.5.4 BODY=BINARYMIME needs CHUNKING");
-        }
+        let xcoffer = match mail.xcoffer.as_deref().map(coffer_proto::decode) {
+            None => None,
+            Some(Ok(x)) => Some(x),
+            Some(Err(e)) => {
+                tracing::info!(listener = %self.config.listener, client = %self.client_addr,
+                    error = %e, "invalid XCOFFER");
+                let line = format!("501 5.5.4 Invalid XCOFFER: {}", reply_text(&e.to_string()));
+                return self.bad(&line);
+            }
+        };
         if mail.size.is_some_and(|s| s > self.config.max_message_size) {
             self.reply("552 5.3.4 Message size exceeds fixed limit");
             return Flow::Continue;
         }
-        self.tx = Some(Envelope {
-            mail_from: mail.address,
-            mail_params: mail.params,
-            rcpt_to: Vec::new(),
+        self.tx = Some(Transaction {
+            envelope: Envelope {
+                mail_from: mail.address,
+                mail_params: mail.params,
+                rcpt_to: Vec::new(),
+            },
+            xcoffer,
+            binarymime: mail.body.as_deref() == Some("BINARYMIME"),
+            chunks: None,
+            chunking: false,
         });
         self.reply("250 2.1.0 Ok");
         Flow::Continue
@@ -360,11 +456,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(tx) = self.tx.as_mut() else {
             return self.bad("503 5.5.1 Need MAIL command");
         };
-        if tx.rcpt_to.len() >= max {
+        if tx.envelope.rcpt_to.len() >= max {
             self.reply("452 4.5.3 Too many recipients");
             return Flow::Continue;
         }
-        tx.rcpt_to.push(rcpt.address);
+        tx.envelope.rcpt_to.push(rcpt.address);
         self.reply("250 2.1.5 Ok");
         Flow::Continue
     }
@@ -372,7 +468,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn data(&mut self) -> Flow {
         match &self.tx {
             None => self.bad("503 5.5.1 Need MAIL command"),
-            Some(tx) if tx.rcpt_to.is_empty() => self.bad("503 5.5.1 Need RCPT command"),
+            Some(tx) if tx.envelope.rcpt_to.is_empty() => self.bad("503 5.5.1 Need RCPT command"),
+            Some(tx) if tx.chunking => self.bad("503 5.5.1 DATA not allowed after BDAT"),
+            Some(tx) if tx.binarymime => self.bad("503 5.5.1 BODY=BINARYMIME needs BDAT, not DATA"),
             Some(_) => {
                 self.reply("354 End data with <CR><LF>.<CR><LF>");
                 self.codec.start_data(self.config.max_message_size);
@@ -393,8 +491,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// `BDAT size [LAST]`: decides what becomes of the chunk, then lets the codec read it.
+    /// Every declared byte is read, whatever the decision (RFC 3030): the reply comes
+    /// once the chunk is in ([`Session::chunk_read`]).
+    fn bdat(&mut self, size: u64, last: bool) -> Flow {
+        let max = self.config.max_message_size;
+        let (plan, into) = match self.tx.as_mut() {
+            None => (ChunkPlan::Refuse("503 5.5.1 Need MAIL command"), None),
+            Some(tx) if tx.envelope.rcpt_to.is_empty() => {
+                (ChunkPlan::Refuse("503 5.5.1 Need RCPT command"), None)
+            }
+            Some(tx) => {
+                tx.chunking = true;
+                let so_far = tx.chunks.as_ref().map_or(0, Vec::len) as u64;
+                let total = so_far.saturating_add(size);
+                if total > max {
+                    tx.chunks = None;
+                    (ChunkPlan::TooBig { total, last }, None)
+                } else {
+                    let buf = tx.chunks.take().unwrap_or_default();
+                    (ChunkPlan::Append { size, last }, Some(buf))
+                }
+            }
+        };
+        self.chunk = Some(plan);
+        self.codec.start_chunk(size, into);
+        Flow::Continue
+    }
+
+    /// A BDAT chunk has been read (`bytes` is the message so far, when it was kept).
+    async fn chunk_read(&mut self, bytes: Option<Vec<u8>>) -> io::Result<Flow> {
+        let Some(plan) = self.chunk.take() else {
+            return Ok(Flow::Continue);
+        };
+        Ok(match (plan, bytes) {
+            (ChunkPlan::Append { last: true, .. }, Some(bytes)) => self.deliver(bytes).await?,
+            (ChunkPlan::Append { size, last: false }, Some(bytes)) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.chunks = Some(bytes);
+                }
+                let line = format!("250 2.0.0 Ok: {size} octets received");
+                self.reply(&line);
+                Flow::Continue
+            }
+            (ChunkPlan::Refuse(line), _) => self.bad(line),
+            (ChunkPlan::TooBig { total, last }, _) => {
+                let recipients = self.tx.take().map_or(0, |tx| tx.envelope.rcpt_to.len());
+                tracing::info!(listener = %self.config.listener, client = %self.client_addr,
+                    size = total, max = self.config.max_message_size,
+                    "BDAT message over the size limit");
+                let line = "552 5.3.4 Message size exceeds fixed limit";
+                if last {
+                    self.reply_per_recipient(line, recipients);
+                } else {
+                    self.reply(line);
+                }
+                Flow::Continue
+            }
+            (ChunkPlan::Append { .. }, None) => unreachable!("a kept chunk comes back"),
+        })
+    }
+
     fn too_big(&mut self, size: u64) -> Flow {
-        let recipients = self.tx.take().map_or(0, |tx| tx.rcpt_to.len());
+        let recipients = self.tx.take().map_or(0, |tx| tx.envelope.rcpt_to.len());
         tracing::info!(listener = %self.config.listener, client = %self.client_addr,
             size, max = self.config.max_message_size, "message over the size limit");
         self.reply_per_recipient("552 5.3.4 Message size exceeds fixed limit", recipients);
@@ -402,20 +561,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn deliver(&mut self, bytes: Vec<u8>) -> io::Result<Flow> {
-        let Some(envelope) = self.tx.take() else {
-            // DATA is only entered with an open transaction.
+        let Some(tx) = self.tx.take() else {
+            // DATA and BDAT only deliver with an open transaction.
             return Ok(Flow::Continue);
         };
-        let recipients = envelope.rcpt_to.len();
+        let recipients = tx.envelope.rcpt_to.len();
         let incoming = Incoming {
             bytes,
-            envelope,
+            envelope: tx.envelope,
             session: SessionInfo {
                 listener: self.config.listener.clone(),
                 protocol: self.protocol.unwrap_or("SMTP").to_owned(),
                 client_addr: Some(self.client_addr.clone()),
                 helo: self.helo.clone(),
-                queue_id: None,
+                queue_id: tx.xcoffer.as_ref().and_then(|x| x.queue_id.clone()),
+                xcoffer: tx.xcoffer,
             },
         };
         // Whatever is pending (the 354 at least) goes out before we wait on the store.
@@ -448,6 +608,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply_per_recipient(&line, recipients);
         Ok(Flow::Continue)
     }
+}
+
+/// Client-supplied text made safe for a reply line: printable ASCII only, at most 200
+/// characters.
+fn reply_text(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(200)
+        .collect();
+    if s.chars().count() > 200 {
+        out.push_str("...");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -503,6 +683,14 @@ pub(crate) mod tests {
                 Ok(receipt)
             })
         }
+
+        fn node(&self) -> &str {
+            "archive-a"
+        }
+
+        fn epoch(&self) -> &str {
+            "0badf00d-1111-4222-8333-444455556666"
+        }
     }
 
     pub(crate) fn config() -> SessionConfig {
@@ -513,6 +701,7 @@ pub(crate) mod tests {
             max_message_size: 100,
             max_recipients: 3,
             idle_timeout: Duration::from_secs(10),
+            trust_xcoffer: false,
         }
     }
 
@@ -556,6 +745,7 @@ pub(crate) mod tests {
             r
         }
 
+        /// Sends `line` and CRLF, then reads one reply and checks its start.
         pub async fn cmd(&mut self, line: &str, prefix: &str) -> String {
             self.send(&format!("{line}\r\n")).await;
             self.expect(prefix).await
@@ -608,7 +798,7 @@ pub(crate) mod tests {
         assert_eq!(
             ehlo,
             "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 100\r\n250-8BITMIME\r\n\
-             250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
+             250-BINARYMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
         );
         c.cmd("MAIL FROM:<a@b.test> BODY=8BITMIME", "250 2.1.0")
             .await;
@@ -647,6 +837,7 @@ pub(crate) mod tests {
                 client_addr: Some("192.0.2.1:40000".into()),
                 helo: Some("client.test".into()),
                 queue_id: None,
+                xcoffer: None,
             }
         );
     }
@@ -694,7 +885,8 @@ pub(crate) mod tests {
             ("DATA", "503 5.5.1"),
             ("MAIL FROM:<a@b.test> FOO=1", "555 5.5.4"),
             ("MAIL FROM:<a@b.test> XCOFFER=abc", "555 5.5.4"),
-            ("MAIL FROM:<a@b.test> BODY=BINARYMIME", "555 5.5.4"),
+            ("MAIL FROM:<a@b.test> BODY=BINARYMIME", "250 2.1.0"),
+            ("RSET", "250 2.0.0"),
             ("MAIL FROM:<a@b.test> SIZE=x", "501 5.5.4"),
             ("MAIL FROM:<a@b.test> SIZE=101", "552 5.3.4"),
             ("MAIL FROM:a@b.test", "501 5.5.4"),
@@ -713,7 +905,8 @@ pub(crate) mod tests {
             ("HELP", "214 "),
             ("STARTTLS", "502 5.5.1"),
             ("EXPN list", "502 5.5.1"),
-            ("BDAT 10 LAST", "502 5.5.1"),
+            // The chunk is read (4 bytes: "xy" and the CRLF cmd() adds), then refused.
+            ("BDAT 4 LAST\r\nxy", "503 5.5.1"),
             ("WHAT", "500 5.5.1"),
             (long.as_str(), "500 5.5.6"),
             ("HELO other.test", "250 mx.test"),
@@ -887,5 +1080,382 @@ pub(crate) mod tests {
         c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
         c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
         assert_eq!(h.sink.got.lock().unwrap()[0].session.protocol, "LMTP");
+    }
+
+    fn trusted() -> SessionConfig {
+        SessionConfig {
+            trust_xcoffer: true,
+            ..config()
+        }
+    }
+
+    fn lmtp(max_recipients: usize) -> SessionConfig {
+        SessionConfig {
+            protocol: Protocol::Lmtp,
+            max_recipients,
+            ..config()
+        }
+    }
+
+    /// Started and greeted with EHLO (SMTP) or LHLO (LMTP); returns the EHLO/LHLO reply.
+    async fn hello(config: SessionConfig) -> (Harness, String) {
+        let lmtp = config.protocol == Protocol::Lmtp;
+        let mut h = start(config, Arc::default());
+        h.client.expect("220 mx.test ").await;
+        let verb = if lmtp { "LHLO" } else { "EHLO" };
+        let caps = h
+            .client
+            .cmd(&format!("{verb} client.test"), "250-mx.test")
+            .await;
+        (h, caps)
+    }
+
+    fn sample_xcoffer() -> Xcoffer {
+        Xcoffer {
+            origin_arrival: Some("archive-b/12345678/99".into()),
+            origin_time: Some("2024-05-01T12:00:00Z".into()),
+            mail_params: vec!["SIZE=5".into(), "BODY=8BITMIME".into()],
+            client_addr: Some("203.0.113.9".into()),
+            client_name: Some("mail.example.org".into()),
+            helo: Some("evil\r\nhelo".into()),
+            auth_user: Some("alice".into()),
+            queue_id: Some("4VQ3xY1z2Bz".into()),
+            trace: vec!["archive-b".into()],
+            hops: 1,
+            ..Xcoffer::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn xcoffer_on_a_trusted_listener() {
+        let (mut h, caps) = hello(trusted()).await;
+        assert!(
+            caps.ends_with(
+                "250-ENHANCEDSTATUSCODES\r\n\
+                 250 XCOFFER archive-a 0badf00d-1111-4222-8333-444455556666\r\n"
+            ),
+            "{caps}"
+        );
+        let x = sample_xcoffer();
+        let c = &mut h.client;
+        let mail = format!(
+            "MAIL FROM:<a@b.test> BODY=8BITMIME XCOFFER={} SIZE=5",
+            coffer_proto::encode(&x)
+        );
+        c.cmd(&mail, "250 2.1.0").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        c.send("hi\r\n.\r\n").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        let got = h.sink.got.lock().unwrap();
+        let s = &got[0].session;
+        assert_eq!(s.xcoffer.as_ref(), Some(&x));
+        assert_eq!(s.queue_id.as_deref(), Some("4VQ3xY1z2Bz"));
+        // What this session saw stays as it saw it.
+        assert_eq!(s.client_addr.as_deref(), Some("192.0.2.1:40000"));
+        assert_eq!(s.helo.as_deref(), Some("client.test"));
+        assert_eq!(got[0].envelope.mail_params, ["BODY=8BITMIME", "SIZE=5"]);
+    }
+
+    #[tokio::test]
+    async fn xcoffer_refused_where_not_trusted() {
+        let (mut h, caps) = hello(config()).await;
+        assert!(!caps.contains("XCOFFER"), "{caps}");
+        let c = &mut h.client;
+        let mail = format!(
+            "MAIL FROM:<a@b.test> XCOFFER={}",
+            coffer_proto::encode(&sample_xcoffer())
+        );
+        c.cmd(&mail, "555 5.5.4 XCOFFER not accepted here").await;
+        // No transaction was opened, and long MAIL lines stay refused.
+        c.cmd("RCPT TO:<c@d.test>", "503 5.5.1").await;
+        let long = format!("MAIL FROM:<a@b.test> XCOFFER={}", "A".repeat(5000));
+        c.cmd(&long, "500 5.5.6 Line too long").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 2.1.0").await;
+        // Not after HELO on a trusted listener either.
+        let mut h = start(trusted(), Arc::default());
+        h.client.expect("220 ").await;
+        h.client.cmd("HELO client.test", "250 mx.test").await;
+        h.client.cmd(&mail, "555 5.5.4").await;
+    }
+
+    #[tokio::test]
+    async fn xcoffer_mail_line_cap_is_16_kib() {
+        let (mut h, _) = hello(trusted()).await;
+        let x = Xcoffer {
+            helo: Some("h".repeat(12_000)),
+            ..Xcoffer::default()
+        };
+        let value = coffer_proto::encode(&x);
+        let line_with = |total: usize| {
+            let bare = format!("MAIL FROM:<a@b.test> XCOFFER={value}\r\n");
+            let pad = " ".repeat(total - bare.len());
+            format!("MAIL FROM:<a@b.test> {pad}XCOFFER={value}\r\n")
+        };
+        let exact = line_with(16 * 1024);
+        assert_eq!(exact.len(), 16 * 1024);
+        let c = &mut h.client;
+        c.send(&line_with(16 * 1024 + 1)).await;
+        c.expect("500 5.5.6 Line too long").await;
+        c.send(&exact).await;
+        c.expect("250 2.1.0").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send("BDAT 2 LAST\r\nok").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        assert_eq!(h.sink.got.lock().unwrap()[0].session.xcoffer, Some(x));
+    }
+
+    #[tokio::test]
+    async fn malformed_xcoffer_gets_501() {
+        use base64::Engine as _;
+        let b64 = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let (mut h, _) = hello(trusted()).await;
+        let bad = [
+            "e30=".to_owned(),
+            "not+base64".to_owned(),
+            b64("[]"),
+            b64("{\"hops\":\"1\"}"),
+            b64("{\"origin_arrival\":\"no-slashes\"}"),
+            b64("{\"trace\":[\"a b\"]}"),
+            b64("{\"helo\":\"\\u0000\"}{"),
+        ];
+        for value in &bad {
+            let line = format!("MAIL FROM:<a@b.test> XCOFFER={value}");
+            let r = h.client.cmd(&line, "501 5.5.4 Invalid XCOFFER: ").await;
+            assert!(r
+                .bytes()
+                .all(|b| b == b'\r' || b == b'\n' || b == b' ' || b.is_ascii_graphic()));
+            h.client.cmd("RCPT TO:<c@d.test>", "503 5.5.1").await;
+        }
+        h.client
+            .cmd("MAIL FROM:<a@b.test> XCOFFER=", "501 5.5.4")
+            .await;
+        h.client
+            .cmd(
+                &format!("MAIL FROM:<a@b.test> XCOFFER={}", b64("{}")),
+                "250 2.1.0",
+            )
+            .await;
+    }
+
+    #[tokio::test]
+    async fn bdat_transaction() {
+        let (mut h, _) = hello(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test> BODY=BINARYMIME", "250 2.1.0")
+            .await;
+        c.cmd("RCPT TO:<c@d.test>", "250 2.1.5").await;
+        c.send_bytes(b"BDAT 7\r\n\0\r\n.\r\n\xff").await;
+        c.expect("250 2.0.0 Ok: 7 octets received").await;
+        c.cmd("DATA", "503 5.5.1 DATA not allowed after BDAT").await;
+        c.cmd("BDAT 0", "250 2.0.0 Ok: 0 octets received").await;
+        c.send_bytes(b"BDAT 5 LAST\r\nQUIT\n").await;
+        let ok = c.reply().await;
+        let want = b"\0\r\n.\r\n\xffQUIT\n";
+        assert_eq!(
+            ok,
+            format!("250 2.0.0 Ok: test/0badf00d/1 {}\r\n", MessageId::of(want))
+        );
+        // Pipelined, in one write, with a reply per chunk.
+        c.send_bytes(
+            b"MAIL FROM:<e@f.test>\r\nRCPT TO:<g@h.test>\r\nBDAT 3\r\nabcBDAT 2 LAST\r\nde",
+        )
+        .await;
+        for want in [
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.0.0 Ok: 3 octets",
+            "250 2.0.0 Ok: test/0badf00d/2 ",
+        ] {
+            c.expect(want).await;
+        }
+        c.cmd("QUIT", "221 ").await;
+        h.task.await.unwrap().unwrap();
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got[0].bytes, want);
+        assert_eq!(got[0].envelope.mail_params, ["BODY=BINARYMIME"]);
+        assert_eq!(got[1].bytes, b"abcde");
+    }
+
+    #[tokio::test]
+    async fn binarymime_needs_bdat() {
+        let (mut h, _) = hello(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test> BODY=BINARYMIME", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "503 5.5.1 BODY=BINARYMIME needs BDAT").await;
+        // The transaction is still open for BDAT.
+        c.send("BDAT 1 LAST\r\nx").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        // 8BITMIME and 7BIT may use either, and undeclared binary in DATA is kept.
+        for body in ["8BITMIME", "7BIT"] {
+            c.cmd(&format!("MAIL FROM:<a@b.test> BODY={body}"), "250 ")
+                .await;
+            c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+            c.cmd("DATA", "354 ").await;
+            c.send_bytes(b"\0\xff\rbin\n\r\n.\r\n").await;
+            c.expect("250 2.0.0 Ok: ").await;
+        }
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got[1].bytes, b"\0\xff\rbin\n\r\n");
+        assert_eq!(got[2].envelope.mail_params, ["BODY=7BIT"]);
+    }
+
+    #[tokio::test]
+    async fn bdat_sequence_errors_still_read_the_chunk() {
+        let (mut h, _) = hello(config()).await;
+        let c = &mut h.client;
+        // No MAIL: the 6 bytes (which look like a command) are read and dropped.
+        c.send("BDAT 6\r\nRSET\r\n").await;
+        c.expect("503 5.5.1 Need MAIL command").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.send("BDAT 6 LAST\r\nQUIT\r\n").await;
+        c.expect("503 5.5.1 Need RCPT command").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send("BDAT 2 LAST\r\nok").await;
+        c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
+        assert_eq!(h.sink.got.lock().unwrap()[0].bytes, b"ok");
+    }
+
+    #[tokio::test]
+    async fn bdat_over_the_limit() {
+        let (mut h, _) = hello(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send(&format!("BDAT 60\r\n{}", "a".repeat(60))).await;
+        c.expect("250 2.0.0 Ok: 60 octets").await;
+        // 120 > 100: the chunk is read whole, then 552, and the transaction is over.
+        c.send(&format!("BDAT 60\r\n{}", "b".repeat(60))).await;
+        c.expect("552 5.3.4").await;
+        c.send(&format!("BDAT 10 LAST\r\n{}", "c".repeat(10))).await;
+        c.expect("503 5.5.1 Need MAIL").await;
+        // One chunk over the limit at once, and exactly at the limit.
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send(&format!("BDAT 101 LAST\r\n{}", "d".repeat(101)))
+            .await;
+        c.expect("552 5.3.4").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send(&format!("BDAT 100 LAST\r\n{}", "e".repeat(100)))
+            .await;
+        c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].bytes, "e".repeat(100).as_bytes());
+    }
+
+    #[tokio::test]
+    async fn bdat_lies_store_nothing() {
+        // The client closes in the middle of a chunk.
+        let (mut h, _) = hello(config()).await;
+        h.client.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        h.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        h.client.send("BDAT 50 LAST\r\nonly a few bytes").await;
+        h.client.writer.shutdown().await.unwrap();
+        assert_eq!(h.client.reply().await, "");
+        h.task.await.unwrap().unwrap();
+        assert!(h.sink.got.lock().unwrap().is_empty());
+        // A size that is not a number: 501, and the session ends.
+        let (mut h, _) = hello(config()).await;
+        h.client.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        h.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        h.client.send("BDAT 1 \r\nx").await;
+        h.client.expect("250 2.0.0 Ok: 1 octets").await;
+        h.client.cmd("BDAT ten LAST", "501 5.5.4").await;
+        h.client.expect("421 4.7.0").await;
+        assert_eq!(h.client.reply().await, "");
+        h.task.await.unwrap().unwrap();
+        assert!(h.sink.got.lock().unwrap().is_empty());
+    }
+
+    /// Sends MAIL and `n` RCPTs in one write; expects `accepted` 250s then 452s.
+    async fn many_recipients(c: &mut Client<ReadHalf<DuplexStream>>, n: usize, accepted: usize) {
+        let mut wire = String::from("MAIL FROM:<a@b.test>\r\n");
+        for i in 0..n {
+            wire.push_str(&format!("RCPT TO:<r{i}@d.test>\r\n"));
+        }
+        c.send(&wire).await;
+        c.expect("250 2.1.0").await;
+        for i in 0..n {
+            let want = if i < accepted {
+                "250 2.1.5"
+            } else {
+                "452 4.5.3"
+            };
+            c.expect(want).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn lmtp_a_thousand_recipients() {
+        let (mut h, caps) = hello(lmtp(1000)).await;
+        assert!(caps.contains("250-CHUNKING\r\n"), "{caps}");
+        many_recipients(&mut h.client, 1001, 1000).await;
+        let (release, gate) = oneshot::channel();
+        *h.sink.gate.lock().unwrap() = Some(gate);
+        h.client.cmd("DATA", "354 ").await;
+        h.client.send("hi\r\n.\r\n").await;
+        let early =
+            tokio::time::timeout(Duration::from_millis(200), h.client.reader.fill_buf()).await;
+        assert!(early.is_err(), "a reply came before the sink returned");
+        release.send(()).unwrap();
+        let want = format!(
+            "250 2.0.0 Ok: test/0badf00d/1 {}\r\n",
+            MessageId::of(b"hi\r\n")
+        );
+        for i in 0..1000 {
+            assert_eq!(h.client.reply().await, want, "reply {i}");
+        }
+        // The same by BDAT, and nothing more than one reply per recipient.
+        many_recipients(&mut h.client, 1000, 1000).await;
+        h.client.send("BDAT 3\r\nabc").await;
+        h.client.expect("250 2.0.0 Ok: 3 octets").await;
+        h.client.send("BDAT 0 LAST\r\nNOOP\r\n").await;
+        for _ in 0..1000 {
+            h.client.expect("250 2.0.0 Ok: test/0badf00d/2 ").await;
+        }
+        h.client.expect("250 2.0.0 Ok\r\n").await;
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].envelope.rcpt_to.len(), 1000);
+        assert_eq!(got[1].bytes, b"abc");
+    }
+
+    #[tokio::test]
+    async fn lmtp_store_failure_answers_every_recipient() {
+        let (mut h, _) = hello(lmtp(1000)).await;
+        *h.sink.fail.lock().unwrap() = Some(|| IngestError::Busy);
+        many_recipients(&mut h.client, 1000, 1000).await;
+        h.client.send("BDAT 2 LAST\r\nhi").await;
+        h.client.expect("451 4.3.2 ").await;
+        for _ in 1..1000 {
+            h.client.expect("451 4.3.2 ").await;
+        }
+        h.client.cmd("NOOP", "250 2.0.0 Ok\r\n").await;
+        assert!(h.sink.got.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn lmtp_trusted_advertises_xcoffer_in_lhlo() {
+        let (mut h, caps) = hello(SessionConfig {
+            trust_xcoffer: true,
+            ..lmtp(1000)
+        })
+        .await;
+        assert!(caps.contains("250 XCOFFER archive-a "), "{caps}");
+        assert!(caps.contains("250-CHUNKING\r\n250-SMTPUTF8"), "{caps}");
+        let x = sample_xcoffer();
+        let mail = format!("MAIL FROM:<a@b.test> XCOFFER={}", coffer_proto::encode(&x));
+        h.client.cmd(&mail, "250 ").await;
+        h.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        h.client.cmd("RCPT TO:<e@d.test>", "250 ").await;
+        h.client.send("BDAT 2 LAST\r\nhi").await;
+        h.client.expect("250 2.0.0 Ok: ").await;
+        h.client.expect("250 2.0.0 Ok: ").await;
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got[0].session.xcoffer.as_ref(), Some(&x));
+        assert_eq!(got[0].session.protocol, "LMTP");
     }
 }
