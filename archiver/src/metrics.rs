@@ -315,6 +315,14 @@ pub struct CountingSink {
 }
 
 impl Sink for CountingSink {
+    fn node(&self) -> &str {
+        self.store.node()
+    }
+
+    fn epoch(&self) -> &str {
+        self.store.epoch()
+    }
+
     fn ingest(
         &self,
         msg: Incoming,
