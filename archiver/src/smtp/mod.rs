@@ -15,7 +15,7 @@ pub mod listener;
 pub mod proxy;
 pub mod session;
 
-pub use listener::{serve, Listener};
+pub use listener::{serve, Listener, ReloadError, Reloader};
 pub use session::SessionConfig;
 
 use std::future::Future;
