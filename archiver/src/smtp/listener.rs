@@ -287,7 +287,7 @@ fn reload(
 ) -> (Arc<ListenerConfig>, Arc<SessionConfig>) {
     let config = updates.borrow_and_update().clone();
     let session_config = Arc::new(SessionConfig::from_listener(&config, hostname));
-    tracing::info!(listener = %config.name, "new settings apply to new connections");
+    tracing::debug!(listener = %config.name, "new settings apply to new connections");
     (config, session_config)
 }
 
