@@ -36,6 +36,14 @@ struct Recorder {
 }
 
 impl Sink for Recorder {
+    fn node(&self) -> &str {
+        "e2e"
+    }
+
+    fn epoch(&self) -> &str {
+        "00000000-0000-0000-0000-000000000000"
+    }
+
     fn ingest(
         &self,
         msg: Incoming,
