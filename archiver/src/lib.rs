@@ -11,12 +11,14 @@
 //! - [`ingest`]: what listeners hand messages to: archive, count, unwrap journal reports.
 //! - [`journal`]: Exchange/Microsoft 365 journal reports (pure parsing).
 //! - [`metrics`], [`console`]: Prometheus counters, `/health` and `/metrics` over HTTP.
+//! - [`control`]: the control socket in `data_dir` for the CLI's daemon commands.
 //! - [`server`]: wires listeners to the store and runs until shutdown.
 //! - [`cli`]: the `coffer` subcommands.
 
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod envelope;
 pub mod ids;
 pub mod ingest;

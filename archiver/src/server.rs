@@ -93,6 +93,17 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Without the control socket the daemon still archives; only CLI commands that need
+    // the daemon are unavailable, so a failure here is loud but not fatal.
+    let control = crate::control::ControlSocket::bind(&config.node.data_dir)
+        .map_err(|e| {
+            error!(
+                data_dir = %config.node.data_dir.display(),
+                error = %e,
+                "no control socket: `coffer` commands that need the daemon will not work"
+            );
+        })
+        .ok();
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new(
         config.listeners.iter().map(|l| l.name.as_str()),
@@ -117,10 +128,21 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
     if let Some(listener) = console {
         tasks.spawn(crate::console::serve(
             listener,
-            handle,
+            handle.clone(),
             metrics,
             stop_rx.clone(),
         ));
+    }
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(1);
+    let described: Vec<serde_json::Value> = config
+        .listeners
+        .iter()
+        .map(|l| {
+            serde_json::json!({"name": l.name, "protocol": l.protocol.to_string(), "bind": l.bind.to_string()})
+        })
+        .collect();
+    if let Some(control) = control {
+        tasks.spawn(control.serve(handle.clone(), described, reload_tx, stop_rx.clone()));
     }
     notify_ready();
 
@@ -132,6 +154,10 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => reload(&config, &reloaders),
+            Some(()) = reload_rx.recv() => {
+                info!("reload requested on the control socket");
+                reload(&config, &reloaders);
+            }
             Some(_) = tasks.join_next() => {
                 if tasks.is_empty() {
                     warn!("every listener stopped; shutting down");

@@ -15,7 +15,7 @@ use super::index::{self, Loc, Tables, META};
 use super::io::{StoreLock, Vfs};
 use super::log::{self, list_segments, segment_path, ActiveSegment, Log, LOG_DIR};
 use super::record::{
-    decode_payload, FORMAT_VERSION, KIND_ARRIVAL, KIND_MESSAGE, SEGMENT_HEADER_LEN,
+    decode_payload, FORMAT_VERSION, KIND_ARRIVAL, KIND_MESSAGE, KIND_REPEAT, SEGMENT_HEADER_LEN,
 };
 use super::summary::Summary;
 use super::{Arrival, StoreError};
@@ -307,6 +307,7 @@ fn apply_record(
             }
             tables.apply_arrival(&arrival, key).map_err(idx_err)?;
         }
+        KIND_REPEAT => tables.counters.repeats += 1,
         _ => unreachable!("record kinds are checked when decoded"),
     }
     Ok(())

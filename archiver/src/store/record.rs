@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! 0   magic      b"CREC"
-//! 4   kind       u8    1 = message blob, 2 = arrival
+//! 4   kind       u8    1 = message blob, 2 = arrival, 3 = repeat
 //! 5   flags      u8    bit 0: the message could not be parsed for the index
 //! 6   codec      u8    0 = stored, 1 = zstd frame
 //! 7   reserved   u8    0
@@ -31,6 +31,8 @@ pub const MAX_PAYLOAD: u32 = 1 << 30;
 
 pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_ARRIVAL: u8 = 2;
+/// A client's retry of an arrival already stored: counted, nothing else added.
+pub const KIND_REPEAT: u8 = 3;
 
 pub const CODEC_STORED: u8 = 0;
 pub const CODEC_ZSTD: u8 = 1;
@@ -125,7 +127,7 @@ impl RecordHeader {
             raw_len: u32::from_le_bytes(b[20..24].try_into().unwrap()),
             message: MessageId(b[24..56].try_into().unwrap()),
         };
-        if !matches!(h.kind, KIND_MESSAGE | KIND_ARRIVAL) {
+        if !matches!(h.kind, KIND_MESSAGE | KIND_ARRIVAL | KIND_REPEAT) {
             return Err(format!("unknown record kind {}", h.kind));
         }
         if h.stored_len > MAX_PAYLOAD || h.raw_len > MAX_PAYLOAD {

@@ -37,7 +37,7 @@ use super::engine::{idx_err, Engine};
 use super::index::{self, get_u64, Loc, Tables};
 use super::io::StoreLock;
 use super::log::Log;
-use super::record::{encode_record, RecordHeader, KIND_ARRIVAL, KIND_MESSAGE};
+use super::record::{encode_record, RecordHeader, KIND_ARRIVAL, KIND_MESSAGE, KIND_REPEAT};
 use super::summary::Summary;
 use super::{Arrival, IngestError, Receipt, Shared, StoreError};
 use crate::envelope::{Envelope, SessionInfo};
@@ -374,6 +374,26 @@ impl Writer {
                 },
             };
             if let Some(arrival_id) = existing {
+                // Logged too, so the count survives a rebuilt index and readers that
+                // wait for the log see it.
+                let json = serde_json::to_vec(&serde_json::json!({
+                    "arrival": arrival_id.to_string(),
+                    "time": now_rfc3339(),
+                    "client_addr": p.session.client_addr,
+                }))
+                .expect("repeat serializes");
+                let len = u32::try_from(json.len()).expect("repeat under 4 GiB");
+                let h = RecordHeader {
+                    kind: KIND_REPEAT,
+                    flags: 0,
+                    codec: 0,
+                    dict_id: 0,
+                    key_id: 0,
+                    stored_len: len,
+                    raw_len: len,
+                    message: p.id,
+                };
+                encode_record(&mut buf, &h, &json);
                 out.repeats += 1;
                 receipts.push(Receipt {
                     message_id: p.id,

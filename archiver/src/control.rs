@@ -1,0 +1,256 @@
+//! The control socket: `DATA_DIR/control.sock`, for the CLI's commands that need the
+//! running daemon (live state now; queue retry/skip, resync and compact as they land).
+//!
+//! Protocol: one JSON object per line, one request per connection, one JSON reply line:
+//! `{"cmd":"ping"}`, `{"cmd":"status"}`, `{"cmd":"reload"}`. Replies carry `"ok": true`
+//! or `"ok": false, "error": "..."`. The socket is created 0600: only the daemon's own
+//! user (and root) may use it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::store::StoreHandle;
+
+/// File name of the control socket inside `data_dir`.
+pub const SOCKET: &str = "control.sock";
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 << 10;
+/// A client must send its request, and a CLI waits for the reply, this long at most.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bound control socket; removed on drop if it is still ours.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds `data_dir/control.sock` (0600), replacing a stale socket left by a crash.
+    ///
+    /// # Errors
+    /// The path is taken by something that is not a stale socket, or binding failed.
+    pub fn bind(data_dir: &Path) -> std::io::Result<ControlSocket> {
+        let path = data_dir.join(SOCKET);
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            // The store lock is ours, so no other daemon uses this socket: it is stale.
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(ControlSocket { listener, path })
+    }
+
+    /// Serves requests until `shutdown` turns true. `reload` receives a message for each
+    /// `reload` request.
+    pub async fn serve(
+        self,
+        store: StoreHandle,
+        listeners: Vec<Value>,
+        reload: mpsc::Sender<()>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        info!(socket = %self.path.display(), "control socket ready");
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                accepted = self.listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let (store, listeners, reload) = (store.clone(), listeners.clone(), reload.clone());
+                    tokio::spawn(async move {
+                        let (read, mut write) = stream.into_split();
+                        let mut line = String::new();
+                        let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+                        let got = tokio::time::timeout(TIMEOUT, reader.read_line(&mut line)).await;
+                        let reply = match got {
+                            Ok(Ok(n)) if n > 0 => handle(&line, &store, &listeners, &reload).await,
+                            _ => json!({"ok": false, "error": "no request"}),
+                        };
+                        let mut out = reply.to_string();
+                        out.push('\n');
+                        if let Err(e) = write.write_all(out.as_bytes()).await {
+                            debug!(error = %e, "control reply");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        use std::os::unix::fs::FileTypeExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+async fn handle(
+    line: &str,
+    store: &StoreHandle,
+    listeners: &[Value],
+    reload: &mpsc::Sender<()>,
+) -> Value {
+    let request: Value = match serde_json::from_str(line.trim()) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    match request.get("cmd").and_then(Value::as_str) {
+        Some("ping") => json!({"ok": true}),
+        Some("status") => {
+            let s = store.stats();
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            json!({
+                "ok": true,
+                "node": store.node(),
+                "epoch": store.epoch(),
+                "pid": std::process::id(),
+                "pending_bytes": store.pending_bytes(),
+                "free_disk_bytes": store.free_disk(),
+                "store_failed": store.failed(),
+                "low_disk": store.low_disk(),
+                "messages": get(&s.messages),
+                "arrivals": get(&s.arrivals),
+                "listeners": listeners,
+                "connections": [],
+            })
+        }
+        Some("reload") => match reload.try_send(()) {
+            Ok(()) => json!({"ok": true}),
+            Err(_) => json!({"ok": false, "error": "a reload is already pending"}),
+        },
+        Some(other) => json!({"ok": false, "error": format!("unknown command {other:?}")}),
+        None => json!({"ok": false, "error": "no \"cmd\" in the request"}),
+    }
+}
+
+/// Why the CLI could not get an answer from the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the daemon is not reachable at {path}: {source}")]
+    Unreachable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon answered: {0}")]
+    Refused(String),
+    #[error("bad answer from the daemon: {0}")]
+    BadReply(String),
+}
+
+/// Sends one request to the daemon of `data_dir` and returns its reply (blocking; for the
+/// CLI).
+///
+/// # Errors
+/// The socket is missing or dead ([`ControlError::Unreachable`]: exit 3), the daemon
+/// refused the request, or its reply was not JSON.
+pub fn request(data_dir: &Path, request: &Value) -> Result<Value, ControlError> {
+    use std::io::{BufRead, Write};
+    let path = data_dir.join(SOCKET);
+    let unreachable = |source| ControlError::Unreachable {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(unreachable)?;
+    stream
+        .set_write_timeout(Some(TIMEOUT))
+        .map_err(unreachable)?;
+    let mut line = request.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(unreachable)?;
+    let mut reply = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(unreachable)?;
+    let v: Value =
+        serde_json::from_str(reply.trim()).map_err(|e| ControlError::BadReply(e.to_string()))?;
+    if v.get("ok").and_then(Value::as_bool) == Some(true) {
+        Ok(v)
+    } else {
+        let why = v
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("no reason given");
+        warn!(error = why, "control request refused");
+        Err(ControlError::Refused(why.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::fault::FaultVfs;
+    use crate::store::{Store, StoreOptions};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_ping_reload_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(
+            Arc::new(FaultVfs::new()),
+            StoreOptions {
+                data_dir: "/c".into(),
+                node: "node-c".into(),
+                segment_size: 1 << 20,
+                max_pending: 1 << 20,
+                min_free_disk: 0,
+            },
+        )
+        .unwrap();
+        let socket = ControlSocket::bind(dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join(SOCKET))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (reload_tx, mut reload_rx) = mpsc::channel(1);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let listeners = vec![json!({"name": "journal"})];
+        let server = tokio::spawn(socket.serve(store.handle(), listeners, reload_tx, stop_rx));
+        let data_dir = dir.path().to_owned();
+        let replies = tokio::task::spawn_blocking(move || {
+            (
+                request(&data_dir, &json!({"cmd": "ping"})).unwrap(),
+                request(&data_dir, &json!({"cmd": "status"})).unwrap(),
+                request(&data_dir, &json!({"cmd": "reload"})).unwrap(),
+                request(&data_dir, &json!({"cmd": "nope"}))
+                    .unwrap_err()
+                    .to_string(),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(replies.0["ok"], true);
+        assert_eq!(replies.1["node"], "node-c");
+        assert_eq!(replies.1["listeners"][0]["name"], "journal");
+        assert_eq!(replies.2["ok"], true);
+        assert!(replies.3.contains("unknown command"), "{}", replies.3);
+        assert!(reload_rx.try_recv().is_ok());
+        stop_tx.send(true).unwrap();
+        server.await.unwrap();
+        assert!(!dir.path().join(SOCKET).exists(), "removed on shutdown");
+        let gone = request(dir.path(), &json!({"cmd": "ping"})).unwrap_err();
+        assert!(matches!(gone, ControlError::Unreachable { .. }));
+    }
+}
