@@ -51,6 +51,11 @@ pub struct SessionInfo {
     /// The MTA's queue id, where a client told us (the milter does, through XCOFFER).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_id: Option<String>,
+    /// What a trusted Coffer client sent in `XCOFFER=` (docs/interfaces.md "Wire
+    /// extensions"): the origin's facts. `client_addr` and `helo` above stay what this
+    /// session saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xcoffer: Option<coffer_proto::Xcoffer>,
 }
 
 #[cfg(test)]

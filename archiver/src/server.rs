@@ -28,6 +28,14 @@ impl Sink for StoreHandle {
     ) -> Pin<Box<dyn Future<Output = Result<Receipt, IngestError>> + Send + '_>> {
         Box::pin(StoreHandle::ingest(self, msg))
     }
+
+    fn node(&self) -> &str {
+        StoreHandle::node(self)
+    }
+
+    fn epoch(&self) -> &str {
+        StoreHandle::epoch(self)
+    }
 }
 
 /// The store options a configuration asks for.

@@ -270,6 +270,7 @@ pub(crate) mod tests {
             mail_params: vec!["SIZE=1234".into()],
             rcpt_to: vec!["bob@example.net".into(), "carol@example.net".into()],
             queue_id: Some("4Q1x2y3z".into()),
+            xcoffer: None,
         }
     }
 

@@ -1,11 +1,13 @@
 //! Sans-IO SMTP/LMTP codec: bytes in, [`Event`]s out.
 //!
-//! The codec has two modes. In *command* mode it frames lines itself (so that the line
+//! The codec has three modes. In *command* mode it frames lines itself (so that the line
 //! cap is ours, not smtp-proto's, and so that a long `MAIL` line can be allowed for
-//! XCOFFER later), then parses each line into a typed [`Command`], using smtp-proto for
+//! XCOFFER), then parses each line into a typed [`Command`], using smtp-proto for
 //! address and parameter syntax. In *data* mode (entered by the session with
 //! [`Codec::start_data`] once it has answered 354) it collects the message: dot-unstuffing,
-//! ending only at `<CRLF>.<CRLF>`, and never holding more than the size cap.
+//! ending only at `<CRLF>.<CRLF>`, and never holding more than the size cap. In *chunk*
+//! mode (entered by the session with [`Codec::start_chunk`] after a `BDAT` command) it
+//! takes exactly the declared number of bytes, as they are.
 //!
 //! # DATA rules (docs/interfaces.md "Bytes", design.md §2.7)
 //! - The start of DATA counts as the start of a line: a dot-stuffed first line is
@@ -16,6 +18,16 @@
 //! - The archived bytes run up to and including the CRLF before the terminating dot.
 //! - Past the size cap the codec stops buffering, keeps consuming to the terminator,
 //!   then reports [`Event::TooBig`].
+//!
+//! # BDAT rules (RFC 3030)
+//! - `BDAT <size> [LAST]`: `size` is 1*DIGIT and fits a `u64`; `LAST` in any case. Anything
+//!   else is [`CommandError::BadBdat`]: the chunk's length is unknown, so the stream can
+//!   no longer be followed and the session closes.
+//! - A chunk is exactly `size` bytes, binary, with no dot-stuffing and no line structure:
+//!   NUL, bare CR or LF, `<CRLF>.<CRLF>` and command-like text are all content.
+//! - The session decides whether a chunk is kept (appended to the message so far) or
+//!   consumed and dropped (refused, or over the size cap); either way every declared byte
+//!   is read before the next command, so a refused chunk is never taken for commands.
 
 use std::borrow::Cow;
 
@@ -59,6 +71,9 @@ pub enum Event {
     /// DATA ended, but its content was larger than the cap: `size` bytes (after
     /// unstuffing) were received and dropped.
     TooBig { size: u64 },
+    /// A BDAT chunk was read whole: the message so far with the chunk appended, or `None`
+    /// when the chunk was to be dropped.
+    Chunk(Option<Vec<u8>>),
 }
 
 /// A parsed command. Strings are as the client sent them (invalid UTF-8 replaced).
@@ -73,7 +88,7 @@ pub enum Command {
     Mail(MailFrom),
     Rcpt(RcptTo),
     Data,
-    /// `BDAT size [LAST]`: parsed, not yet served (CHUNKING is not advertised).
+    /// `BDAT size [LAST]`. The session must follow it with [`Codec::start_chunk`].
     Bdat {
         size: u64,
         last: bool,
@@ -129,6 +144,9 @@ pub enum CommandError {
     InvalidParam(String),
     #[error("unsupported parameter {0}")]
     UnsupportedParam(String),
+    /// A `BDAT` line whose chunk size cannot be read: the stream is out of step.
+    #[error("syntax: BDAT chunk-size [LAST]")]
+    BadBdat,
 }
 
 const MAIL_SYNTAX: &str = "MAIL FROM:<reverse-path> [parameters]";
@@ -155,6 +173,12 @@ enum Mode {
         discarding: bool,
     },
     Data(DataState),
+    Chunk {
+        /// Chunk bytes still to read.
+        remaining: u64,
+        /// Where they go; `None` drops them.
+        into: Option<Vec<u8>>,
+    },
 }
 
 #[derive(Debug)]
@@ -198,9 +222,22 @@ impl Codec {
         self.limits = limits;
     }
 
-    /// True while collecting DATA content.
+    /// True while collecting message content: DATA, or a BDAT chunk.
     pub fn in_data(&self) -> bool {
-        matches!(self.mode, Mode::Data(_))
+        !matches!(self.mode, Mode::Command { .. })
+    }
+
+    /// Switches to chunk mode: the next `size` bytes are a BDAT chunk, taken as they are.
+    /// With `into`, they are appended to it (the message so far) and it is returned in
+    /// [`Event::Chunk`]; without, they are read and dropped. The caller bounds memory:
+    /// pass `into` only when `into.len() + size` is within its size cap. A `size` of 0
+    /// gives [`Event::Chunk`] at the next [`Codec::decode`], even with no input.
+    pub fn start_chunk(&mut self, size: u64, into: Option<Vec<u8>>) {
+        debug_assert!(!self.in_data(), "a chunk starts after a command");
+        self.mode = Mode::Chunk {
+            remaining: size,
+            into,
+        };
     }
 
     /// Switches to data mode: the bytes that follow are message content, up to
@@ -247,6 +284,26 @@ impl Codec {
                     parse_line(&full)
                 };
                 (consumed, Event::Command(event))
+            }
+            Mode::Chunk { remaining, into } => {
+                let take = usize::try_from(*remaining).map_or(input.len(), |r| r.min(input.len()));
+                if let Some(buf) = into {
+                    buf.extend_from_slice(&input[..take]);
+                }
+                *remaining -= take as u64;
+                if *remaining > 0 {
+                    return (take, Event::NeedMore);
+                }
+                let Mode::Chunk { into, .. } = std::mem::replace(
+                    &mut self.mode,
+                    Mode::Command {
+                        line: Vec::new(),
+                        discarding: false,
+                    },
+                ) else {
+                    unreachable!("mode checked above")
+                };
+                (take, Event::Chunk(into))
             }
             Mode::Data(state) => {
                 let (consumed, done) = state.ingest(input);
@@ -422,17 +479,7 @@ fn parse_line(line: &[u8]) -> Result<Command, CommandError> {
         };
     }
     if is("BDAT") {
-        let mut it = line.iter();
-        return match Request::parse(&mut it) {
-            Ok(Request::Bdat {
-                chunk_size,
-                is_last,
-            }) => Ok(Command::Bdat {
-                size: chunk_size as u64,
-                last: is_last,
-            }),
-            _ => Err(CommandError::Syntax("BDAT chunk-size [LAST]")),
-        };
+        return parse_bdat(trim_end(arg));
     }
     for name in ["EXPN", "AUTH", "ETRN", "ATRN", "BURL"] {
         if is(name) {
@@ -440,6 +487,23 @@ fn parse_line(line: &[u8]) -> Result<Command, CommandError> {
         }
     }
     Err(CommandError::Unknown)
+}
+
+/// `chunk-size [SP "LAST"]` (RFC 3030), strictly: one space, digits only.
+fn parse_bdat(arg: &[u8]) -> Result<Command, CommandError> {
+    let (size, last) = match arg.iter().position(|&b| b == b' ') {
+        None => (arg, false),
+        Some(sp) if arg[sp + 1..].eq_ignore_ascii_case(b"LAST") => (&arg[..sp], true),
+        Some(_) => return Err(CommandError::BadBdat),
+    };
+    if size.is_empty() || !size.iter().all(u8::is_ascii_digit) {
+        return Err(CommandError::BadBdat);
+    }
+    let size = std::str::from_utf8(size)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or(CommandError::BadBdat)?;
+    Ok(Command::Bdat { size, last })
 }
 
 fn parse_mail(arg: &[u8]) -> Result<Command, CommandError> {
@@ -632,27 +696,33 @@ mod tests {
     const MAX: u64 = 64;
 
     /// Feeds `chunks` in order; enters data mode after every DATA command (as the session
-    /// does after its 354). Returns every event but `NeedMore`.
+    /// does after its 354), and chunk mode after every BDAT, appending chunks to the
+    /// message so far until `LAST`. Returns every event but `NeedMore`.
     fn run(chunks: &[&[u8]], limits: Limits, max: u64) -> Vec<Event> {
         let mut codec = Codec::new(limits);
         let mut out = Vec::new();
+        let mut message = Vec::new();
+        let mut last = false;
         for chunk in chunks {
             let mut rest = *chunk;
             loop {
                 let (n, ev) = codec.decode(rest);
                 assert!(n <= rest.len());
                 rest = &rest[n..];
-                match ev {
+                match &ev {
                     Event::NeedMore => {
                         assert!(rest.is_empty(), "NeedMore must consume everything");
                         break;
                     }
-                    Event::Command(Ok(Command::Data)) => {
-                        codec.start_data(max);
-                        out.push(Event::Command(Ok(Command::Data)));
+                    Event::Command(Ok(Command::Data)) => codec.start_data(max),
+                    Event::Command(Ok(Command::Bdat { size, last: l })) => {
+                        last = *l;
+                        codec.start_chunk(*size, Some(std::mem::take(&mut message)));
                     }
-                    ev => out.push(ev),
+                    Event::Chunk(Some(m)) if !last => message.clone_from(m),
+                    _ => {}
                 }
+                out.push(ev);
             }
         }
         out
@@ -1012,7 +1082,7 @@ mod tests {
                     last: true,
                 }),
             ),
-            ("BDAT x", Err(E::Syntax("BDAT chunk-size [LAST]"))),
+            ("BDAT x", Err(E::BadBdat)),
             ("FOO", Err(E::Unknown)),
             ("", Err(E::Unknown)),
             ("\0\0", Err(E::Unknown)),
@@ -1024,6 +1094,208 @@ mod tests {
                 assert_eq!(got, vec![Event::Command(want.clone())], "{line:?}{eol:?}");
             }
         }
+    }
+
+    fn bdat(size: u64, last: bool) -> Event {
+        Event::Command(Ok(Command::Bdat { size, last }))
+    }
+
+    fn chunk(so_far: &[u8]) -> Event {
+        Event::Chunk(Some(so_far.to_vec()))
+    }
+
+    /// Bytes that would mean something in command or DATA mode, and binary ones.
+    fn tricky_bytes(len: usize) -> Vec<u8> {
+        let specials: &[&[u8]] = &[
+            b"\r\n.\r\n",
+            b"\0",
+            b"\r",
+            b"\n",
+            b"BDAT 5 LAST\r\n",
+            b"QUIT\r\n",
+            b"\xff\xfe",
+            b"\n.\n",
+        ];
+        let mut out = Vec::with_capacity(len);
+        let mut i = 0usize;
+        while out.len() < len {
+            if i % 5 == 0 {
+                out.extend_from_slice(specials[(i / 5) % specials.len()]);
+            } else {
+                out.push((i * 37 % 256) as u8);
+            }
+            i += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn bdat_chunks_at_every_split() {
+        // Odd sizes, a chunk bigger than one read, and content that looks like commands,
+        // DATA terminators and binary: all taken as they are.
+        let sizes = [1usize, 7, 4096 + 3];
+        let content = tricky_bytes(sizes.iter().sum());
+        let mut wire = Vec::new();
+        let mut want = Vec::new();
+        let mut at = 0;
+        for (i, &size) in sizes.iter().enumerate() {
+            let last = i + 1 == sizes.len();
+            let line = format!("BDAT {size}{}\r\n", if last { " LAST" } else { "" });
+            wire.extend_from_slice(line.as_bytes());
+            wire.extend_from_slice(&content[at..at + size]);
+            at += size;
+            want.push(bdat(size as u64, last));
+            want.push(chunk(&content[..at]));
+        }
+        wire.extend_from_slice(b"NOOP\r\n");
+        want.push(Event::Command(Ok(Command::Noop)));
+        assert_eq!(run_all_splits(&wire, Limits::default(), MAX), want);
+    }
+
+    #[test]
+    fn bdat_table() {
+        let cases: &[(&str, &[u8], Vec<Event>)] = &[
+            (
+                "zero LAST",
+                b"BDAT 0 LAST\r\nNOOP\r\n",
+                vec![bdat(0, true), chunk(b""), Event::Command(Ok(Command::Noop))],
+            ),
+            (
+                "zero then LAST",
+                b"BDAT 0\r\nBDAT 3 LAST\r\nabc",
+                vec![bdat(0, false), chunk(b""), bdat(3, true), chunk(b"abc")],
+            ),
+            (
+                "CRLF dot CRLF inside a chunk is content",
+                b"BDAT 7 LAST\r\na\r\n.\r\nbNOOP\r\n",
+                vec![
+                    bdat(7, true),
+                    chunk(b"a\r\n.\r\nb"),
+                    Event::Command(Ok(Command::Noop)),
+                ],
+            ),
+            (
+                "declared size too small: the rest is a command line",
+                b"BDAT 3 LAST\r\nabcdef\r\n",
+                vec![
+                    bdat(3, true),
+                    chunk(b"abc"),
+                    Event::Command(Err(CommandError::Unknown)),
+                ],
+            ),
+            (
+                "declared size too big: the chunk never ends",
+                b"BDAT 100 LAST\r\nabc\r\nQUIT\r\n",
+                vec![bdat(100, true)],
+            ),
+            (
+                "BDAT inside DATA is content; BDAT after DATA is a command",
+                b"DATA\r\nBDAT 3\r\nabc\r\n.\r\nBDAT 3 LAST\r\nxyz",
+                vec![
+                    data(),
+                    msg(b"BDAT 3\r\nabc\r\n"),
+                    bdat(3, true),
+                    chunk(b"xyz"),
+                ],
+            ),
+            (
+                "DATA after BDAT LAST",
+                b"BDAT 2 LAST\r\n\r\nDATA\r\nx\r\n.\r\n",
+                vec![bdat(2, true), chunk(b"\r\n"), data(), msg(b"x\r\n")],
+            ),
+        ];
+        for (name, input, want) in cases {
+            assert_eq!(
+                &run_all_splits(input, Limits::default(), MAX),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn bdat_syntax_table() {
+        let cases: &[(&str, Result<Command, CommandError>)] = &[
+            (
+                "BDAT 10",
+                Ok(Command::Bdat {
+                    size: 10,
+                    last: false,
+                }),
+            ),
+            (
+                "bdat 10 last",
+                Ok(Command::Bdat {
+                    size: 10,
+                    last: true,
+                }),
+            ),
+            (
+                "BDAT 007 LaSt",
+                Ok(Command::Bdat {
+                    size: 7,
+                    last: true,
+                }),
+            ),
+            (
+                "BDAT 10 LAST  ",
+                Ok(Command::Bdat {
+                    size: 10,
+                    last: true,
+                }),
+            ),
+            (
+                "BDAT 18446744073709551615",
+                Ok(Command::Bdat {
+                    size: u64::MAX,
+                    last: false,
+                }),
+            ),
+            ("BDAT 18446744073709551616", Err(CommandError::BadBdat)),
+            ("BDAT", Err(CommandError::BadBdat)),
+            ("BDAT x", Err(CommandError::BadBdat)),
+            ("BDAT -1", Err(CommandError::BadBdat)),
+            ("BDAT +1", Err(CommandError::BadBdat)),
+            ("BDAT 1e3", Err(CommandError::BadBdat)),
+            ("BDAT 0x10", Err(CommandError::BadBdat)),
+            ("BDAT 10  LAST", Err(CommandError::BadBdat)),
+            ("BDAT 10 LAST x", Err(CommandError::BadBdat)),
+            ("BDAT 10 NOTLAST", Err(CommandError::BadBdat)),
+            ("BDAT LAST", Err(CommandError::BadBdat)),
+        ];
+        for (line, want) in cases {
+            let wire = format!("{line}\r\n");
+            let mut codec = Codec::new(Limits::default());
+            let (n, got) = codec.decode(wire.as_bytes());
+            assert_eq!(n, wire.len(), "{line:?}");
+            assert_eq!(got, Event::Command(want.clone()), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn dropped_chunks_are_consumed_exactly() {
+        let mut codec = Codec::new(Limits::default());
+        codec.start_chunk(5, None);
+        assert!(codec.in_data());
+        assert_eq!(codec.decode(b"ab"), (2, Event::NeedMore));
+        assert_eq!(codec.decode(b"c\r\nRSET\r\n"), (3, Event::Chunk(None)));
+        assert!(!codec.in_data());
+        assert_eq!(
+            codec.decode(b"RSET\r\n"),
+            (6, Event::Command(Ok(Command::Rset)))
+        );
+        // A huge dropped chunk holds nothing.
+        codec.start_chunk(u64::MAX, None);
+        let block = vec![b'x'; 64 * 1024];
+        for _ in 0..16 {
+            assert_eq!(codec.decode(&block), (block.len(), Event::NeedMore));
+        }
+        let Mode::Chunk { remaining, into } = &codec.mode else {
+            panic!()
+        };
+        assert_eq!(*remaining, u64::MAX - 16 * 64 * 1024);
+        assert!(into.is_none());
     }
 
     #[test]

@@ -27,4 +27,11 @@ pub trait Sink: Send + Sync + 'static {
         &self,
         msg: Incoming,
     ) -> Pin<Box<dyn Future<Output = Result<Receipt, IngestError>> + Send + '_>>;
+
+    /// This node's name, advertised as `XCOFFER NODE EPOCH` on trusted listeners.
+    fn node(&self) -> &str;
+
+    /// The store epoch (a UUID), advertised beside the node name: a peer that sees it
+    /// change knows the store was rebuilt.
+    fn epoch(&self) -> &str;
 }

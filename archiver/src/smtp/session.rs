@@ -4,8 +4,17 @@
 //! Replies to pipelined commands are buffered and flushed whenever the session is about
 //! to wait: for input, or for the store.
 //!
-//! The 250 after DATA is written only once [`Sink::ingest`] has returned `Ok`: the
-//! message is durable by then (design.md §2.1).
+//! The 250 after DATA (or `BDAT ... LAST`) is written only once [`Sink::ingest`] has
+//! returned `Ok`: the message is durable by then (design.md §2.1). LMTP answers once per
+//! accepted recipient, all after that one ingest.
+//!
+//! # Extensions (docs/interfaces.md "Wire extensions", "SMTP/LMTP extensions in detail")
+//! - CHUNKING and BINARYMIME everywhere: `BDAT` chunks are read exactly, appended, and
+//!   `LAST` delivers. BDAT and DATA do not mix in one transaction; `BODY=BINARYMIME`
+//!   needs BDAT.
+//! - XCOFFER only where [`SessionConfig::trust_xcoffer`] is set: advertised as
+//!   `XCOFFER NODE EPOCH` (from [`Sink::node`] and [`Sink::epoch`]), MAIL lines up to
+//!   16 KiB, and the decoded value kept with the arrival. Elsewhere it is refused with 555.
 
 use std::io;
 use std::sync::Arc;
@@ -14,7 +23,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::codec::{Codec, Command, CommandError, Event, Limits, MailFrom, RcptTo};
+use coffer_proto::Xcoffer;
+
+use super::codec::{
+    Codec, Command, CommandError, Event, Limits, MailFrom, RcptTo, MAX_LINE, MAX_XCOFFER_MAIL_LINE,
+};
 use super::Sink;
 use crate::config::{ListenerConfig, Protocol};
 use crate::envelope::{Envelope, SessionInfo};
@@ -46,6 +59,10 @@ pub struct SessionConfig {
     pub max_recipients: usize,
     /// How long to wait for the client (to send, or to read our replies).
     pub idle_timeout: Duration,
+    /// Advertise XCOFFER, accept `XCOFFER=` on MAIL (and MAIL lines up to 16 KiB). Only for
+    /// the milter's LMTP socket and HA listeners: an XCOFFER client can set arrival ids
+    /// and traces.
+    pub trust_xcoffer: bool,
 }
 
 impl SessionConfig {
@@ -57,6 +74,19 @@ impl SessionConfig {
             max_message_size: config.max_message_size,
             max_recipients: config.max_recipients,
             idle_timeout: config.idle_timeout,
+            trust_xcoffer: config.trust_xcoffer,
+        }
+    }
+
+    /// The codec's line caps: MAIL lines may carry XCOFFER where it is trusted.
+    fn limits(&self) -> Limits {
+        Limits {
+            max_line: MAX_LINE,
+            max_mail_line: if self.trust_xcoffer {
+                MAX_XCOFFER_MAIL_LINE
+            } else {
+                MAX_LINE
+            },
         }
     }
 }
@@ -85,7 +115,7 @@ where
 {
     let mut session = Session {
         io: stream,
-        codec: Codec::new(Limits::default()),
+        codec: Codec::new(config.limits()),
         config,
         client_addr,
         sink,
@@ -93,6 +123,7 @@ where
         helo: None,
         protocol: None,
         tx: None,
+        chunk: None,
         bad_commands: 0,
     };
     session.run(shutdown).await
@@ -117,9 +148,37 @@ struct Session<S> {
     helo: Option<String>,
     /// `SMTP`, `ESMTP` or `LMTP`, as negotiated by the greeting command.
     protocol: Option<&'static str>,
-    /// The open transaction, from MAIL to the end of DATA.
-    tx: Option<Envelope>,
+    /// The open transaction, from MAIL to the end of DATA (or BDAT LAST).
+    tx: Option<Transaction>,
+    /// What to do with the BDAT chunk the codec is reading.
+    chunk: Option<ChunkPlan>,
     bad_commands: u32,
+}
+
+/// One mail transaction, from MAIL on.
+struct Transaction {
+    envelope: Envelope,
+    /// The decoded `XCOFFER=` value (trusted listeners only).
+    xcoffer: Option<Xcoffer>,
+    /// `BODY=BINARYMIME` was declared: the content may only come by BDAT.
+    binarymime: bool,
+    /// The content received by BDAT so far; `None` until the first chunk (and while the
+    /// codec holds it to append a chunk).
+    chunks: Option<Vec<u8>>,
+    /// Whether a BDAT chunk was taken: DATA is then out of sequence.
+    chunking: bool,
+}
+
+/// What happens to a BDAT chunk once the codec has read it.
+#[derive(Debug)]
+enum ChunkPlan {
+    /// Appended to the transaction (the codec appends it); `last` delivers the message.
+    Append { size: u64, last: bool },
+    /// Dropped, then refused with this reply (a sequence error).
+    Refuse(&'static str),
+    /// Dropped: the message would be `total` bytes, over the limit. 552, and the
+    /// transaction ends.
+    TooBig { total: u64, last: bool },
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -143,6 +202,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Event::Command(cmd) => self.command(cmd),
                     Event::Message(bytes) => self.deliver(bytes).await?,
                     Event::TooBig { size } => self.too_big(size),
+                    Event::Chunk(bytes) => self.chunk_read(bytes).await?,
                 };
                 if flow == Flow::Close {
                     return self.flush().await;
@@ -162,7 +222,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if n == 0 {
                         if in_data {
                             tracing::info!(listener = %self.config.listener,
-                                client = %self.client_addr, "client closed during DATA");
+                                client = %self.client_addr,
+                                "client closed during message content; nothing stored");
                         }
                         return Ok(());
                     }
@@ -245,6 +306,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     CommandError::UnsupportedParam(p) => {
                         format!("555 5.5.4 Unsupported parameter {p}")
                     }
+                    CommandError::BadBdat => {
+                        // The chunk's length is unknown: whatever follows cannot be told
+                        // from commands, so the session ends here.
+                        tracing::info!(listener = %self.config.listener,
+                            client = %self.client_addr, "BDAT without a readable size");
+                        self.tx = None;
+                        self.reply("501 5.5.4 Syntax: BDAT chunk-size [LAST]");
+                        let line = format!(
+                            "421 4.7.0 {} closing: lost track of BDAT",
+                            self.config.hostname
+                        );
+                        self.reply(&line);
+                        return Flow::Close;
+                    }
                 };
                 return self.bad(&line);
             }
@@ -269,7 +344,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Mail(mail) => self.mail(mail),
             Command::Rcpt(rcpt) => self.rcpt(rcpt),
             Command::Data => self.data(),
-            Command::Bdat { .. } => self.bad("502 5.5.1 BDAT not offered here"),
+            Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
                 self.tx = None;
                 self.reply("250 2.0.0 Ok");
@@ -305,17 +380,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.tx = None;
     }
 
-    /// The EHLO/LHLO capability list. CHUNKING, BINARYMIME and XCOFFER join it here
-    /// once they are served.
+    /// The EHLO/LHLO capability list; XCOFFER only where it is trusted.
     fn ehlo_reply(&mut self) {
         let size = format!("SIZE {}", self.config.max_message_size);
-        let caps = [
-            "PIPELINING",
-            size.as_str(),
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
+        let mut caps = vec![
+            "PIPELINING".to_owned(),
+            size,
+            "8BITMIME".to_owned(),
+            "BINARYMIME".to_owned(),
+            "CHUNKING".to_owned(),
+            "SMTPUTF8".to_owned(),
+            "ENHANCEDSTATUSCODES".to_owned(),
         ];
+        if self.config.trust_xcoffer {
+            caps.push(format!(
+                "XCOFFER {} {}",
+                self.sink.node(),
+                self.sink.epoch()
+            ));
+        }
         let first = format!("250-{}", self.config.hostname);
         self.reply(&first);
         for (i, cap) in caps.iter().enumerate() {
@@ -332,24 +415,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.tx.is_some() {
             return self.bad("503 5.5.1 Nested MAIL command");
         }
-        if mail.xcoffer.is_some() {
-            // Not advertised on any listener yet (docs/interfaces.md: refused with 555).
-            return self.bad("555 5.5.4 XCOFFER not allowed here");
+        if mail.xcoffer.is_some() && !self.config.trust_xcoffer {
+            // Not advertised here: nobody outside may set arrival ids or traces.
+            return self.bad("555 5.5.4 XCOFFER not accepted here");
         }
-        if self.protocol == Some("SMTP") && !mail.params.is_empty() {
+        if self.protocol == Some("SMTP") && (!mail.params.is_empty() || mail.xcoffer.is_some()) {
             return self.bad("555 5.5.4 MAIL parameters need EHLO");
         }
-        if mail.body.as_deref().is_some_and(|b| b == "BINARYMIME") {
-            return self.bad("555 5.5.4 BODY=BINARYMIME needs CHUNKING");
-        }
+        let xcoffer = match mail.xcoffer.as_deref().map(coffer_proto::decode) {
+            None => None,
+            Some(Ok(x)) => Some(x),
+            Some(Err(e)) => {
+                tracing::info!(listener = %self.config.listener, client = %self.client_addr,
+                    error = %e, "invalid XCOFFER");
+                let line = format!("501 5.5.4 Invalid XCOFFER: {}", reply_text(&e.to_string()));
+                return self.bad(&line);
+            }
+        };
         if mail.size.is_some_and(|s| s > self.config.max_message_size) {
             self.reply("552 5.3.4 Message size exceeds fixed limit");
             return Flow::Continue;
         }
-        self.tx = Some(Envelope {
-            mail_from: mail.address,
-            mail_params: mail.params,
-            rcpt_to: Vec::new(),
+        self.tx = Some(Transaction {
+            envelope: Envelope {
+                mail_from: mail.address,
+                mail_params: mail.params,
+                rcpt_to: Vec::new(),
+            },
+            xcoffer,
+            binarymime: mail.body.as_deref() == Some("BINARYMIME"),
+            chunks: None,
+            chunking: false,
         });
         self.reply("250 2.1.0 Ok");
         Flow::Continue
@@ -360,11 +456,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(tx) = self.tx.as_mut() else {
             return self.bad("503 5.5.1 Need MAIL command");
         };
-        if tx.rcpt_to.len() >= max {
+        if tx.envelope.rcpt_to.len() >= max {
             self.reply("452 4.5.3 Too many recipients");
             return Flow::Continue;
         }
-        tx.rcpt_to.push(rcpt.address);
+        tx.envelope.rcpt_to.push(rcpt.address);
         self.reply("250 2.1.5 Ok");
         Flow::Continue
     }
@@ -372,7 +468,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn data(&mut self) -> Flow {
         match &self.tx {
             None => self.bad("503 5.5.1 Need MAIL command"),
-            Some(tx) if tx.rcpt_to.is_empty() => self.bad("503 5.5.1 Need RCPT command"),
+            Some(tx) if tx.envelope.rcpt_to.is_empty() => self.bad("503 5.5.1 Need RCPT command"),
+            Some(tx) if tx.chunking => self.bad("503 5.5.1 DATA not allowed after BDAT"),
+            Some(tx) if tx.binarymime => self.bad("503 5.5.1 BODY=BINARYMIME needs BDAT, not DATA"),
             Some(_) => {
                 self.reply("354 End data with <CR><LF>.<CR><LF>");
                 self.codec.start_data(self.config.max_message_size);
@@ -393,8 +491,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// `BDAT size [LAST]`: decides what becomes of the chunk, then lets the codec read it.
+    /// Every declared byte is read, whatever the decision (RFC 3030): the reply comes
+    /// once the chunk is in ([`Session::chunk_read`]).
+    fn bdat(&mut self, size: u64, last: bool) -> Flow {
+        let max = self.config.max_message_size;
+        let (plan, into) = match self.tx.as_mut() {
+            None => (ChunkPlan::Refuse("503 5.5.1 Need MAIL command"), None),
+            Some(tx) if tx.envelope.rcpt_to.is_empty() => {
+                (ChunkPlan::Refuse("503 5.5.1 Need RCPT command"), None)
+            }
+            Some(tx) => {
+                tx.chunking = true;
+                let so_far = tx.chunks.as_ref().map_or(0, Vec::len) as u64;
+                let total = so_far.saturating_add(size);
+                if total > max {
+                    tx.chunks = None;
+                    (ChunkPlan::TooBig { total, last }, None)
+                } else {
+                    let buf = tx.chunks.take().unwrap_or_default();
+                    (ChunkPlan::Append { size, last }, Some(buf))
+                }
+            }
+        };
+        self.chunk = Some(plan);
+        self.codec.start_chunk(size, into);
+        Flow::Continue
+    }
+
+    /// A BDAT chunk has been read (`bytes` is the message so far, when it was kept).
+    async fn chunk_read(&mut self, bytes: Option<Vec<u8>>) -> io::Result<Flow> {
+        let Some(plan) = self.chunk.take() else {
+            return Ok(Flow::Continue);
+        };
+        Ok(match (plan, bytes) {
+            (ChunkPlan::Append { last: true, .. }, Some(bytes)) => self.deliver(bytes).await?,
+            (ChunkPlan::Append { size, last: false }, Some(bytes)) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.chunks = Some(bytes);
+                }
+                let line = format!("250 2.0.0 Ok: {size} octets received");
+                self.reply(&line);
+                Flow::Continue
+            }
+            (ChunkPlan::Refuse(line), _) => self.bad(line),
+            (ChunkPlan::TooBig { total, last }, _) => {
+                let recipients = self.tx.take().map_or(0, |tx| tx.envelope.rcpt_to.len());
+                tracing::info!(listener = %self.config.listener, client = %self.client_addr,
+                    size = total, max = self.config.max_message_size,
+                    "BDAT message over the size limit");
+                let line = "552 5.3.4 Message size exceeds fixed limit";
+                if last {
+                    self.reply_per_recipient(line, recipients);
+                } else {
+                    self.reply(line);
+                }
+                Flow::Continue
+            }
+            (ChunkPlan::Append { .. }, None) => unreachable!("a kept chunk comes back"),
+        })
+    }
+
     fn too_big(&mut self, size: u64) -> Flow {
-        let recipients = self.tx.take().map_or(0, |tx| tx.rcpt_to.len());
+        let recipients = self.tx.take().map_or(0, |tx| tx.envelope.rcpt_to.len());
         tracing::info!(listener = %self.config.listener, client = %self.client_addr,
             size, max = self.config.max_message_size, "message over the size limit");
         self.reply_per_recipient("552 5.3.4 Message size exceeds fixed limit", recipients);
@@ -402,20 +561,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn deliver(&mut self, bytes: Vec<u8>) -> io::Result<Flow> {
-        let Some(envelope) = self.tx.take() else {
-            // DATA is only entered with an open transaction.
+        let Some(tx) = self.tx.take() else {
+            // DATA and BDAT only deliver with an open transaction.
             return Ok(Flow::Continue);
         };
-        let recipients = envelope.rcpt_to.len();
+        let recipients = tx.envelope.rcpt_to.len();
         let incoming = Incoming {
             bytes,
-            envelope,
+            envelope: tx.envelope,
             session: SessionInfo {
                 listener: self.config.listener.clone(),
                 protocol: self.protocol.unwrap_or("SMTP").to_owned(),
                 client_addr: Some(self.client_addr.clone()),
                 helo: self.helo.clone(),
-                queue_id: None,
+                queue_id: tx.xcoffer.as_ref().and_then(|x| x.queue_id.clone()),
+                xcoffer: tx.xcoffer,
             },
         };
         // Whatever is pending (the 354 at least) goes out before we wait on the store.
@@ -448,6 +608,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply_per_recipient(&line, recipients);
         Ok(Flow::Continue)
     }
+}
+
+/// Client-supplied text made safe for a reply line: printable ASCII only, at most 200
+/// characters.
+fn reply_text(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(200)
+        .collect();
+    if s.chars().count() > 200 {
+        out.push_str("...");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -503,6 +683,14 @@ pub(crate) mod tests {
                 Ok(receipt)
             })
         }
+
+        fn node(&self) -> &str {
+            "archive-a"
+        }
+
+        fn epoch(&self) -> &str {
+            "0badf00d-1111-4222-8333-444455556666"
+        }
     }
 
     pub(crate) fn config() -> SessionConfig {
@@ -513,6 +701,7 @@ pub(crate) mod tests {
             max_message_size: 100,
             max_recipients: 3,
             idle_timeout: Duration::from_secs(10),
+            trust_xcoffer: false,
         }
     }
 
@@ -608,7 +797,7 @@ pub(crate) mod tests {
         assert_eq!(
             ehlo,
             "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 100\r\n250-8BITMIME\r\n\
-             250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
+             250-BINARYMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
         );
         c.cmd("MAIL FROM:<a@b.test> BODY=8BITMIME", "250 2.1.0")
             .await;
@@ -647,6 +836,7 @@ pub(crate) mod tests {
                 client_addr: Some("192.0.2.1:40000".into()),
                 helo: Some("client.test".into()),
                 queue_id: None,
+                xcoffer: None,
             }
         );
     }
@@ -694,7 +884,8 @@ pub(crate) mod tests {
             ("DATA", "503 5.5.1"),
             ("MAIL FROM:<a@b.test> FOO=1", "555 5.5.4"),
             ("MAIL FROM:<a@b.test> XCOFFER=abc", "555 5.5.4"),
-            ("MAIL FROM:<a@b.test> BODY=BINARYMIME", "555 5.5.4"),
+            ("MAIL FROM:<a@b.test> BODY=BINARYMIME", "250 2.1.0"),
+            ("RSET", "250 2.0.0"),
             ("MAIL FROM:<a@b.test> SIZE=x", "501 5.5.4"),
             ("MAIL FROM:<a@b.test> SIZE=101", "552 5.3.4"),
             ("MAIL FROM:a@b.test", "501 5.5.4"),
@@ -713,7 +904,8 @@ pub(crate) mod tests {
             ("HELP", "214 "),
             ("STARTTLS", "502 5.5.1"),
             ("EXPN list", "502 5.5.1"),
-            ("BDAT 10 LAST", "502 5.5.1"),
+            // The chunk is read (4 bytes: "xy" and the CRLF cmd() adds), then refused.
+            ("BDAT 4 LAST\r\nxy", "503 5.5.1"),
             ("WHAT", "500 5.5.1"),
             (long.as_str(), "500 5.5.6"),
             ("HELO other.test", "250 mx.test"),

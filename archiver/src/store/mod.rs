@@ -100,6 +100,10 @@ pub struct Arrival {
     pub mail_params: Vec<String>,
     pub rcpt_to: Vec<String>,
     pub queue_id: Option<String>,
+    /// What a trusted Coffer client sent in `XCOFFER=` (the milter, a replicating peer):
+    /// the origin's arrival id, time, client, HELO, TLS, macros and trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xcoffer: Option<coffer_proto::Xcoffer>,
 }
 
 /// Search filters (`coffer search`, `coffer export`). All given filters must match.

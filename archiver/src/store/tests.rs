@@ -31,6 +31,7 @@ fn msg(bytes: &[u8], from: &str, to: &[&str]) -> Incoming {
             client_addr: Some("127.0.0.1:1234".into()),
             helo: Some("client".into()),
             queue_id: None,
+            xcoffer: None,
         },
     }
 }

@@ -279,6 +279,7 @@ impl Writer {
                 mail_params: p.envelope.mail_params.clone(),
                 rcpt_to: p.envelope.rcpt_to.clone(),
                 queue_id: p.session.queue_id.clone(),
+                xcoffer: p.session.xcoffer.clone(),
             };
             let json = serde_json::to_vec(&arrival).expect("arrival serializes");
             let len = u32::try_from(json.len()).expect("arrival under 4 GiB");
