@@ -288,6 +288,14 @@ impl Codec {
             Mode::Chunk { remaining, into } => {
                 let take = usize::try_from(*remaining).map_or(input.len(), |r| r.min(input.len()));
                 if let Some(buf) = into {
+                    // Grow by doubling, but never past this chunk's end: the caller's
+                    // size cap bounds the allocation, not just the content.
+                    let need = buf.len() + take;
+                    if need > buf.capacity() {
+                        let end = buf.len() as u64 + *remaining;
+                        let want = (buf.capacity() * 2).max(need) as u64;
+                        buf.reserve_exact(want.min(end) as usize - buf.len());
+                    }
                     buf.extend_from_slice(&input[..take]);
                 }
                 *remaining -= take as u64;
@@ -1296,6 +1304,22 @@ mod tests {
         };
         assert_eq!(*remaining, u64::MAX - 16 * 64 * 1024);
         assert!(into.is_none());
+    }
+
+    #[test]
+    fn kept_chunks_never_allocate_past_their_end() {
+        let mut codec = Codec::new(Limits::default());
+        let mut message = b"0123456789".to_vec();
+        message.shrink_to_fit();
+        codec.start_chunk(1000, Some(message));
+        for _ in 0..999 {
+            assert_eq!(codec.decode(b"x"), (1, Event::NeedMore));
+        }
+        let (_, Event::Chunk(Some(m))) = codec.decode(b"yz") else {
+            panic!()
+        };
+        assert_eq!(m.len(), 1010);
+        assert_eq!(m.capacity(), 1010);
     }
 
     #[test]

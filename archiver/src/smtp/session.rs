@@ -745,6 +745,7 @@ pub(crate) mod tests {
             r
         }
 
+        /// Sends `line` and CRLF, then reads one reply and checks its start.
         pub async fn cmd(&mut self, line: &str, prefix: &str) -> String {
             self.send(&format!("{line}\r\n")).await;
             self.expect(prefix).await
@@ -1079,5 +1080,382 @@ pub(crate) mod tests {
         c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
         c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
         assert_eq!(h.sink.got.lock().unwrap()[0].session.protocol, "LMTP");
+    }
+
+    fn trusted() -> SessionConfig {
+        SessionConfig {
+            trust_xcoffer: true,
+            ..config()
+        }
+    }
+
+    fn lmtp(max_recipients: usize) -> SessionConfig {
+        SessionConfig {
+            protocol: Protocol::Lmtp,
+            max_recipients,
+            ..config()
+        }
+    }
+
+    /// Started and greeted with EHLO (SMTP) or LHLO (LMTP); returns the EHLO/LHLO reply.
+    async fn hello(config: SessionConfig) -> (Harness, String) {
+        let lmtp = config.protocol == Protocol::Lmtp;
+        let mut h = start(config, Arc::default());
+        h.client.expect("220 mx.test ").await;
+        let verb = if lmtp { "LHLO" } else { "EHLO" };
+        let caps = h
+            .client
+            .cmd(&format!("{verb} client.test"), "250-mx.test")
+            .await;
+        (h, caps)
+    }
+
+    fn sample_xcoffer() -> Xcoffer {
+        Xcoffer {
+            origin_arrival: Some("archive-b/12345678/99".into()),
+            origin_time: Some("2024-05-01T12:00:00Z".into()),
+            mail_params: vec!["SIZE=5".into(), "BODY=8BITMIME".into()],
+            client_addr: Some("203.0.113.9".into()),
+            client_name: Some("mail.example.org".into()),
+            helo: Some("evil\r\nhelo".into()),
+            auth_user: Some("alice".into()),
+            queue_id: Some("4VQ3xY1z2Bz".into()),
+            trace: vec!["archive-b".into()],
+            hops: 1,
+            ..Xcoffer::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn xcoffer_on_a_trusted_listener() {
+        let (mut h, caps) = hello(trusted()).await;
+        assert!(
+            caps.ends_with(
+                "250-ENHANCEDSTATUSCODES\r\n\
+                 250 XCOFFER archive-a 0badf00d-1111-4222-8333-444455556666\r\n"
+            ),
+            "{caps}"
+        );
+        let x = sample_xcoffer();
+        let c = &mut h.client;
+        let mail = format!(
+            "MAIL FROM:<a@b.test> BODY=8BITMIME XCOFFER={} SIZE=5",
+            coffer_proto::encode(&x)
+        );
+        c.cmd(&mail, "250 2.1.0").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        c.send("hi\r\n.\r\n").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        let got = h.sink.got.lock().unwrap();
+        let s = &got[0].session;
+        assert_eq!(s.xcoffer.as_ref(), Some(&x));
+        assert_eq!(s.queue_id.as_deref(), Some("4VQ3xY1z2Bz"));
+        // What this session saw stays as it saw it.
+        assert_eq!(s.client_addr.as_deref(), Some("192.0.2.1:40000"));
+        assert_eq!(s.helo.as_deref(), Some("client.test"));
+        assert_eq!(got[0].envelope.mail_params, ["BODY=8BITMIME", "SIZE=5"]);
+    }
+
+    #[tokio::test]
+    async fn xcoffer_refused_where_not_trusted() {
+        let (mut h, caps) = hello(config()).await;
+        assert!(!caps.contains("XCOFFER"), "{caps}");
+        let c = &mut h.client;
+        let mail = format!(
+            "MAIL FROM:<a@b.test> XCOFFER={}",
+            coffer_proto::encode(&sample_xcoffer())
+        );
+        c.cmd(&mail, "555 5.5.4 XCOFFER not accepted here").await;
+        // No transaction was opened, and long MAIL lines stay refused.
+        c.cmd("RCPT TO:<c@d.test>", "503 5.5.1").await;
+        let long = format!("MAIL FROM:<a@b.test> XCOFFER={}", "A".repeat(5000));
+        c.cmd(&long, "500 5.5.6 Line too long").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 2.1.0").await;
+        // Not after HELO on a trusted listener either.
+        let mut h = start(trusted(), Arc::default());
+        h.client.expect("220 ").await;
+        h.client.cmd("HELO client.test", "250 mx.test").await;
+        h.client.cmd(&mail, "555 5.5.4").await;
+    }
+
+    #[tokio::test]
+    async fn xcoffer_mail_line_cap_is_16_kib() {
+        let (mut h, _) = hello(trusted()).await;
+        let x = Xcoffer {
+            helo: Some("h".repeat(12_000)),
+            ..Xcoffer::default()
+        };
+        let value = coffer_proto::encode(&x);
+        let line_with = |total: usize| {
+            let bare = format!("MAIL FROM:<a@b.test> XCOFFER={value}\r\n");
+            let pad = " ".repeat(total - bare.len());
+            format!("MAIL FROM:<a@b.test> {pad}XCOFFER={value}\r\n")
+        };
+        let exact = line_with(16 * 1024);
+        assert_eq!(exact.len(), 16 * 1024);
+        let c = &mut h.client;
+        c.send(&line_with(16 * 1024 + 1)).await;
+        c.expect("500 5.5.6 Line too long").await;
+        c.send(&exact).await;
+        c.expect("250 2.1.0").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send("BDAT 2 LAST\r\nok").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        assert_eq!(h.sink.got.lock().unwrap()[0].session.xcoffer, Some(x));
+    }
+
+    #[tokio::test]
+    async fn malformed_xcoffer_gets_501() {
+        use base64::Engine as _;
+        let b64 = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let (mut h, _) = hello(trusted()).await;
+        let bad = [
+            "e30=".to_owned(),
+            "not+base64".to_owned(),
+            b64("[]"),
+            b64("{\"hops\":\"1\"}"),
+            b64("{\"origin_arrival\":\"no-slashes\"}"),
+            b64("{\"trace\":[\"a b\"]}"),
+            b64("{\"helo\":\"\\u0000\"}{"),
+        ];
+        for value in &bad {
+            let line = format!("MAIL FROM:<a@b.test> XCOFFER={value}");
+            let r = h.client.cmd(&line, "501 5.5.4 Invalid XCOFFER: ").await;
+            assert!(r
+                .bytes()
+                .all(|b| b == b'\r' || b == b'\n' || b == b' ' || b.is_ascii_graphic()));
+            h.client.cmd("RCPT TO:<c@d.test>", "503 5.5.1").await;
+        }
+        h.client
+            .cmd("MAIL FROM:<a@b.test> XCOFFER=", "501 5.5.4")
+            .await;
+        h.client
+            .cmd(
+                &format!("MAIL FROM:<a@b.test> XCOFFER={}", b64("{}")),
+                "250 2.1.0",
+            )
+            .await;
+    }
+
+    #[tokio::test]
+    async fn bdat_transaction() {
+        let (mut h, _) = hello(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test> BODY=BINARYMIME", "250 2.1.0")
+            .await;
+        c.cmd("RCPT TO:<c@d.test>", "250 2.1.5").await;
+        c.send_bytes(b"BDAT 7\r\n\0\r\n.\r\n\xff").await;
+        c.expect("250 2.0.0 Ok: 7 octets received").await;
+        c.cmd("DATA", "503 5.5.1 DATA not allowed after BDAT").await;
+        c.cmd("BDAT 0", "250 2.0.0 Ok: 0 octets received").await;
+        c.send_bytes(b"BDAT 5 LAST\r\nQUIT\n").await;
+        let ok = c.reply().await;
+        let want = b"\0\r\n.\r\n\xffQUIT\n";
+        assert_eq!(
+            ok,
+            format!("250 2.0.0 Ok: test/0badf00d/1 {}\r\n", MessageId::of(want))
+        );
+        // Pipelined, in one write, with a reply per chunk.
+        c.send_bytes(
+            b"MAIL FROM:<e@f.test>\r\nRCPT TO:<g@h.test>\r\nBDAT 3\r\nabcBDAT 2 LAST\r\nde",
+        )
+        .await;
+        for want in [
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.0.0 Ok: 3 octets",
+            "250 2.0.0 Ok: test/0badf00d/2 ",
+        ] {
+            c.expect(want).await;
+        }
+        c.cmd("QUIT", "221 ").await;
+        h.task.await.unwrap().unwrap();
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got[0].bytes, want);
+        assert_eq!(got[0].envelope.mail_params, ["BODY=BINARYMIME"]);
+        assert_eq!(got[1].bytes, b"abcde");
+    }
+
+    #[tokio::test]
+    async fn binarymime_needs_bdat() {
+        let (mut h, _) = hello(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test> BODY=BINARYMIME", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "503 5.5.1 BODY=BINARYMIME needs BDAT").await;
+        // The transaction is still open for BDAT.
+        c.send("BDAT 1 LAST\r\nx").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        // 8BITMIME and 7BIT may use either, and undeclared binary in DATA is kept.
+        for body in ["8BITMIME", "7BIT"] {
+            c.cmd(&format!("MAIL FROM:<a@b.test> BODY={body}"), "250 ")
+                .await;
+            c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+            c.cmd("DATA", "354 ").await;
+            c.send_bytes(b"\0\xff\rbin\n\r\n.\r\n").await;
+            c.expect("250 2.0.0 Ok: ").await;
+        }
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got[1].bytes, b"\0\xff\rbin\n\r\n");
+        assert_eq!(got[2].envelope.mail_params, ["BODY=7BIT"]);
+    }
+
+    #[tokio::test]
+    async fn bdat_sequence_errors_still_read_the_chunk() {
+        let (mut h, _) = hello(config()).await;
+        let c = &mut h.client;
+        // No MAIL: the 6 bytes (which look like a command) are read and dropped.
+        c.send("BDAT 6\r\nRSET\r\n").await;
+        c.expect("503 5.5.1 Need MAIL command").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.send("BDAT 6 LAST\r\nQUIT\r\n").await;
+        c.expect("503 5.5.1 Need RCPT command").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send("BDAT 2 LAST\r\nok").await;
+        c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
+        assert_eq!(h.sink.got.lock().unwrap()[0].bytes, b"ok");
+    }
+
+    #[tokio::test]
+    async fn bdat_over_the_limit() {
+        let (mut h, _) = hello(config()).await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send(&format!("BDAT 60\r\n{}", "a".repeat(60))).await;
+        c.expect("250 2.0.0 Ok: 60 octets").await;
+        // 120 > 100: the chunk is read whole, then 552, and the transaction is over.
+        c.send(&format!("BDAT 60\r\n{}", "b".repeat(60))).await;
+        c.expect("552 5.3.4").await;
+        c.send(&format!("BDAT 10 LAST\r\n{}", "c".repeat(10))).await;
+        c.expect("503 5.5.1 Need MAIL").await;
+        // One chunk over the limit at once, and exactly at the limit.
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send(&format!("BDAT 101 LAST\r\n{}", "d".repeat(101)))
+            .await;
+        c.expect("552 5.3.4").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send(&format!("BDAT 100 LAST\r\n{}", "e".repeat(100)))
+            .await;
+        c.expect("250 2.0.0 Ok: test/0badf00d/1").await;
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].bytes, "e".repeat(100).as_bytes());
+    }
+
+    #[tokio::test]
+    async fn bdat_lies_store_nothing() {
+        // The client closes in the middle of a chunk.
+        let (mut h, _) = hello(config()).await;
+        h.client.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        h.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        h.client.send("BDAT 50 LAST\r\nonly a few bytes").await;
+        h.client.writer.shutdown().await.unwrap();
+        assert_eq!(h.client.reply().await, "");
+        h.task.await.unwrap().unwrap();
+        assert!(h.sink.got.lock().unwrap().is_empty());
+        // A size that is not a number: 501, and the session ends.
+        let (mut h, _) = hello(config()).await;
+        h.client.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        h.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        h.client.send("BDAT 1 \r\nx").await;
+        h.client.expect("250 2.0.0 Ok: 1 octets").await;
+        h.client.cmd("BDAT ten LAST", "501 5.5.4").await;
+        h.client.expect("421 4.7.0").await;
+        assert_eq!(h.client.reply().await, "");
+        h.task.await.unwrap().unwrap();
+        assert!(h.sink.got.lock().unwrap().is_empty());
+    }
+
+    /// Sends MAIL and `n` RCPTs in one write; expects `accepted` 250s then 452s.
+    async fn many_recipients(c: &mut Client<ReadHalf<DuplexStream>>, n: usize, accepted: usize) {
+        let mut wire = String::from("MAIL FROM:<a@b.test>\r\n");
+        for i in 0..n {
+            wire.push_str(&format!("RCPT TO:<r{i}@d.test>\r\n"));
+        }
+        c.send(&wire).await;
+        c.expect("250 2.1.0").await;
+        for i in 0..n {
+            let want = if i < accepted {
+                "250 2.1.5"
+            } else {
+                "452 4.5.3"
+            };
+            c.expect(want).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn lmtp_a_thousand_recipients() {
+        let (mut h, caps) = hello(lmtp(1000)).await;
+        assert!(caps.contains("250-CHUNKING\r\n"), "{caps}");
+        many_recipients(&mut h.client, 1001, 1000).await;
+        let (release, gate) = oneshot::channel();
+        *h.sink.gate.lock().unwrap() = Some(gate);
+        h.client.cmd("DATA", "354 ").await;
+        h.client.send("hi\r\n.\r\n").await;
+        let early =
+            tokio::time::timeout(Duration::from_millis(200), h.client.reader.fill_buf()).await;
+        assert!(early.is_err(), "a reply came before the sink returned");
+        release.send(()).unwrap();
+        let want = format!(
+            "250 2.0.0 Ok: test/0badf00d/1 {}\r\n",
+            MessageId::of(b"hi\r\n")
+        );
+        for i in 0..1000 {
+            assert_eq!(h.client.reply().await, want, "reply {i}");
+        }
+        // The same by BDAT, and nothing more than one reply per recipient.
+        many_recipients(&mut h.client, 1000, 1000).await;
+        h.client.send("BDAT 3\r\nabc").await;
+        h.client.expect("250 2.0.0 Ok: 3 octets").await;
+        h.client.send("BDAT 0 LAST\r\nNOOP\r\n").await;
+        for _ in 0..1000 {
+            h.client.expect("250 2.0.0 Ok: test/0badf00d/2 ").await;
+        }
+        h.client.expect("250 2.0.0 Ok\r\n").await;
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].envelope.rcpt_to.len(), 1000);
+        assert_eq!(got[1].bytes, b"abc");
+    }
+
+    #[tokio::test]
+    async fn lmtp_store_failure_answers_every_recipient() {
+        let (mut h, _) = hello(lmtp(1000)).await;
+        *h.sink.fail.lock().unwrap() = Some(|| IngestError::Busy);
+        many_recipients(&mut h.client, 1000, 1000).await;
+        h.client.send("BDAT 2 LAST\r\nhi").await;
+        h.client.expect("451 4.3.2 ").await;
+        for _ in 1..1000 {
+            h.client.expect("451 4.3.2 ").await;
+        }
+        h.client.cmd("NOOP", "250 2.0.0 Ok\r\n").await;
+        assert!(h.sink.got.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn lmtp_trusted_advertises_xcoffer_in_lhlo() {
+        let (mut h, caps) = hello(SessionConfig {
+            trust_xcoffer: true,
+            ..lmtp(1000)
+        })
+        .await;
+        assert!(caps.contains("250 XCOFFER archive-a "), "{caps}");
+        assert!(caps.contains("250-CHUNKING\r\n250-SMTPUTF8"), "{caps}");
+        let x = sample_xcoffer();
+        let mail = format!("MAIL FROM:<a@b.test> XCOFFER={}", coffer_proto::encode(&x));
+        h.client.cmd(&mail, "250 ").await;
+        h.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        h.client.cmd("RCPT TO:<e@d.test>", "250 ").await;
+        h.client.send("BDAT 2 LAST\r\nhi").await;
+        h.client.expect("250 2.0.0 Ok: ").await;
+        h.client.expect("250 2.0.0 Ok: ").await;
+        let got = h.sink.got.lock().unwrap();
+        assert_eq!(got[0].session.xcoffer.as_ref(), Some(&x));
+        assert_eq!(got[0].session.protocol, "LMTP");
     }
 }

@@ -370,3 +370,38 @@ fn index_lost_is_rebuilt_from_the_log() {
     let reader = StoreReader::open(dir.path()).unwrap();
     assert_eq!(reader.status().unwrap().arrivals, 1);
 }
+
+#[test]
+fn xcoffer_facts_are_kept_with_the_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(opts(dir.path())).unwrap();
+    let h = store.handle();
+    let x = coffer_proto::Xcoffer {
+        origin_arrival: Some("node-b/0badf00d/7".into()),
+        helo: Some("their\r\nhelo".into()),
+        queue_id: Some("4Q1".into()),
+        trace: vec!["node-b".into()],
+        ..coffer_proto::Xcoffer::default()
+    };
+    let mut with = msg(M1, "a@x", &["b@y"]);
+    with.session.queue_id = x.queue_id.clone();
+    with.session.xcoffer = Some(x.clone());
+    let r1 = h.ingest_blocking(with).unwrap();
+    let r2 = h.ingest_blocking(msg(M1, "c@x", &["b@y"])).unwrap();
+    drop(h);
+    store.close();
+
+    let reader = StoreReader::open(dir.path()).unwrap();
+    let arrivals = reader.arrivals(&r1.message_id).unwrap();
+    let a1 = arrivals.iter().find(|a| a.id == r1.arrival_id).unwrap();
+    assert_eq!(a1.xcoffer.as_ref(), Some(&x));
+    assert_eq!(a1.queue_id.as_deref(), Some("4Q1"));
+    assert_eq!(a1.helo.as_deref(), Some("client"));
+    let a2 = arrivals.iter().find(|a| a.id == r2.arrival_id).unwrap();
+    assert_eq!(a2.xcoffer, None);
+    // Left out of the JSON when absent; records written before the field still read.
+    let json = serde_json::to_value(a2).unwrap();
+    assert!(json.get("xcoffer").is_none(), "{json}");
+    let old: Arrival = serde_json::from_value(json).unwrap();
+    assert_eq!(&old, a2);
+}
