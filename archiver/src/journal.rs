@@ -1019,6 +1019,7 @@ mod tests {
                 client_addr: Some("10.0.0.5:41234".into()),
                 helo: Some("EX01.contoso.com".into()),
                 queue_id: None,
+                xcoffer: None,
             },
         };
         let o = original_arrival(&report).unwrap().unwrap();

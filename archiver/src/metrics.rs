@@ -315,6 +315,14 @@ pub struct CountingSink {
 }
 
 impl Sink for CountingSink {
+    fn node(&self) -> &str {
+        self.store.node()
+    }
+
+    fn epoch(&self) -> &str {
+        self.store.epoch()
+    }
+
     fn ingest(
         &self,
         msg: Incoming,
@@ -382,6 +390,13 @@ mod tests {
         sink.ingest(incoming(b"Subject: 2\r\n\r\nyy\r\n"))
             .await
             .unwrap();
+        // Store totals are published when the index commits, a moment after the answers.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while store.handle().stats().arrivals.load(Ordering::Relaxed) < 2
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         let text = metrics.render(&store.handle());
         for line in [
             "coffer_received_messages_total{listener=\"journal\"} 2",

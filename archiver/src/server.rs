@@ -3,7 +3,9 @@
 //! # Lifecycle (docs/lifecycle.md)
 //! 1. Open the store (recovering it after a crash) and start its writer thread.
 //! 2. Bind every listener; only then tell systemd `READY=1`.
-//! 3. Serve until SIGTERM or SIGINT. SIGHUP re-reads and checks the configuration.
+//! 3. Serve until SIGTERM or SIGINT. SIGHUP re-reads the configuration from the same
+//!    source and applies what can change live (see [`apply_reload`]); what needs a
+//!    restart is logged.
 //! 4. On shutdown: stop accepting; idle sessions get 421, a session in DATA finishes its
 //!    message; then the store writer drains (every accepted message is answered and
 //!    committed) and the process exits 0.
@@ -16,9 +18,9 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::{self, Config, ConfigSource};
+use crate::config::{self, Config, ConfigSource, ListenerConfig};
 use crate::metrics::{CountingSink, Metrics};
-use crate::smtp::{Listener, Sink};
+use crate::smtp::{Listener, Reloader, Sink};
 use crate::store::{Incoming, IngestError, Receipt, Store, StoreHandle, StoreOptions};
 
 impl Sink for StoreHandle {
@@ -100,6 +102,7 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
     });
     let hostname = config.node.name.clone();
     let mut tasks = tokio::task::JoinSet::new();
+    let reloaders: Vec<Reloader> = listeners.iter().map(Listener::reloader).collect();
     for l in listeners {
         let (sink, hostname, stop) = (sink.clone(), hostname.clone(), stop_rx.clone());
         let name = l.config().name.clone();
@@ -127,7 +130,7 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(&config),
+            _ = hup.recv() => reload(&config, &reloaders),
             Some(_) = tasks.join_next() => {
                 if tasks.is_empty() {
                     warn!("every listener stopped; shutting down");
@@ -153,25 +156,207 @@ fn notify_ready() {
     info!("ready");
 }
 
-/// SIGHUP: re-reads and checks the configuration, and says what it would change.
-///
-/// Settings are not yet swapped into running listeners: the log says so, and which
-/// changes need a restart in any case.
-fn reload(current: &Config) {
-    let explicit = match &current.source {
-        ConfigSource::File(p) => Some(p.as_path()),
-        ConfigSource::Embedded => None,
-    };
-    match config::load(explicit) {
-        Ok(new) => {
-            for w in config::check(&new) {
-                warn!("configuration: {w}");
-            }
-            for change in config::reload_diff(current, &new) {
-                warn!("reload: {change}: takes effect after a restart");
-            }
-            info!("SIGHUP: configuration re-read and valid; live changes take effect after a restart in this version");
+/// SIGHUP: re-reads the configuration from where it came (the same file, or the
+/// embedded default), validates it, and applies it ([`apply_reload`]). An invalid
+/// configuration changes nothing.
+fn reload(running: &Config, listeners: &[Reloader]) {
+    let loaded = match &running.source {
+        ConfigSource::File(p) => config::load_file(p),
+        ConfigSource::Embedded => {
+            config::from_toml(config::embedded_toml(), ConfigSource::Embedded)
         }
-        Err(e) => error!("SIGHUP: the configuration has errors and was not applied: {e}"),
+    };
+    let new = match loaded {
+        Ok(new) => new,
+        Err(e) => {
+            error!("SIGHUP: the configuration has errors and was not applied: {e}");
+            return;
+        }
+    };
+    for w in config::check(&new) {
+        warn!("configuration: {w}");
+    }
+    for change in apply_reload(running, &new, listeners) {
+        warn!("reload: {change}: needs a restart");
+    }
+    info!(source = %new.source_name(), "SIGHUP: configuration reloaded");
+}
+
+/// Applies `new` to the running daemon, started with `running`, and returns what it
+/// cannot apply (one line each, for the "needs a restart" log).
+///
+/// Applied: each running listener takes the settings of the listener of the same name
+/// in `new` (`allow`, `trusted_proxies`, `proxy_protocol`, `max_message_size`,
+/// `max_recipients`, `max_connections`, `idle_timeout`, `trust_xcoffer`, `tls`) for the
+/// connections it accepts from then on; sessions already running keep theirs. A listener
+/// whose `bind` or `protocol` changed keeps its socket and protocol and takes the rest.
+///
+/// Not applied (returned): [`config::reload_diff`] (`[node]`, listeners added, removed or
+/// rebound, the store's file layout, `[console]`), and `[store] max_pending` and
+/// `min_free_disk`, which the store reads once at open. Routes and connections are not
+/// used by the daemon yet, so there is nothing to change for them.
+pub fn apply_reload(running: &Config, new: &Config, listeners: &[Reloader]) -> Vec<String> {
+    let mut restart = config::reload_diff(running, new);
+    let (os, ns) = (&running.store, &new.store);
+    for (key, a, b) in [
+        ("max_pending", os.max_pending, ns.max_pending),
+        ("min_free_disk", os.min_free_disk, ns.min_free_disk),
+    ] {
+        if a != b {
+            restart.push(format!(
+                "[store] {key} changed from {} to {}",
+                config::units::format_size(a),
+                config::units::format_size(b)
+            ));
+        }
+    }
+    for reloader in listeners {
+        let current = reloader.current();
+        let Some(wanted) = new.listeners.iter().find(|l| l.name == current.name) else {
+            continue; // removed: reload_diff says so
+        };
+        let changed = live_changes(&current, wanted);
+        if changed.is_empty() {
+            continue;
+        }
+        // The socket stays as bound: bind and protocol changes are in reload_diff.
+        let next = ListenerConfig {
+            bind: current.bind.clone(),
+            protocol: current.protocol.clone(),
+            socket_mode: current.socket_mode,
+            socket_group: current.socket_group.clone(),
+            ..wanted.clone()
+        };
+        match reloader.apply(Arc::new(next)) {
+            Ok(_) => info!(listener = %current.name, changed = %changed.join(", "),
+                "reload: new settings apply to new connections"),
+            Err(e) => error!("reload: {e}"),
+        }
+    }
+    restart
+}
+
+/// The settings a reload can change that differ between `old` and `new`, by key.
+fn live_changes(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'static str> {
+    let tls = |t: &Option<config::ListenerTls>| {
+        t.as_ref().map(|t| {
+            (
+                t.cert.clone(),
+                t.key.clone(),
+                t.required,
+                t.require_client_cert,
+                t.client_ca.clone(),
+            )
+        })
+    };
+    [
+        ("allow", old.allow != new.allow),
+        (
+            "trusted_proxies",
+            old.trusted_proxies != new.trusted_proxies,
+        ),
+        ("proxy_protocol", old.proxy_protocol != new.proxy_protocol),
+        (
+            "max_message_size",
+            old.max_message_size != new.max_message_size,
+        ),
+        ("max_recipients", old.max_recipients != new.max_recipients),
+        (
+            "max_connections",
+            old.max_connections != new.max_connections,
+        ),
+        ("idle_timeout", old.idle_timeout != new.idle_timeout),
+        ("trust_xcoffer", old.trust_xcoffer != new.trust_xcoffer),
+        ("tls", tls(&old.tls) != tls(&new.tls)),
+    ]
+    .into_iter()
+    .filter_map(|(key, differs)| differs.then_some(key))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        config::from_toml(text, ConfigSource::File("/etc/coffer/test.toml".into())).unwrap()
+    }
+
+    fn file(journal: &str, extra: &str) -> String {
+        format!(
+            r#"[node]
+name = "n1"
+data_dir = "/tmp/coffer-reload-test"
+{extra}
+[[listener]]
+name = "journal"
+bind = "127.0.0.1:0"
+{journal}
+
+[[listener]]
+name = "other"
+bind = "127.0.0.1:0"
+
+[[route]]
+from = ["journal", "other"]
+"#
+        )
+    }
+
+    #[test]
+    fn sighup_applies_listener_settings_and_lists_what_needs_a_restart() {
+        let running = parse(&file(r#"allow = ["10.0.0.0/8"]"#, ""));
+        let bound: Vec<Listener> = running
+            .listeners
+            .iter()
+            .map(|l| Listener::bind(Arc::new(l.clone())).unwrap())
+            .collect();
+        let reloaders: Vec<Reloader> = bound.iter().map(Listener::reloader).collect();
+
+        let new = parse(&file(
+            r#"allow = ["127.0.0.0/8"]
+proxy_protocol = true
+trusted_proxies = ["192.0.2.0/24"]
+max_connections = 7
+idle_timeout = "9s""#,
+            "[store]\nmax_pending = \"1MiB\"\n",
+        ));
+        let restart = apply_reload(&running, &new, &reloaders);
+        assert_eq!(
+            restart,
+            ["[store] max_pending changed from 256MiB to 1MiB"],
+            "{restart:?}"
+        );
+        let journal = reloaders[0].current();
+        assert_eq!(journal.allow, vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(journal.proxy_protocol);
+        assert_eq!(
+            journal.trusted_proxies,
+            vec!["192.0.2.0/24".parse().unwrap()]
+        );
+        assert_eq!(journal.max_connections, 7);
+        assert_eq!(journal.idle_timeout, std::time::Duration::from_secs(9));
+        assert_eq!(
+            live_changes(&running.listeners[1], &reloaders[1].current()),
+            Vec::<&str>::new()
+        );
+
+        // Rebound and removed listeners need a restart; the rebound one still takes the
+        // rest of its settings, on its old socket.
+        let mut moved = new.clone();
+        moved.listeners[0].bind = config::BindAddr::Tcp("127.0.0.1:1".parse().unwrap());
+        moved.listeners[0].max_recipients = 3;
+        moved.listeners.truncate(1);
+        let restart = apply_reload(&running, &moved, &reloaders);
+        assert!(
+            restart.iter().any(|r| r.contains("`journal` bind")),
+            "{restart:?}"
+        );
+        assert!(restart
+            .iter()
+            .any(|r| r.contains("`other`") && r.contains("removed")));
+        let journal = reloaders[0].current();
+        assert_eq!(journal.max_recipients, 3);
+        assert_eq!(journal.bind, running.listeners[0].bind);
     }
 }

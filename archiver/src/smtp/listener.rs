@@ -4,20 +4,48 @@
 //! early) before it tells systemd it is ready: [`Listener::bind`], then
 //! [`Listener::serve`].
 //!
-//! Per listener: an allow-list on the peer address (TCP only), `max_connections`
-//! through a semaphore, accept errors retried with backoff, and a graceful shutdown that
-//! returns only when every session of the listener has ended.
+//! Per listener: an allow-list on the client address (TCP only), `max_connections`,
+//! the PROXY protocol from trusted proxies, accept errors retried with backoff, and a
+//! graceful shutdown that returns only when every session of the listener has ended.
+//!
+//! # Live settings
+//! A running listener reads its settings from a `watch` channel: [`Listener::reloader`]
+//! gives a [`Reloader`] that replaces them (on SIGHUP). Connections accepted afterwards
+//! use the new `allow`, `trusted_proxies`, `proxy_protocol`, `max_connections` and
+//! session limits; sessions already running keep the settings they started with. A
+//! lower `max_connections` refuses new connections until enough sessions have ended; no
+//! running session is cut. `name`, `bind` and `protocol` cannot change (the socket is
+//! bound once).
+//!
+//! # PROXY protocol
+//! On a TCP listener with `proxy_protocol = true`, a connection whose peer is in
+//! `trusted_proxies` must start with a PROXY v1 or v2 header ([`super::proxy`]) within
+//! [`PROXY_HEADER_TIMEOUT`], before we greet. The client the header names is the one the
+//! allow-list is checked against and the arrival records; the proxy's address is logged.
+//! v1 `UNKNOWN` and v2 `LOCAL` (a load balancer's health check) leave the proxy itself as
+//! the client. A missing, malformed or unsupported header closes the connection without
+//! a greeting. Bytes that follow the header in the same read (a client talking before
+//! the greeting) are not lost: the session reads them first, after its greeting.
+//!
+//! A peer not in `trusted_proxies` is a direct client, even on a `proxy_protocol`
+//! listener: the allow-list applies to it, and a PROXY header it sends is just an
+//! unknown command. Listeners without `proxy_protocol` never parse PROXY headers.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::proxy::{self, Parsed, ProxyHeader};
 use super::session::{self, SessionConfig};
 use super::Sink;
 use crate::config::{BindAddr, ListenerConfig};
@@ -27,11 +55,63 @@ use crate::config::{BindAddr, ListenerConfig};
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// How long a trusted proxy has, from accept, to send its whole PROXY header. Load
+/// balancers send it at once; a connection without one is closed, ungreeted.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A bound listener socket, not yet accepting.
 #[derive(Debug)]
 pub struct Listener {
-    config: Arc<ListenerConfig>,
+    settings: Arc<watch::Sender<Arc<ListenerConfig>>>,
     socket: Socket,
+}
+
+/// Replaces the settings of a bound or running [`Listener`] for the connections it
+/// accepts from then on. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    settings: Arc<watch::Sender<Arc<ListenerConfig>>>,
+}
+
+/// A new configuration for a listener changes what only a restart can change.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("listener `{listener}`: {what} changed; takes effect after a restart")]
+pub struct ReloadError {
+    pub listener: String,
+    /// `name`, `bind` or `protocol`.
+    pub what: &'static str,
+}
+
+impl Reloader {
+    /// The settings new connections get now.
+    pub fn current(&self) -> Arc<ListenerConfig> {
+        self.settings.borrow().clone()
+    }
+
+    /// Makes `config` the settings for connections accepted from now on, and returns the
+    /// ones it replaces. Sessions already running keep theirs.
+    ///
+    /// # Errors
+    /// `config` differs in `name`, `bind` or `protocol`: nothing is changed.
+    pub fn apply(&self, config: Arc<ListenerConfig>) -> Result<Arc<ListenerConfig>, ReloadError> {
+        let old = self.current();
+        let what = if config.name != old.name {
+            Some("name")
+        } else if config.bind != old.bind {
+            Some("bind")
+        } else if config.protocol != old.protocol {
+            Some("protocol")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(ReloadError {
+                listener: old.name.clone(),
+                what,
+            });
+        }
+        Ok(self.settings.send_replace(config))
+    }
 }
 
 #[derive(Debug)]
@@ -81,7 +161,11 @@ impl Listener {
             BindAddr::Unix(path) => bind_unix(&config, path)
                 .map_err(|e| context(e, &config.name, &format!("unix:{}", path.display())))?,
         };
-        Ok(Listener { config, socket })
+        let (settings, _) = watch::channel(config);
+        Ok(Listener {
+            settings: Arc::new(settings),
+            socket,
+        })
     }
 
     /// The bound TCP address (useful when binding port 0); `None` for Unix sockets.
@@ -92,18 +176,27 @@ impl Listener {
         }
     }
 
-    pub fn config(&self) -> &Arc<ListenerConfig> {
-        &self.config
+    /// The current settings.
+    pub fn config(&self) -> Arc<ListenerConfig> {
+        self.settings.borrow().clone()
+    }
+
+    /// A handle that changes the settings, before or while the listener serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            settings: self.settings.clone(),
+        }
     }
 
     /// Accepts connections and runs a session for each, until `shutdown` turns true (or
-    /// its sender is dropped).
+    /// its sender is dropped). Settings changed through a [`Reloader`] apply to the
+    /// connections accepted afterwards.
     ///
     /// # Termination
     /// On shutdown the listener stops accepting at once; each session then ends as
     /// [`session::serve`] describes (idle ones get 421 now, one in DATA finishes its
-    /// message). This returns when every session has ended; a Unix socket file is then
-    /// removed if it is still ours.
+    /// message; one still waiting for its PROXY header is closed). This returns when
+    /// every session has ended; a Unix socket file is then removed if it is still ours.
     ///
     /// # Errors
     /// Registering the socket with the runtime failed. Accept errors are logged and
@@ -114,8 +207,13 @@ impl Listener {
         hostname: String,
         mut shutdown: watch::Receiver<bool>,
     ) -> io::Result<()> {
-        let Listener { config, socket } = self;
-        let session_config = Arc::new(SessionConfig::from_listener(&config, &hostname));
+        let Listener { settings, socket } = self;
+        // `settings` lives as long as this loop, so `updates` never reports a closed
+        // channel while we serve.
+        let mut updates = settings.subscribe();
+        let mut config = updates.borrow_and_update().clone();
+        let name = config.name.clone();
+        let mut session_config = Arc::new(SessionConfig::from_listener(&config, &hostname));
         let (accepter, unix_path) = match socket {
             Socket::Tcp(l) => (Accepter::Tcp(tokio::net::TcpListener::from_std(l)?), None),
             Socket::Unix { listener, path, id } => (
@@ -123,21 +221,29 @@ impl Listener {
                 Some((path, id)),
             ),
         };
-        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let shared = Shared {
+            sink,
+            shutdown: shutdown.clone(),
+            active: Arc::new(AtomicUsize::new(0)),
+        };
         let mut sessions = JoinSet::new();
         let mut backoff = ACCEPT_BACKOFF_MIN;
-        tracing::info!(listener = %config.name, "accepting connections");
+        tracing::info!(listener = %name, "accepting connections");
 
         while !*shutdown.borrow() {
             tokio::select! {
                 accepted = accepter.accept() => match accepted {
                     Ok(conn) => {
                         backoff = ACCEPT_BACKOFF_MIN;
-                        admit(conn, &config, &session_config, &slots, &sink, &shutdown,
-                            &mut sessions);
+                        // Settings changed before this connection came take effect
+                        // for it, whichever branch the select picked first.
+                        if updates.has_changed().unwrap_or(false) {
+                            (config, session_config) = reload(&mut updates, &hostname);
+                        }
+                        admit(conn, &config, &session_config, &shared, &mut sessions);
                     }
                     Err(e) => {
-                        tracing::warn!(listener = %config.name, error = %e,
+                        tracing::warn!(listener = %name, error = %e,
                             retry_in = ?backoff, "accept failed");
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
@@ -146,28 +252,72 @@ impl Listener {
                         backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     }
                 },
+                Ok(()) = updates.changed() => {
+                    (config, session_config) = reload(&mut updates, &hostname);
+                }
                 changed = shutdown.changed() => {
                     if changed.is_err() {
                         break;
                     }
                 }
                 Some(ended) = sessions.join_next(), if !sessions.is_empty() => {
-                    log_session_end(&config.name, ended);
+                    log_session_end(&name, ended);
                 }
             }
         }
 
         drop(accepter);
-        tracing::info!(listener = %config.name, sessions = sessions.len(),
+        tracing::info!(listener = %name, sessions = sessions.len(),
             "stopped accepting; waiting for sessions to end");
         while let Some(ended) = sessions.join_next().await {
-            log_session_end(&config.name, ended);
+            log_session_end(&name, ended);
         }
         if let Some((path, id)) = unix_path {
             remove_if_our_socket(&path, id);
         }
-        tracing::info!(listener = %config.name, "stopped");
+        tracing::info!(listener = %name, "stopped");
         Ok(())
+    }
+}
+
+/// The latest settings from `updates`, and the session settings made from them.
+fn reload(
+    updates: &mut watch::Receiver<Arc<ListenerConfig>>,
+    hostname: &str,
+) -> (Arc<ListenerConfig>, Arc<SessionConfig>) {
+    let config = updates.borrow_and_update().clone();
+    let session_config = Arc::new(SessionConfig::from_listener(&config, hostname));
+    tracing::debug!(listener = %config.name, "new settings apply to new connections");
+    (config, session_config)
+}
+
+/// What every connection of a serving listener shares.
+struct Shared {
+    sink: Arc<dyn Sink>,
+    shutdown: watch::Receiver<bool>,
+    /// Connections holding a [`Slot`].
+    active: Arc<AtomicUsize>,
+}
+
+/// One of `max_connections`, held for the life of a connection.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// A slot, if fewer than `max` are taken. `max` may change between calls (reload);
+    /// connections above a lowered `max` keep theirs.
+    fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(active.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -191,41 +341,51 @@ impl Accepter {
 }
 
 impl Conn {
-    /// Best effort, without waiting: a refusal line into a fresh socket's empty buffer.
     fn refuse(&self, line: &str) {
-        let line = format!("{line}\r\n");
-        let _ = match self {
-            Conn::Tcp(s, _) => s.try_write(line.as_bytes()),
-            Conn::Unix(s) => s.try_write(line.as_bytes()),
-        };
+        match self {
+            Conn::Tcp(s, _) => refuse_tcp(s, line),
+            Conn::Unix(s) => {
+                let _ = s.try_read(&mut [0u8; 1024]);
+                let _ = s.try_write(format!("{line}\r\n").as_bytes());
+            }
+        }
     }
 }
 
-/// Checks the allow-list and the connection limit, then spawns the session.
+/// Best effort, without waiting: a refusal line into a fresh socket's empty buffer. What
+/// the peer already sent (a PROXY header) is read first, so closing does not reset the
+/// connection before the line arrives.
+fn refuse_tcp(s: &tokio::net::TcpStream, line: &str) {
+    let _ = s.try_read(&mut [0u8; 1024]);
+    let _ = s.try_write(format!("{line}\r\n").as_bytes());
+}
+
+/// Checks the allow-list (for direct clients) and the connection limit, then spawns the
+/// connection's task: the PROXY header (from trusted proxies), then the session.
 fn admit(
     conn: Conn,
-    config: &ListenerConfig,
+    config: &Arc<ListenerConfig>,
     session_config: &Arc<SessionConfig>,
-    slots: &Arc<Semaphore>,
-    sink: &Arc<dyn Sink>,
-    shutdown: &watch::Receiver<bool>,
+    shared: &Shared,
     sessions: &mut JoinSet<()>,
 ) {
-    let client_addr = match &conn {
+    let (peer, via_proxy) = match &conn {
         Conn::Tcp(_, peer) => {
-            let ip = peer.ip().to_canonical();
-            if !allowed(&config.allow, ip) {
+            let peer = canonical(*peer);
+            let via_proxy = config.proxy_protocol && allowed(&config.trusted_proxies, peer.ip());
+            if !via_proxy && !allowed(&config.allow, peer.ip()) {
                 tracing::warn!(listener = %config.name, client = %peer,
                     "connection refused: address not in allow list");
-                conn.refuse(&format!("554 5.7.1 {ip} not allowed"));
+                conn.refuse(&format!("554 5.7.1 {} not allowed", peer.ip()));
                 return;
             }
-            SocketAddr::new(ip, peer.port()).to_string()
+            (Some(peer), via_proxy)
         }
-        Conn::Unix(_) => "unix".to_owned(),
+        Conn::Unix(_) => (None, false),
     };
-    let Ok(permit) = slots.clone().try_acquire_owned() else {
-        tracing::warn!(listener = %config.name, client = %client_addr,
+    let Some(slot) = Slot::take(&shared.active, config.max_connections) else {
+        let client = peer.map_or_else(|| "unix".to_owned(), |p| p.to_string());
+        tracing::warn!(listener = %config.name, client = %client, via_proxy,
             max = config.max_connections, "connection refused: too many connections");
         conn.refuse(&format!(
             "421 4.7.0 {} too many connections",
@@ -233,26 +393,207 @@ fn admit(
         ));
         return;
     };
+    let config = config.clone();
     let session_config = session_config.clone();
-    let sink = sink.clone();
-    let shutdown = shutdown.clone();
-    let listener = config.name.clone();
+    let sink = shared.sink.clone();
+    let mut shutdown = shared.shutdown.clone();
     sessions.spawn(async move {
-        let _permit = permit;
-        let result = match conn {
-            Conn::Tcp(stream, _) => {
+        let _slot = slot;
+        let (result, client, proxy) = match conn {
+            Conn::Tcp(stream, peer) => {
                 let _ = stream.set_nodelay(true);
-                session::serve(stream, session_config, client_addr.clone(), sink, shutdown).await
+                let peer = canonical(peer);
+                let (stream, client, proxy) = if via_proxy {
+                    let Some((stream, client)) =
+                        accept_proxied(stream, peer, &config, &mut shutdown).await
+                    else {
+                        return;
+                    };
+                    (stream, client, Some(peer))
+                } else {
+                    (Prefixed::new(stream, Vec::new()), peer, None)
+                };
+                let client = client.to_string();
+                let result =
+                    session::serve(stream, session_config, client.clone(), sink, shutdown).await;
+                (result, client, proxy)
             }
             Conn::Unix(stream) => {
-                session::serve(stream, session_config, client_addr.clone(), sink, shutdown).await
+                let client = "unix".to_owned();
+                let result =
+                    session::serve(stream, session_config, client.clone(), sink, shutdown).await;
+                (result, client, None)
             }
         };
         if let Err(e) = result {
-            tracing::info!(listener = %listener, client = %client_addr, error = %e,
-                "session ended with an error");
+            tracing::info!(listener = %config.name, client = %client, proxy = %Shown(proxy),
+                error = %e, "session ended with an error");
         }
     });
+}
+
+/// A connection from a trusted proxy: reads its PROXY header and checks the allow-list
+/// against the client it names. `None` when the connection is closed instead (logged):
+/// no header in time, a malformed one, shutdown, or a client not allowed (554).
+async fn accept_proxied(
+    mut stream: tokio::net::TcpStream,
+    proxy: SocketAddr,
+    config: &ListenerConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(Prefixed<tokio::net::TcpStream>, SocketAddr)> {
+    let read = tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(&mut stream));
+    let read = tokio::select! {
+        read = read => read,
+        _ = shutdown.wait_for(|stop| *stop) => return None,
+    };
+    let (header, leftover) = match read {
+        Ok(Ok(got)) => got,
+        Ok(Err(e)) => {
+            tracing::warn!(listener = %config.name, proxy = %proxy, error = %e,
+                "closing a connection from a trusted proxy: bad PROXY header");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(listener = %config.name, proxy = %proxy,
+                timeout = ?PROXY_HEADER_TIMEOUT,
+                "closing a connection from a trusted proxy: no PROXY header in time");
+            return None;
+        }
+    };
+    let client = header.source().map_or(proxy, canonical);
+    if !allowed(&config.allow, client.ip()) {
+        tracing::warn!(listener = %config.name, client = %client, proxy = %proxy,
+            "connection refused: address not in allow list");
+        refuse_tcp(&stream, &format!("554 5.7.1 {} not allowed", client.ip()));
+        return None;
+    }
+    match header {
+        ProxyHeader::Proxied { destination, .. } => {
+            tracing::info!(listener = %config.name, client = %client, proxy = %proxy,
+                destination = %destination, "connection through proxy");
+        }
+        ProxyHeader::Local => {
+            tracing::debug!(listener = %config.name, proxy = %proxy,
+                "proxy connection on its own behalf (LOCAL/UNKNOWN)");
+        }
+    }
+    Some((Prefixed::new(stream, leftover), client))
+}
+
+/// Reads exactly one PROXY header, and returns it with whatever was read past it.
+async fn read_proxy_header<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> io::Result<(ProxyHeader, Vec<u8>)> {
+    let mut buf = vec![0u8; proxy::MAX_HEADER];
+    let mut len = 0;
+    // Each pass reads at least one byte into a bounded buffer.
+    while len < buf.len() {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before the PROXY header ended",
+            ));
+        }
+        len += n;
+        match proxy::parse(&buf[..len]) {
+            Ok(Parsed::NeedMore) => {}
+            Ok(Parsed::Done { header, consumed }) => {
+                return Ok((header, buf[consumed..len].to_vec()));
+            }
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "PROXY header too long",
+    ))
+}
+
+/// A stream that yields `prefix` before what `inner` reads: bytes a client sent right
+/// after its PROXY header, handed to the session as if not yet read.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(inner: S, prefix: Vec<u8>) -> Self {
+        Prefixed {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.pos);
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// An optional address for a log field: the address, or `-`.
+struct Shown(Option<SocketAddr>);
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, so `10.0.0.0/8` matches `::ffff:10.1.2.3`.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 fn allowed(allow: &[ipnet::IpNet], ip: IpAddr) -> bool {
@@ -360,18 +701,31 @@ mod tests {
         addr: Option<SocketAddr>,
         shutdown: watch::Sender<bool>,
         task: tokio::task::JoinHandle<io::Result<()>>,
+        sink: Arc<FakeSink>,
+        reloader: Reloader,
+    }
+
+    impl Running {
+        async fn stop(self) {
+            self.shutdown.send(true).unwrap();
+            self.task.await.unwrap().unwrap();
+        }
     }
 
     fn run(config: ListenerConfig) -> Running {
         let listener = Listener::bind(Arc::new(config)).unwrap();
         let addr = listener.local_addr();
+        let reloader = listener.reloader();
         let (shutdown, rx) = watch::channel(false);
-        let sink: Arc<dyn Sink> = Arc::new(FakeSink::default());
-        let task = tokio::spawn(listener.serve(sink, "mx.test".into(), rx));
+        let sink = Arc::new(FakeSink::default());
+        let dyn_sink: Arc<dyn Sink> = sink.clone();
+        let task = tokio::spawn(listener.serve(dyn_sink, "mx.test".into(), rx));
         Running {
             addr,
             shutdown,
             task,
+            sink,
+            reloader,
         }
     }
 
@@ -522,5 +876,390 @@ mod tests {
         let err = Listener::bind(Arc::new(config)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    fn proxy_config(trusted: &[&str], allow: &[&str]) -> ListenerConfig {
+        let mut config = tcp_config();
+        config.proxy_protocol = true;
+        config.trusted_proxies = nets(trusted);
+        config.allow = nets(allow);
+        config
+    }
+
+    fn v1(line: &str) -> Vec<u8> {
+        format!("{line}\r\n").into_bytes()
+    }
+
+    /// A v2 header: command, family, address block (source, destination, ports).
+    fn v2(cmd: u8, family: u8, src: IpAddr, dst: IpAddr) -> Vec<u8> {
+        let mut block = Vec::new();
+        for ip in [src, dst] {
+            match ip {
+                IpAddr::V4(a) => block.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => block.extend_from_slice(&a.octets()),
+            }
+        }
+        block.extend_from_slice(&40000u16.to_be_bytes());
+        block.extend_from_slice(&25u16.to_be_bytes());
+        block.extend_from_slice(&[0x04, 0x00, 0x02, b'h', b'i']); // a NOOP TLV, skipped
+        let mut out = proxy::V2_SIGNATURE.to_vec();
+        out.extend_from_slice(&[cmd, family]);
+        out.extend_from_slice(&u16::try_from(block.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(&block);
+        out
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Connects, sends `first` at once, and returns the client end.
+    async fn connect_sending(
+        addr: SocketAddr,
+        first: &[u8],
+    ) -> Client<tokio::net::tcp::OwnedReadHalf> {
+        let mut c = connect(addr).await;
+        c.send_bytes(first).await;
+        c
+    }
+
+    /// Runs one transaction after the greeting; returns the client_addr it was recorded
+    /// with.
+    async fn transaction(
+        c: &mut Client<tokio::net::tcp::OwnedReadHalf>,
+        sink: &FakeSink,
+    ) -> String {
+        c.cmd("EHLO me", "250-").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        c.send("hi\r\n.\r\n").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        c.cmd("QUIT", "221 ").await;
+        let got = sink.got.lock().unwrap();
+        got.last().unwrap().session.client_addr.clone().unwrap()
+    }
+
+    /// What a trusted proxy's connection leads to.
+    #[derive(Debug)]
+    enum Outcome {
+        /// Greeted; the arrival records this client (a prefix when the port is the
+        /// socket's own).
+        Client(&'static str),
+        /// This line, then the connection is closed.
+        Refused(&'static str),
+        /// Closed without a word.
+        Closed,
+    }
+
+    async fn check(r: &Running, name: &str, first: &[u8], want: &Outcome) {
+        let addr = r.addr.unwrap();
+        let mut c = connect_sending(addr, first).await;
+        match want {
+            Outcome::Client(client) => {
+                c.expect("220 mx.test ESMTP Coffer").await;
+                let got = transaction(&mut c, &r.sink).await;
+                assert!(
+                    got.starts_with(client),
+                    "{name}: recorded {got}, want {client}"
+                );
+            }
+            Outcome::Refused(line) => assert_eq!(c.reply().await, *line, "{name}"),
+            Outcome::Closed => assert_eq!(c.reply().await, "", "{name}"),
+        }
+        assert_eq!(c.reply().await, "", "{name}: then closed");
+    }
+
+    #[tokio::test]
+    async fn proxy_headers_from_a_trusted_proxy() {
+        use Outcome::*;
+        let (tcp4, tcp6) = (0x11, 0x21);
+        let lb = ip("192.0.2.1");
+        let cases: Vec<(&str, Vec<u8>, Outcome)> = vec![
+            (
+                "v1 tcp4 allowed",
+                v1("PROXY TCP4 198.51.100.9 192.0.2.1 40000 25"),
+                Client("198.51.100.9:40000"),
+            ),
+            (
+                "v1 tcp4 not allowed",
+                v1("PROXY TCP4 203.0.113.7 192.0.2.1 40000 25"),
+                Refused("554 5.7.1 203.0.113.7 not allowed\r\n"),
+            ),
+            (
+                "v1 tcp6",
+                v1("PROXY TCP6 2001:db8::7 2001:db8::1 40000 25"),
+                Client("[2001:db8::7]:40000"),
+            ),
+            (
+                "v1 tcp6 v4-mapped is checked as v4",
+                v1("PROXY TCP6 ::ffff:198.51.100.9 ::1 40000 25"),
+                Client("198.51.100.9:40000"),
+            ),
+            (
+                "v2 tcp4 allowed",
+                v2(0x21, tcp4, ip("198.51.100.9"), lb),
+                Client("198.51.100.9:40000"),
+            ),
+            (
+                "v2 tcp4 not allowed",
+                v2(0x21, tcp4, ip("203.0.113.7"), lb),
+                Refused("554 5.7.1 203.0.113.7 not allowed\r\n"),
+            ),
+            (
+                "v2 tcp6",
+                v2(0x21, tcp6, ip("2001:db8::7"), ip("2001:db8::1")),
+                Client("[2001:db8::7]:40000"),
+            ),
+            (
+                "v2 tcp6 not allowed",
+                v2(0x21, tcp6, ip("2001:db9::7"), ip("2001:db8::1")),
+                Refused("554 5.7.1 2001:db9::7 not allowed\r\n"),
+            ),
+            (
+                "v1 unknown: the proxy is the client",
+                v1("PROXY UNKNOWN"),
+                Refused("554 5.7.1 127.0.0.1 not allowed\r\n"),
+            ),
+            (
+                "v2 local: the proxy is the client",
+                v2(0x20, 0x00, ip("198.51.100.9"), lb),
+                Refused("554 5.7.1 127.0.0.1 not allowed\r\n"),
+            ),
+            (
+                "v1 malformed",
+                v1("PROXY TCP4 198.51.100.9 nonsense 40000 25"),
+                Closed,
+            ),
+            ("v1 without CR", b"PROXY UNKNOWN\n".to_vec(), Closed),
+            ("smtp instead of a header", v1("EHLO me"), Closed),
+            (
+                "v2 version 3",
+                v2(0x31, tcp4, ip("198.51.100.9"), lb),
+                Closed,
+            ),
+            ("v2 udp", v2(0x21, 0x12, ip("198.51.100.9"), lb), Closed),
+            (
+                "v1 too long",
+                v1(&format!("PROXY UNKNOWN {}", "x".repeat(200))),
+                Closed,
+            ),
+        ];
+        let r = run(proxy_config(
+            &["127.0.0.0/8"],
+            &["198.51.100.0/24", "2001:db8::/32"],
+        ));
+        for (name, first, want) in &cases {
+            check(&r, name, first, want).await;
+        }
+        assert_eq!(r.sink.got.lock().unwrap().len(), 5);
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn health_checks_are_the_proxy_itself() {
+        use Outcome::*;
+        let r = run(proxy_config(&["127.0.0.0/8"], &["127.0.0.0/8"]));
+        let local = v2(0x20, 0x00, ip("198.51.100.9"), ip("192.0.2.1"));
+        check(&r, "v2 local", &local, &Client("127.0.0.1:")).await;
+        check(
+            &r,
+            "v1 unknown",
+            &v1("PROXY UNKNOWN"),
+            &Client("127.0.0.1:"),
+        )
+        .await;
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_header_reach_the_session() {
+        let r = run(proxy_config(&["127.0.0.0/8"], &["198.51.100.0/24"]));
+        let mut first = v1("PROXY TCP4 198.51.100.9 192.0.2.1 40000 25");
+        first.extend_from_slice(b"EHLO early\r\nNOOP\r\n");
+        let mut c = connect_sending(r.addr.unwrap(), &first).await;
+        c.expect("220 ").await;
+        c.expect("250-mx.test").await;
+        c.expect("250 2.0.0").await;
+        c.cmd("QUIT", "221 ").await;
+        // The header split over several writes is read whole.
+        let header = v2(0x21, 0x11, ip("198.51.100.9"), ip("192.0.2.1"));
+        let mut c = connect(r.addr.unwrap()).await;
+        for part in header.chunks(5) {
+            c.send_bytes(part).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.expect("220 ").await;
+        assert_eq!(transaction(&mut c, &r.sink).await, "198.51.100.9:40000");
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_trusted_proxy_that_sends_no_header_is_closed() {
+        let r = run(proxy_config(&["127.0.0.0/8"], &["127.0.0.0/8"]));
+        let started = tokio::time::Instant::now();
+        // Half a header, then nothing: closed once the timeout passes, never greeted.
+        let mut c = connect_sending(r.addr.unwrap(), b"PROXY TCP4 198.").await;
+        assert_eq!(c.reply().await, "");
+        assert!(started.elapsed() >= PROXY_HEADER_TIMEOUT - Duration::from_millis(100));
+        // Half a header, then EOF: closed at once.
+        let mut s = TcpStream::connect(r.addr.unwrap()).await.unwrap();
+        s.write_all(b"PROXY TCP4 198.").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "");
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_a_connection_waiting_for_its_header() {
+        let r = run(proxy_config(&["127.0.0.0/8"], &["127.0.0.0/8"]));
+        let mut c = connect_sending(r.addr.unwrap(), b"PROXY ").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = tokio::time::Instant::now();
+        r.stop().await;
+        assert!(started.elapsed() < PROXY_HEADER_TIMEOUT);
+        assert_eq!(c.reply().await, "");
+    }
+
+    #[tokio::test]
+    async fn proxy_headers_from_anyone_else_are_not_honoured() {
+        let header = v1("PROXY TCP4 198.51.100.9 192.0.2.1 40000 25");
+        let mut not_proxy = proxy_config(&["127.0.0.0/8"], &["127.0.0.0/8"]);
+        not_proxy.proxy_protocol = false;
+        for (name, config) in [
+            (
+                "untrusted peer",
+                proxy_config(&["10.0.0.0/8"], &["127.0.0.0/8"]),
+            ),
+            ("listener without proxy_protocol", not_proxy),
+        ] {
+            let r = run(config);
+            let mut c = connect_sending(r.addr.unwrap(), &header).await;
+            c.expect("220 mx.test ESMTP Coffer").await;
+            c.expect("500 5.5.1").await;
+            let got = transaction(&mut c, &r.sink).await;
+            assert!(got.starts_with("127.0.0.1:"), "{name}: recorded {got}");
+            r.stop().await;
+        }
+        // An untrusted peer is checked against the allow-list itself.
+        let r = run(proxy_config(&["10.0.0.0/8"], &["198.51.100.0/24"]));
+        let mut c = connect_sending(r.addr.unwrap(), &header).await;
+        assert_eq!(c.reply().await, "554 5.7.1 127.0.0.1 not allowed\r\n");
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn reloaded_allow_list_applies_to_new_connections() {
+        let mut config = tcp_config();
+        config.allow = nets(&["10.0.0.0/8"]);
+        let r = run(config.clone());
+        let addr = r.addr.unwrap();
+        assert_eq!(
+            read_to_end(addr).await,
+            "554 5.7.1 127.0.0.1 not allowed\r\n"
+        );
+
+        config.allow = nets(&["127.0.0.0/8"]);
+        let old = r.reloader.apply(Arc::new(config.clone())).unwrap();
+        assert_eq!(old.allow, nets(&["10.0.0.0/8"]));
+        let mut c = connect(addr).await;
+        c.expect("220 ").await;
+
+        config.allow = nets(&["10.0.0.0/8"]);
+        r.reloader.apply(Arc::new(config.clone())).unwrap();
+        assert_eq!(
+            read_to_end(addr).await,
+            "554 5.7.1 127.0.0.1 not allowed\r\n"
+        );
+        // The session admitted before goes on.
+        assert!(transaction(&mut c, &r.sink).await.starts_with("127.0.0.1:"));
+
+        // Trusted proxies and proxy_protocol reload too.
+        config.proxy_protocol = true;
+        config.trusted_proxies = nets(&["127.0.0.0/8"]);
+        config.allow = nets(&["198.51.100.0/24"]);
+        r.reloader.apply(Arc::new(config.clone())).unwrap();
+        let header = v1("PROXY TCP4 198.51.100.9 192.0.2.1 40000 25");
+        let mut c = connect_sending(addr, &header).await;
+        c.expect("220 ").await;
+        assert_eq!(transaction(&mut c, &r.sink).await, "198.51.100.9:40000");
+
+        // What needs a restart is refused, and nothing changes.
+        let mut moved = config.clone();
+        moved.bind = BindAddr::Tcp("127.0.0.1:1".parse().unwrap());
+        let err = r.reloader.apply(Arc::new(moved)).unwrap_err();
+        assert_eq!(err.what, "bind");
+        let mut lmtp = config.clone();
+        lmtp.protocol = Protocol::Lmtp;
+        assert_eq!(
+            r.reloader.apply(Arc::new(lmtp)).unwrap_err().what,
+            "protocol"
+        );
+        assert_eq!(r.reloader.current().allow, config.allow);
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn reloaded_limits_apply_to_new_sessions_only() {
+        let mut config = tcp_config();
+        config.max_connections = 1;
+        let r = run(config.clone());
+        let addr = r.addr.unwrap();
+        let mut first = connect(addr).await;
+        first.expect("220 ").await;
+        let size = |ehlo: &str| {
+            ehlo.lines()
+                .find(|l| l.contains("SIZE"))
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(size(&first.cmd("EHLO me", "250-").await), "250-SIZE 1000");
+        assert_eq!(
+            read_to_end(addr).await,
+            "421 4.7.0 mx.test too many connections\r\n"
+        );
+
+        // More connections and a larger size: the second session gets both.
+        config.max_connections = 2;
+        config.max_message_size = 2000;
+        r.reloader.apply(Arc::new(config.clone())).unwrap();
+        let mut second = connect(addr).await;
+        second.expect("220 ").await;
+        assert_eq!(size(&second.cmd("EHLO me", "250-").await), "250-SIZE 2000");
+        // The first keeps what it started with.
+        assert_eq!(size(&first.cmd("EHLO me", "250-").await), "250-SIZE 1000");
+
+        // Fewer than are open: both go on, new ones wait until enough have ended.
+        config.max_connections = 1;
+        r.reloader.apply(Arc::new(config.clone())).unwrap();
+        assert_eq!(
+            read_to_end(addr).await,
+            "421 4.7.0 mx.test too many connections\r\n"
+        );
+        first.cmd("NOOP", "250 ").await;
+        second.cmd("NOOP", "250 ").await;
+        first.cmd("QUIT", "221 ").await;
+        assert_eq!(first.reply().await, "");
+        assert_eq!(
+            read_to_end(addr).await,
+            "421 4.7.0 mx.test too many connections\r\n"
+        );
+        second.cmd("QUIT", "221 ").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = connect(addr).await;
+            if c.reply().await.starts_with("220 ") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        r.stop().await;
     }
 }

@@ -3,16 +3,19 @@
 //! # Layout
 //! - [`codec`]: sans-IO codec: command lines and DATA content in, typed events out.
 //! - [`session`]: one connection's state machine over the codec and an async stream.
-//! - [`listener`]: TCP and Unix accept loops: allow-list, connection limit, shutdown.
+//! - [`listener`]: TCP and Unix accept loops: allow-list, connection limit, PROXY
+//!   protocol, live settings, shutdown.
+//! - [`proxy`]: sans-IO parser for PROXY protocol v1/v2 headers.
 //!
 //! The session talks to the store only through [`Sink`], so it can be tested with a
 //! fake and the store's handle implements it elsewhere.
 
 pub mod codec;
 pub mod listener;
+pub mod proxy;
 pub mod session;
 
-pub use listener::{serve, Listener};
+pub use listener::{serve, Listener, ReloadError, Reloader};
 pub use session::SessionConfig;
 
 use std::future::Future;

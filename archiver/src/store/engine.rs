@@ -56,10 +56,10 @@ pub struct Engine {
     pub epoch: [u8; 16],
     /// First 8 hex digits of the epoch, as in arrival ids.
     pub epoch8: String,
-    pub db: redb::Database,
+    pub db: Arc<redb::Database>,
     pub log: Log,
     /// Held for as long as the engine lives: no second writer, and the CLI knows.
-    _lock: Box<dyn StoreLock>,
+    pub(crate) lock: Box<dyn StoreLock>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -193,9 +193,9 @@ impl Engine {
             node: node.to_owned(),
             epoch,
             epoch8,
-            db,
+            db: Arc::new(db),
             log,
-            _lock: lock,
+            lock,
         })
     }
 }

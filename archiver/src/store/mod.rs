@@ -224,6 +224,8 @@ pub struct Shared {
     low_disk: AtomicBool,
     /// The writer hit a sync/commit failure and is reopening the store.
     failed: AtomicBool,
+    /// Highest log batch whose index entries are committed (see `writer`).
+    committed_gen: AtomicU64,
     stats: stats::StoreStats,
 }
 
@@ -268,10 +270,11 @@ impl Store {
             free_disk: AtomicU64::new(u64::MAX),
             low_disk: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            committed_gen: AtomicU64::new(0),
             stats: stats::StoreStats::default(),
         });
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
-        let w = writer::Writer::new(engine, shared.clone(), opts.segment_size);
+        let w = writer::Writer::new(engine, shared.clone(), opts.segment_size)?;
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || w.run(&rx))

@@ -22,6 +22,9 @@ use super::summary::Summary;
 use super::{Arrival, LookupError, MessageRecord, Query, StoreError, StoreStatus, VerifyReport};
 use crate::ids::MessageId;
 
+/// Longest a reader waits for the daemon's index to catch up with its log.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 enum Db {
     /// No daemon: this process holds the store (recovered on open).
     Owned(Box<Engine>),
@@ -82,7 +85,46 @@ impl StoreReader {
     fn read(&self) -> Result<ReadTransaction, StoreError> {
         match &self.db {
             Db::Owned(e) => e.db.begin_read().map_err(idx_err),
-            Db::Shared(db) => db.begin_read().map_err(idx_err),
+            Db::Shared(db) => self.caught_up(db),
+        }
+    }
+
+    /// The newest segment and its length: the end of what the daemon has written.
+    fn log_end(&self) -> Result<(u32, u64), StoreError> {
+        let segments = list_segments(&*self.vfs, &self.log_dir).map_err(io_err(&self.log_dir))?;
+        let Some(&last) = segments.last() else {
+            return Ok((0, 0));
+        };
+        let path = segment_path(&self.log_dir, last);
+        let len = self
+            .vfs
+            .open_read(&path)
+            .and_then(|f| f.len())
+            .map_err(io_err(&path))?;
+        Ok((last, len))
+    }
+
+    /// A snapshot of the daemon's index that covers everything in the log when this was
+    /// called. The daemon acknowledges a message once it is in the log and indexes it a
+    /// few milliseconds later; waiting for the index to reach the log end seen now makes
+    /// every message acknowledged before this call visible to it.
+    fn caught_up(&self, db: &redb::ReadOnlyDatabase) -> Result<ReadTransaction, StoreError> {
+        let mut target = self.log_end()?;
+        let deadline = std::time::Instant::now() + CATCH_UP_WAIT;
+        loop {
+            let txn = db.begin_read().map_err(idx_err)?;
+            let tail = {
+                let meta = txn.open_table(META).map_err(idx_err)?;
+                let seg = u32::try_from(index::meta_u64(&meta, index::K_TAIL_SEG)).unwrap_or(0);
+                (seg, index::meta_u64(&meta, index::K_TAIL_OFF))
+            };
+            if tail >= target || std::time::Instant::now() >= deadline {
+                return Ok(txn);
+            }
+            drop(txn);
+            // A failed append is truncated away: never wait for bytes that are gone.
+            target = target.min(self.log_end()?);
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 

@@ -58,7 +58,10 @@ pub struct StoreStats {
     pub raw_bytes: AtomicU64,
     pub stored_bytes: AtomicU64,
     pub batch_messages: Histogram<8>,
+    /// Append + fdatasync of a log batch: the acknowledgement path.
     pub commit_us: Histogram<10>,
+    /// One index transaction (which may cover several log batches).
+    pub index_commit_us: Histogram<10>,
     pub errors_append: AtomicU64,
     pub errors_sync: AtomicU64,
     pub errors_commit: AtomicU64,
@@ -75,6 +78,7 @@ impl Default for StoreStats {
             stored_bytes: AtomicU64::new(0),
             batch_messages: Histogram::new(BATCH_BUCKETS),
             commit_us: Histogram::new(LATENCY_BUCKETS_US),
+            index_commit_us: Histogram::new(LATENCY_BUCKETS_US),
             errors_append: AtomicU64::new(0),
             errors_sync: AtomicU64::new(0),
             errors_commit: AtomicU64::new(0),

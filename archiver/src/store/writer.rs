@@ -1,36 +1,56 @@
-//! The writer thread: the only code that appends to the log or writes the index.
+//! The writer: the only code that appends to the log or writes the index.
 //!
-//! It takes [`Job`]s from a bounded channel and group-commits whatever is waiting:
-//! records appended to the active segment, one fdatasync (plus a directory fsync for a new
-//! segment), one redb transaction, then every job of the batch is answered. One sync for
-//! many messages is where the throughput comes from.
+//! Two threads, one pipeline:
+//!
+//! * the **log stage** (`store-writer`) takes [`Job`]s from a bounded channel and
+//!   group-commits whatever is waiting: it decides what is new (arrival keys and blobs,
+//!   looked up in a read snapshot of the index plus what it appended and the index has not
+//!   committed yet), appends the records to the active segment with one write, runs one
+//!   fdatasync (plus a directory fsync for a new segment), and then answers every job of
+//!   the batch: **the log is the durable point**;
+//! * the **index stage** (`store-indexer`) applies those batches to redb — several per
+//!   transaction when it is behind — through the same functions recovery replays the log
+//!   with, and commits.
+//!
+//! The index therefore trails the log by a few milliseconds and only ever points at
+//! synced records; a crash loses no acknowledged mail because recovery replays the log
+//! past the index's tail (docs/store-format.md). Readers beside the daemon wait for the
+//! index to reach the log end they saw before answering (`reader.rs`), so a message
+//! acknowledged before a command started is always visible to it.
 //!
 //! Failure handling (design.md §2.6): a failed append (ENOSPC, EIO) rolls the batch back
-//! and the writer carries on; a failed sync or commit *poisons* the engine — no retry in
-//! place, since the kernel may have dropped the dirty pages — and the next batch reopens
-//! the store from disk, recovering from the last durable point.
+//! and the writer carries on; a failed sync or index commit *poisons* the store — no retry
+//! in place, since the kernel may have dropped the dirty pages — and the writer reopens
+//! it from disk, recovering from the last durable point.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
-use redb::ReadableTable;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use redb::{ReadTransaction, ReadableDatabase};
 use tracing::{error, info, warn};
 
 use super::engine::{idx_err, Engine};
 use super::index::{self, apply_arrival, apply_message, get_u64, put_u64, Loc};
+use super::io::StoreLock;
+use super::log::Log;
 use super::record::{encode_record, RecordHeader, KIND_ARRIVAL, KIND_MESSAGE};
 use super::summary::Summary;
 use super::{Arrival, IngestError, Receipt, Shared, StoreError};
 use crate::envelope::{Envelope, SessionInfo};
 use crate::ids::{ArrivalId, ArrivalKey, MessageId};
 
-/// Most jobs committed in one batch.
+/// Most jobs committed in one log batch.
 const MAX_BATCH_JOBS: usize = 512;
-/// Most payload bytes committed in one batch.
+/// Most payload bytes committed in one log batch.
 const MAX_BATCH_BYTES: usize = 64 << 20;
+/// Log batches waiting for the index stage; the log stage waits beyond this.
+const INDEX_QUEUE: usize = 64;
+/// Most log batches applied in one index transaction.
+const MAX_INDEX_BATCHES: usize = 64;
 /// How often an idle writer re-measures free disk (and retries a failed store).
 const IDLE_TICK: Duration = Duration::from_millis(250);
 /// How long a poisoned writer waits between attempts to reopen the store.
@@ -60,31 +80,126 @@ pub fn now_rfc3339() -> String {
         .to_string()
 }
 
+/// What one synced log batch asks of the index.
+struct IndexBatch {
+    /// Number of the log batch (1, 2, ...): what `committed_gen` counts.
+    gen: u64,
+    messages: Vec<(MessageId, Loc, Summary)>,
+    arrivals: Vec<(Arrival, [u8; 32])>,
+    repeats: u64,
+    /// The log position just past this batch.
+    tail: (u32, u64),
+    /// The arrival sequence number to mint next.
+    next_seq: u64,
+}
+
+/// Arrival keys and blobs the log stage appended that the index has not committed yet,
+/// each tagged with its log batch number. Without them, a retry arriving before the
+/// index caught up would be stored twice.
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<[u8; 32], (ArrivalId, u64)>,
+    messages: HashMap<[u8; 32], u64>,
+}
+
+impl Pending {
+    /// Forgets what the index has committed (and a snapshot taken after now will show).
+    fn prune(&mut self, committed: u64) {
+        self.keys.retain(|_, (_, gen)| *gen > committed);
+        self.messages.retain(|_, gen| *gen > committed);
+    }
+}
+
+/// The store while it works: the log, the index stage, and what is in flight.
+struct Live {
+    db: Arc<redb::Database>,
+    log: Log,
+    node: String,
+    epoch8: String,
+    pending: Pending,
+    next_seq: u64,
+    gen: u64,
+    index_tx: Option<Sender<IndexBatch>>,
+    indexer: Option<JoinHandle<()>>,
+    /// Held while the store is open for writing.
+    _lock: Box<dyn StoreLock>,
+}
+
+impl Live {
+    fn start(engine: Engine, shared: &Arc<Shared>) -> Result<Live, StoreError> {
+        let Engine {
+            db,
+            log,
+            node,
+            epoch8,
+            lock,
+            ..
+        } = engine;
+        let next_seq = {
+            let txn = db.begin_write().map_err(idx_err)?;
+            let next = get_u64(&txn, index::K_NEXT_SEQ).map_err(idx_err)?.max(1);
+            publish_totals(shared, &read_totals(&txn));
+            next
+        };
+        shared.committed_gen.store(0, Ordering::Release);
+        let (index_tx, rx) = crossbeam_channel::bounded(INDEX_QUEUE);
+        let (db2, shared2) = (db.clone(), shared.clone());
+        let indexer = std::thread::Builder::new()
+            .name("store-indexer".into())
+            .spawn(move || run_indexer(&db2, &rx, &shared2))
+            .map_err(StoreError::Os)?;
+        Ok(Live {
+            db,
+            log,
+            node,
+            epoch8,
+            pending: Pending::default(),
+            next_seq,
+            gen: 0,
+            index_tx: Some(index_tx),
+            indexer: Some(indexer),
+            _lock: lock,
+        })
+    }
+
+    /// Lets the index stage finish what it has and waits for it. Returns false if it
+    /// stopped on a failure.
+    fn stop(&mut self) -> bool {
+        drop(self.index_tx.take());
+        self.indexer.take().is_none_or(|h| h.join().is_ok())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 pub struct Writer {
-    engine: Option<Engine>,
+    live: Option<Live>,
     shared: Arc<Shared>,
     segment_size: u64,
     last_reopen: Option<Instant>,
 }
 
 impl Writer {
-    pub fn new(engine: Engine, shared: Arc<Shared>, segment_size: u64) -> Self {
+    /// # Errors
+    /// Starting the index stage failed.
+    pub fn new(engine: Engine, shared: Arc<Shared>, segment_size: u64) -> Result<Self, StoreError> {
+        let live = Live::start(engine, &shared)?;
         let w = Self {
-            engine: Some(engine),
+            live: Some(live),
             shared,
             segment_size,
             last_reopen: None,
         };
         w.refresh_disk();
-        if let Some(e) = &w.engine {
-            if let Ok(txn) = e.db.begin_write() {
-                publish_totals(&w.shared, &read_totals(&txn));
-            }
-        }
-        w
+        Ok(w)
     }
 
-    /// Runs until every sender is gone, then returns (everything received was answered).
+    /// Runs until every sender is gone, then returns once everything received was
+    /// answered and indexed.
     ///
     /// While idle it re-measures free disk and, after a failure, retries reopening the
     /// store, so refusals end by themselves once the cause is gone.
@@ -93,8 +208,8 @@ impl Writer {
             let first = match rx.recv_timeout(IDLE_TICK) {
                 Ok(job) => job,
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.engine.is_none() {
-                        let _ = self.ensure_engine();
+                    if self.live.is_none() {
+                        let _ = self.ensure_live();
                     }
                     self.refresh_disk();
                     continue;
@@ -114,22 +229,25 @@ impl Writer {
             }
             self.commit_batch(batch);
         }
+        if let Some(mut live) = self.live.take() {
+            if !live.stop() {
+                error!("the index stage stopped on a failure; the next start replays the log");
+            }
+        }
         info!("store writer drained and stopped");
     }
 
     fn refresh_disk(&self) {
-        if let Some(e) = &self.engine {
-            if let Ok(free) = e.vfs.free_space(&e.data_dir) {
-                self.shared.free_disk.store(free, Ordering::Relaxed);
-                self.shared
-                    .low_disk
-                    .store(free < self.shared.min_free_disk, Ordering::Relaxed);
-            }
+        if let Ok(free) = self.shared.vfs.free_space(&self.shared.data_dir) {
+            self.shared.free_disk.store(free, Ordering::Relaxed);
+            self.shared
+                .low_disk
+                .store(free < self.shared.min_free_disk, Ordering::Relaxed);
         }
     }
 
-    fn ensure_engine(&mut self) -> Result<(), String> {
-        if self.engine.is_some() {
+    fn ensure_live(&mut self) -> Result<(), String> {
+        if self.live.is_some() {
             return Ok(());
         }
         if self
@@ -139,15 +257,17 @@ impl Writer {
             return Err("the store failed and is being reopened".into());
         }
         self.last_reopen = Some(Instant::now());
-        match Engine::open(
+        let opened = Engine::open(
             self.shared.vfs.clone(),
             &self.shared.data_dir,
             Some(&self.shared.node),
-        ) {
-            Ok(engine) => {
+        )
+        .and_then(|engine| Live::start(engine, &self.shared));
+        match opened {
+            Ok(live) => {
                 info!("store reopened and recovered after a failure");
                 self.shared.stats.reopens.fetch_add(1, Ordering::Relaxed);
-                self.engine = Some(engine);
+                self.live = Some(live);
                 self.shared.failed.store(false, Ordering::Relaxed);
                 Ok(())
             }
@@ -158,27 +278,43 @@ impl Writer {
         }
     }
 
+    fn poison(&mut self, why: &str) {
+        error!(error = %why, "the store stops writing and reopens");
+        self.shared.failed.store(true, Ordering::Relaxed);
+        // Dropping `Live` lets the index stage finish what was synced, then closes the
+        // index and releases the lock, so the reopen starts from what is on disk.
+        self.live = None;
+    }
+
     fn commit_batch(&mut self, batch: Vec<Job>) {
-        if let Err(why) = self.ensure_engine() {
+        if let Err(why) = self.ensure_live() {
             for job in batch {
                 (job.reply)(Err(IngestError::Unavailable(why.clone())));
             }
             return;
         }
         let started = Instant::now();
-        let outcome = self.try_commit(&batch);
-        let stats = &self.shared.stats;
-        if outcome.is_ok() {
-            stats.batch_messages.observe(batch.len() as u64);
-            stats
-                .commit_us
-                .observe(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        }
+        let outcome = self.append_batch(&batch);
         self.refresh_disk();
         match outcome {
-            Ok(receipts) => {
+            Ok((receipts, index_batch)) => {
+                let stats = &self.shared.stats;
+                stats.batch_messages.observe(batch.len() as u64);
+                stats
+                    .commit_us
+                    .observe(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
                 for (job, r) in batch.into_iter().zip(receipts) {
                     (job.reply)(Ok(r));
+                }
+                let live = self.live.as_mut().expect("live after a good batch");
+                let sent = live
+                    .index_tx
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(index_batch).is_ok());
+                if !sent {
+                    // The index stage died (its commit failed). What was acknowledged is
+                    // in the log; reopening replays it into the index.
+                    self.poison("the index stage stopped");
                 }
             }
             Err(BatchError::RolledBack(e)) => {
@@ -187,9 +323,7 @@ impl Writer {
                 }
             }
             Err(BatchError::Poisoned(why)) => {
-                error!(error = %why, "a sync or commit failed; the store stops writing and reopens");
-                self.engine = None;
-                self.shared.failed.store(true, Ordering::Relaxed);
+                self.poison(&why);
                 for job in batch {
                     (job.reply)(Err(IngestError::Unavailable(why.clone())));
                 }
@@ -197,51 +331,61 @@ impl Writer {
         }
     }
 
-    fn try_commit(&mut self, batch: &[Job]) -> Result<Vec<Receipt>, BatchError> {
-        let engine = self.engine.as_mut().expect("engine present");
-        if engine.log.active.len >= self.segment_size {
-            engine
-                .log
+    /// Appends and syncs one batch. On success every job's receipt, and what the index
+    /// stage must apply.
+    fn append_batch(&mut self, batch: &[Job]) -> Result<(Vec<Receipt>, IndexBatch), BatchError> {
+        let live = self.live.as_mut().expect("live");
+        let poisoned = |e: StoreError| BatchError::Poisoned(e.to_string());
+        if live.log.active.len >= self.segment_size {
+            live.log
                 .rotate()
                 .map_err(|e| BatchError::from_io("creating a new segment", &e))?;
         }
-        let txn = engine
-            .db
-            .begin_write()
-            .map_err(|e| BatchError::Poisoned(idx_err(e).to_string()))?;
-        let fail = |e: StoreError| BatchError::Poisoned(e.to_string());
-        let mut receipts = Vec::with_capacity(batch.len());
+        // Order matters: what the index committed is read before the snapshot is taken,
+        // so everything pruned from `pending` is visible in the snapshot.
+        let committed = self.shared.committed_gen.load(Ordering::Acquire);
+        let snapshot = live.db.begin_read().map_err(|e| poisoned(idx_err(e)))?;
+        live.pending.prune(committed);
+        let gen = live.gen + 1;
+        let segment = live.log.active.number;
+        let base = live.log.active.len;
         let mut buf =
             Vec::with_capacity(batch.iter().map(|j| j.prepared.payload.len() + 512).sum());
-        let base = engine.log.active.len;
-        let segment = engine.log.active.number;
-        let mut seen_keys: HashMap<[u8; 32], ArrivalId> = HashMap::new();
-        let mut next_seq = get_u64(&txn, index::K_NEXT_SEQ)
-            .map_err(|e| fail(idx_err(e)))?
-            .max(1);
-        let mut repeats = 0u64;
+        let mut receipts = Vec::with_capacity(batch.len());
+        let mut out = IndexBatch {
+            gen,
+            messages: Vec::new(),
+            arrivals: Vec::new(),
+            repeats: 0,
+            tail: (segment, base),
+            next_seq: live.next_seq,
+        };
+        let mut next_seq = live.next_seq;
+        let mut new_keys: Vec<([u8; 32], ArrivalId)> = Vec::new();
+        let mut new_messages: Vec<[u8; 32]> = Vec::new();
         for job in batch {
             let p = &job.prepared;
             let key = ArrivalKey::new(&p.id, &p.envelope, &p.session.listener).0;
-            if let Some(existing) = seen_keys.get(&key).cloned() {
-                repeats += 1;
+            let existing = match live.pending.keys.get(&key) {
+                Some((id, _)) => Some(id.clone()),
+                None => match new_keys.iter().find(|(k, _)| *k == key) {
+                    Some((_, id)) => Some(id.clone()),
+                    None => lookup_key(&snapshot, key).map_err(poisoned)?,
+                },
+            };
+            if let Some(arrival_id) = existing {
+                out.repeats += 1;
                 receipts.push(Receipt {
                     message_id: p.id,
-                    arrival_id: existing,
+                    arrival_id,
                     repeat: true,
                 });
                 continue;
             }
-            if let Some(existing) = lookup_key(&txn, key).map_err(fail)? {
-                repeats += 1;
-                receipts.push(Receipt {
-                    message_id: p.id,
-                    arrival_id: existing,
-                    repeat: true,
-                });
-                continue;
-            }
-            if !index::has_message(&txn, &p.id).map_err(|e| fail(idx_err(e)))? {
+            let known = live.pending.messages.contains_key(&p.id.0)
+                || new_messages.contains(&p.id.0)
+                || has_message(&snapshot, &p.id).map_err(poisoned)?;
+            if !known {
                 let h = RecordHeader {
                     kind: KIND_MESSAGE,
                     flags: u8::from(p.summary.unparsed),
@@ -259,11 +403,12 @@ impl Writer {
                     raw_len: p.raw_len,
                 };
                 encode_record(&mut buf, &h, &p.payload);
-                apply_message(&txn, &p.id, loc, &p.summary).map_err(|e| fail(idx_err(e)))?;
+                out.messages.push((p.id, loc, p.summary.clone()));
+                new_messages.push(p.id.0);
             }
             let arrival_id = ArrivalId {
-                node: engine.node.clone(),
-                epoch: engine.epoch8.clone(),
+                node: live.node.clone(),
+                epoch: live.epoch8.clone(),
                 seq: next_seq,
             };
             next_seq += 1;
@@ -294,34 +439,30 @@ impl Writer {
                 message: p.id,
             };
             encode_record(&mut buf, &h, &json);
-            apply_arrival(&txn, &arrival, Some(key)).map_err(|e| fail(idx_err(e)))?;
-            seen_keys.insert(key, arrival_id.clone());
+            out.arrivals.push((arrival, key));
+            new_keys.push((key, arrival_id.clone()));
             receipts.push(Receipt {
                 message_id: p.id,
                 arrival_id,
                 repeat: false,
             });
         }
-        put_u64(&txn, index::K_NEXT_SEQ, next_seq).map_err(|e| fail(idx_err(e)))?;
-        if repeats > 0 {
-            index::add_u64(&txn, index::K_REPEATS, repeats).map_err(|e| fail(idx_err(e)))?;
-        }
+        drop(snapshot);
         if !buf.is_empty() {
-            if let Err(e) = engine.log.append(&buf) {
-                drop(txn);
+            if let Err(e) = live.log.append(&buf) {
                 self.shared
                     .stats
                     .errors_append
                     .fetch_add(1, Ordering::Relaxed);
-                if let Err(t) = engine.log.truncate(base) {
+                if let Err(t) = live.log.truncate(base) {
                     return Err(BatchError::Poisoned(format!(
                         "append failed ({e}) and the rollback failed too ({t})"
                     )));
                 }
                 return Err(BatchError::from_io("appending to the log", &e));
             }
-            // Durable point: after this sync every record of the batch survives a crash.
-            if let Err(e) = engine.log.sync() {
+            // The durable point: after this sync every record of the batch survives.
+            if let Err(e) = live.log.sync() {
                 self.shared
                     .stats
                     .errors_sync
@@ -329,19 +470,72 @@ impl Writer {
                 return Err(BatchError::Poisoned(format!("syncing the log: {e}")));
             }
         }
-        put_u64(&txn, index::K_TAIL_SEG, u64::from(segment)).map_err(|e| fail(idx_err(e)))?;
-        put_u64(&txn, index::K_TAIL_OFF, engine.log.active.len).map_err(|e| fail(idx_err(e)))?;
-        let totals = read_totals(&txn);
-        if let Err(e) = txn.commit() {
-            self.shared
-                .stats
-                .errors_commit
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(BatchError::Poisoned(format!("committing the index: {e}")));
+        live.gen = gen;
+        live.next_seq = next_seq;
+        for (key, id) in new_keys {
+            live.pending.keys.insert(key, (id, gen));
         }
-        publish_totals(&self.shared, &totals);
-        Ok(receipts)
+        for m in new_messages {
+            live.pending.messages.insert(m, gen);
+        }
+        out.tail = (segment, live.log.active.len);
+        out.next_seq = next_seq;
+        Ok((receipts, out))
     }
+}
+
+/// The index stage: applies synced log batches to redb and commits.
+fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        while batches.len() < MAX_INDEX_BATCHES {
+            match rx.try_recv() {
+                Ok(b) => batches.push(b),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        match commit_index(db, &batches) {
+            Ok(totals) => {
+                let last = batches.last().expect("one batch at least").gen;
+                shared.committed_gen.store(last, Ordering::Release);
+                publish_totals(shared, &totals);
+                shared
+                    .stats
+                    .index_commit_us
+                    .observe(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            }
+            Err(e) => {
+                shared.stats.errors_commit.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "committing the index failed; the index stage stops");
+                return;
+            }
+        }
+    }
+}
+
+fn commit_index(db: &redb::Database, batches: &[IndexBatch]) -> Result<[u64; 5], StoreError> {
+    let txn = db.begin_write().map_err(idx_err)?;
+    let mut repeats = 0;
+    for b in batches {
+        for (id, loc, summary) in &b.messages {
+            apply_message(&txn, id, *loc, summary).map_err(idx_err)?;
+        }
+        for (arrival, key) in &b.arrivals {
+            apply_arrival(&txn, arrival, Some(*key)).map_err(idx_err)?;
+        }
+        repeats += b.repeats;
+    }
+    let last = batches.last().expect("one batch at least");
+    put_u64(&txn, index::K_NEXT_SEQ, last.next_seq).map_err(idx_err)?;
+    if repeats > 0 {
+        index::add_u64(&txn, index::K_REPEATS, repeats).map_err(idx_err)?;
+    }
+    put_u64(&txn, index::K_TAIL_SEG, u64::from(last.tail.0)).map_err(idx_err)?;
+    put_u64(&txn, index::K_TAIL_OFF, last.tail.1).map_err(idx_err)?;
+    let totals = read_totals(&txn);
+    txn.commit().map_err(idx_err)?;
+    Ok(totals)
 }
 
 const TOTAL_KEYS: [&str; 5] = [
@@ -372,15 +566,17 @@ fn publish_totals(shared: &Shared, totals: &[u64; 5]) {
     }
 }
 
-fn lookup_key(
-    txn: &redb::WriteTransaction,
-    key: [u8; 32],
-) -> Result<Option<ArrivalId>, StoreError> {
-    let keys = txn.open_table(index::ARRIVAL_KEYS).map_err(idx_err)?;
+fn has_message(snapshot: &ReadTransaction, id: &MessageId) -> Result<bool, StoreError> {
+    let t = snapshot.open_table(index::MESSAGES).map_err(idx_err)?;
+    Ok(t.get(id.0).map_err(idx_err)?.is_some())
+}
+
+fn lookup_key(snapshot: &ReadTransaction, key: [u8; 32]) -> Result<Option<ArrivalId>, StoreError> {
+    let keys = snapshot.open_table(index::ARRIVAL_KEYS).map_err(idx_err)?;
     let Some(local) = keys.get(key).map_err(idx_err)?.map(|v| v.value()) else {
         return Ok(None);
     };
-    let arrivals = txn.open_table(index::ARRIVALS).map_err(idx_err)?;
+    let arrivals = snapshot.open_table(index::ARRIVALS).map_err(idx_err)?;
     let json = arrivals.get(local).map_err(idx_err)?.ok_or_else(|| {
         StoreError::Corrupt(format!("arrival key points at missing arrival {local}"))
     })?;
