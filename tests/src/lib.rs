@@ -17,6 +17,7 @@
 //! (wait for a condition with a deadline), every loop bounded in count and time.
 
 pub mod milter;
+pub mod postfix;
 pub mod run;
 pub mod smtp;
 
