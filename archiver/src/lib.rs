@@ -8,6 +8,8 @@
 //! - [`config`]: `coffer.toml`, parsed then validated into an immutable [`config::Config`].
 //! - [`store`]: the archive — segment log, redb index, the single writer thread.
 //! - [`smtp`]: the SMTP/LMTP listeners: a sans-IO codec, sessions, accept loops.
+//! - [`ingest`]: what listeners hand messages to: archive, count, unwrap journal reports.
+//! - [`journal`]: Exchange/Microsoft 365 journal reports (pure parsing).
 //! - [`metrics`], [`console`]: Prometheus counters, `/health` and `/metrics` over HTTP.
 //! - [`server`]: wires listeners to the store and runs until shutdown.
 //! - [`cli`]: the `coffer` subcommands.
@@ -17,6 +19,7 @@ pub mod config;
 pub mod console;
 pub mod envelope;
 pub mod ids;
+pub mod ingest;
 pub mod journal;
 pub mod logging;
 pub mod metrics;

@@ -1,19 +1,15 @@
 //! Prometheus metrics: counters kept by the daemon, rendered as text for `/metrics`.
 //!
 //! Per-listener counters are counted where a listener hands a message to the store
-//! ([`CountingSink`]); store totals, batch sizes, commit latency and errors come from the
+//! ([`ListenerSink`](crate::ingest::ListenerSink)); store totals, batch sizes, commit latency and errors come from the
 //! store's own [`StoreStats`](crate::store::stats::StoreStats).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
-use crate::smtp::Sink;
 use crate::store::stats::Histogram;
-use crate::store::{Incoming, IngestError, Receipt, StoreHandle};
+use crate::store::{IngestError, Receipt, StoreHandle};
 
 /// Why a listener refused a message, as a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +93,8 @@ impl Metrics {
         self.listeners.get(name)
     }
 
-    fn record(&self, listener: &str, bytes: u64, result: &Result<Receipt, IngestError>) {
+    /// Counts one hand-off to the store and its outcome.
+    pub fn record(&self, listener: &str, bytes: u64, result: &Result<Receipt, IngestError>) {
         let Some(c) = self.listeners.get(listener) else {
             return;
         };
@@ -308,44 +305,16 @@ fn histogram<const N: usize>(
     let _ = writeln!(out, "{name}_count {}", h.count.load(Ordering::Relaxed));
 }
 
-/// The listeners' [`Sink`]: the store's handle, counting what passes per listener.
-pub struct CountingSink {
-    pub store: StoreHandle,
-    pub metrics: Arc<Metrics>,
-}
-
-impl Sink for CountingSink {
-    fn node(&self) -> &str {
-        self.store.node()
-    }
-
-    fn epoch(&self) -> &str {
-        self.store.epoch()
-    }
-
-    fn ingest(
-        &self,
-        msg: Incoming,
-    ) -> Pin<Box<dyn Future<Output = Result<Receipt, IngestError>> + Send + '_>> {
-        Box::pin(async move {
-            let listener = msg.session.listener.clone();
-            let bytes = msg.bytes.len() as u64;
-            let started = std::time::Instant::now();
-            let result = self.store.ingest(msg).await;
-            self.metrics
-                .ingest_ms
-                .observe(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-            self.metrics.record(&listener, bytes, &result);
-            result
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::envelope::{Envelope, SessionInfo};
+    use crate::ingest::ListenerSink;
+    use crate::smtp::Sink;
     use crate::store::fault::FaultVfs;
+    use crate::store::Incoming;
     use crate::store::{Store, StoreOptions};
 
     fn incoming(body: &[u8]) -> Incoming {
@@ -377,7 +346,7 @@ mod tests {
         )
         .unwrap();
         let metrics = Arc::new(Metrics::new(["journal", "ha"]));
-        let sink = CountingSink {
+        let sink = ListenerSink {
             store: store.handle(),
             metrics: metrics.clone(),
         };

@@ -19,7 +19,8 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigSource, ListenerConfig};
-use crate::metrics::{CountingSink, Metrics};
+use crate::ingest::ListenerSink;
+use crate::metrics::Metrics;
 use crate::smtp::{Listener, Reloader, Sink};
 use crate::store::{Incoming, IngestError, Receipt, Store, StoreHandle, StoreOptions};
 
@@ -96,7 +97,7 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(
         config.listeners.iter().map(|l| l.name.as_str()),
     ));
-    let sink: Arc<dyn Sink> = Arc::new(CountingSink {
+    let sink: Arc<dyn Sink> = Arc::new(ListenerSink {
         store: handle.clone(),
         metrics: metrics.clone(),
     });

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use redb::{ReadableTable, WriteTransaction};
 use tracing::{info, warn};
 
-use super::index::{self, apply_arrival, apply_message, get_u64, put_u64, Loc, META};
+use super::index::{self, Loc, Tables, META};
 use super::io::{StoreLock, Vfs};
 use super::log::{self, list_segments, segment_path, ActiveSegment, Log, LOG_DIR};
 use super::record::{
@@ -211,8 +211,9 @@ fn replay(
     epoch8: &str,
     epoch: [u8; 16],
 ) -> Result<ActiveSegment, StoreError> {
-    let tail_seg = u32::try_from(get_u64(txn, index::K_TAIL_SEG).map_err(idx_err)?).unwrap_or(0);
-    let tail_off = get_u64(txn, index::K_TAIL_OFF).map_err(idx_err)?;
+    let mut tables = Tables::open(txn).map_err(idx_err)?;
+    let tail_seg = u32::try_from(tables.counters.tail_seg).unwrap_or(0);
+    let tail_off = tables.counters.tail_off;
     let last = *segments.last().expect("at least one segment");
     let mut replayed = 0u64;
     for &n in segments.iter().filter(|&&n| n >= tail_seg) {
@@ -233,7 +234,7 @@ fn replay(
         };
         let scan = log::scan(&*file, start, |rec| -> Result<(), StoreError> {
             replayed += 1;
-            apply_record(txn, n, rec, node, epoch8)
+            apply_record(&mut tables, n, rec, node, epoch8)
         })?;
         if scan.valid_end < scan.file_len {
             if n != last {
@@ -254,8 +255,10 @@ fn replay(
             file.sync_data().map_err(io_err(&path))?;
         }
         if n == last {
-            put_u64(txn, index::K_TAIL_SEG, u64::from(n)).map_err(idx_err)?;
-            put_u64(txn, index::K_TAIL_OFF, scan.valid_end).map_err(idx_err)?;
+            tables.counters.tail_seg = u64::from(n);
+            tables.counters.tail_off = scan.valid_end;
+            tables.counters.next_seq = tables.counters.next_seq.max(1);
+            tables.finish().map_err(idx_err)?;
             if replayed > 0 {
                 info!(records = replayed, "replayed log records into the index");
             }
@@ -273,7 +276,7 @@ fn replay(
 }
 
 fn apply_record(
-    txn: &WriteTransaction,
+    tables: &mut Tables<'_>,
     segment: u32,
     rec: log::RawRecord,
     node: &str,
@@ -290,20 +293,19 @@ fn apply_record(
                 record_len: u32::try_from(h.total_len()).unwrap_or(u32::MAX),
                 raw_len: h.raw_len,
             };
-            apply_message(txn, &h.message, loc, &summary).map_err(idx_err)?;
+            tables
+                .apply_message(&h.message, loc, &summary)
+                .map_err(idx_err)?;
         }
         KIND_ARRIVAL => {
             let arrival: Arrival = serde_json::from_slice(&rec.payload)
                 .map_err(|e| StoreError::Corrupt(format!("arrival record: {e}")))?;
             let ours = arrival.id.node == node && arrival.id.epoch == epoch8;
             let key = if ours { arrival_key(&arrival) } else { None };
-            if ours {
-                let next = get_u64(txn, index::K_NEXT_SEQ).map_err(idx_err)?;
-                if arrival.id.seq >= next {
-                    put_u64(txn, index::K_NEXT_SEQ, arrival.id.seq + 1).map_err(idx_err)?;
-                }
+            if ours && arrival.id.seq >= tables.counters.next_seq {
+                tables.counters.next_seq = arrival.id.seq + 1;
             }
-            apply_arrival(txn, &arrival, key).map_err(idx_err)?;
+            tables.apply_arrival(&arrival, key).map_err(idx_err)?;
         }
         _ => unreachable!("record kinds are checked when decoded"),
     }

@@ -91,17 +91,6 @@ pub fn get_u64(txn: &WriteTransaction, key: &str) -> Result<u64, redb::Error> {
         .map_or(0, u64::from_le_bytes))
 }
 
-pub fn put_u64(txn: &WriteTransaction, key: &str, v: u64) -> Result<(), redb::Error> {
-    txn.open_table(META)?
-        .insert(key, v.to_le_bytes().as_slice())?;
-    Ok(())
-}
-
-pub fn add_u64(txn: &WriteTransaction, key: &str, delta: u64) -> Result<(), redb::Error> {
-    let v = get_u64(txn, key)?;
-    put_u64(txn, key, v + delta)
-}
-
 /// Creates every table so read-only opens find them.
 pub fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(META)?;
@@ -117,94 +106,197 @@ pub fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     Ok(())
 }
 
-/// Whether the message's blob is already indexed.
-pub fn has_message(txn: &WriteTransaction, id: &MessageId) -> Result<bool, redb::Error> {
-    Ok(txn.open_table(MESSAGES)?.get(id.0)?.is_some())
+/// The counters kept in META, read once per transaction and written back once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub messages: u64,
+    pub arrivals: u64,
+    pub repeats: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub next_seq: u64,
+    pub next_local: u64,
+    pub tail_seg: u64,
+    pub tail_off: u64,
 }
 
-/// Indexes a message blob found at `loc`. A blob already indexed is left alone (the
-/// first copy in the log wins).
-pub fn apply_message(
-    txn: &WriteTransaction,
-    id: &MessageId,
-    loc: Loc,
-    summary: &Summary,
-) -> Result<bool, redb::Error> {
-    let mut messages = txn.open_table(MESSAGES)?;
-    if messages.get(id.0)?.is_some() {
-        return Ok(false);
+impl Counters {
+    const KEYS: [&'static str; 9] = [
+        K_MESSAGES,
+        K_ARRIVALS,
+        K_REPEATS,
+        K_RAW_BYTES,
+        K_STORED_BYTES,
+        K_NEXT_SEQ,
+        K_NEXT_LOCAL,
+        K_TAIL_SEG,
+        K_TAIL_OFF,
+    ];
+
+    fn slots(&mut self) -> [&mut u64; 9] {
+        [
+            &mut self.messages,
+            &mut self.arrivals,
+            &mut self.repeats,
+            &mut self.raw_bytes,
+            &mut self.stored_bytes,
+            &mut self.next_seq,
+            &mut self.next_local,
+            &mut self.tail_seg,
+            &mut self.tail_off,
+        ]
     }
-    messages.insert(id.0, loc.encode().as_slice())?;
-    drop(messages);
-    let json = serde_json::to_vec(summary).expect("summary serializes");
-    txn.open_table(SUMMARIES)?.insert(id.0, json.as_slice())?;
-    let mut addrs = txn.open_multimap_table(ADDRS)?;
-    for (prefix, list) in [("f:", &summary.from), ("t:", &summary.to)] {
-        for a in list {
-            addrs.insert(format!("{prefix}{a}").as_str(), id.0)?;
-            if let Some(d) = domain_of(a) {
-                addrs.insert(format!("{prefix}{d}").as_str(), id.0)?;
-            }
+}
+
+/// Every table of the index, opened once for a write transaction: opening and closing a
+/// redb table costs an update of the table directory, so a batch opens each once.
+pub struct Tables<'t> {
+    meta: redb::Table<'t, &'static str, &'static [u8]>,
+    messages: redb::Table<'t, [u8; 32], &'static [u8]>,
+    summaries: redb::Table<'t, [u8; 32], &'static [u8]>,
+    arrivals: redb::Table<'t, u64, &'static [u8]>,
+    arrival_ids: redb::Table<'t, &'static str, u64>,
+    arrival_keys: redb::Table<'t, [u8; 32], u64>,
+    by_message: redb::MultimapTable<'t, [u8; 32], u64>,
+    by_time: redb::Table<'t, (i64, u64), [u8; 32]>,
+    addrs: redb::MultimapTable<'t, &'static str, [u8; 32]>,
+    msgids: redb::MultimapTable<'t, &'static str, [u8; 32]>,
+    /// META's counters as of this transaction; written back by [`Tables::finish`].
+    pub counters: Counters,
+}
+
+impl<'t> Tables<'t> {
+    /// Opens (creating if needed) every table and reads the counters.
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self, redb::Error> {
+        let meta = txn.open_table(META)?;
+        let mut counters = Counters::default();
+        for (key, slot) in Counters::KEYS.iter().zip(counters.slots()) {
+            *slot = meta_u64(&meta, key);
         }
+        Ok(Tables {
+            meta,
+            messages: txn.open_table(MESSAGES)?,
+            summaries: txn.open_table(SUMMARIES)?,
+            arrivals: txn.open_table(ARRIVALS)?,
+            arrival_ids: txn.open_table(ARRIVAL_IDS)?,
+            arrival_keys: txn.open_table(ARRIVAL_KEYS)?,
+            by_message: txn.open_multimap_table(BY_MESSAGE)?,
+            by_time: txn.open_table(BY_TIME)?,
+            addrs: txn.open_multimap_table(ADDRS)?,
+            msgids: txn.open_multimap_table(MSGIDS)?,
+            counters,
+        })
     }
-    if let Some(mid) = &summary.message_id {
-        txn.open_multimap_table(MSGIDS)?
-            .insert(mid.to_lowercase().as_str(), id.0)?;
+
+    /// Writes the counters back to META and closes the tables.
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn finish(mut self) -> Result<Counters, redb::Error> {
+        let mut counters = self.counters;
+        for (key, slot) in Counters::KEYS.iter().zip(counters.slots()) {
+            self.meta.insert(*key, slot.to_le_bytes().as_slice())?;
+        }
+        Ok(counters)
     }
-    add_u64(txn, K_MESSAGES, 1)?;
-    add_u64(txn, K_RAW_BYTES, u64::from(loc.raw_len))?;
-    add_u64(txn, K_STORED_BYTES, u64::from(loc.record_len))?;
-    Ok(true)
+
+    /// Whether the message's blob is already indexed.
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn has_message(&self, id: &MessageId) -> Result<bool, redb::Error> {
+        Ok(self.messages.get(id.0)?.is_some())
+    }
+
+    fn index_address(
+        &mut self,
+        prefix: &str,
+        addr: &str,
+        id: &MessageId,
+    ) -> Result<(), redb::Error> {
+        let a = addr.to_lowercase();
+        self.addrs.insert(format!("{prefix}{a}").as_str(), id.0)?;
+        if let Some(d) = domain_of(&a) {
+            self.addrs.insert(format!("{prefix}{d}").as_str(), id.0)?;
+        }
+        Ok(())
+    }
+
+    /// Indexes a message blob found at `loc`. A blob already indexed is left alone (the
+    /// first copy in the log wins).
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn apply_message(
+        &mut self,
+        id: &MessageId,
+        loc: Loc,
+        summary: &Summary,
+    ) -> Result<bool, redb::Error> {
+        if self.messages.get(id.0)?.is_some() {
+            return Ok(false);
+        }
+        self.messages.insert(id.0, loc.encode().as_slice())?;
+        let json = serde_json::to_vec(summary).expect("summary serializes");
+        self.summaries.insert(id.0, json.as_slice())?;
+        for a in &summary.from {
+            self.index_address("f:", a, id)?;
+        }
+        for a in &summary.to {
+            self.index_address("t:", a, id)?;
+        }
+        if let Some(mid) = &summary.message_id {
+            self.msgids.insert(mid.to_lowercase().as_str(), id.0)?;
+        }
+        self.counters.messages += 1;
+        self.counters.raw_bytes += u64::from(loc.raw_len);
+        self.counters.stored_bytes += u64::from(loc.record_len);
+        Ok(true)
+    }
+
+    /// Indexes an arrival. Returns its local number, or `None` if an arrival with this id
+    /// was already indexed (a replayed or replicated duplicate).
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn apply_arrival(
+        &mut self,
+        arrival: &Arrival,
+        key: Option<[u8; 32]>,
+    ) -> Result<Option<u64>, redb::Error> {
+        let id = arrival.id.to_string();
+        if self.arrival_ids.get(id.as_str())?.is_some() {
+            return Ok(None);
+        }
+        let local = self.counters.next_local.max(1);
+        self.counters.next_local = local + 1;
+        self.arrival_ids.insert(id.as_str(), local)?;
+        let message: MessageId = arrival.message.parse().expect("arrival names a message id");
+        let json = serde_json::to_vec(arrival).expect("arrival serializes");
+        self.arrivals.insert(local, json.as_slice())?;
+        self.by_message.insert(message.0, local)?;
+        self.by_time
+            .insert((time_us(&arrival.time), local), message.0)?;
+        if let Some(key) = key {
+            self.arrival_keys.insert(key, local)?;
+        }
+        if !arrival.mail_from.is_empty() {
+            self.index_address("f:", &arrival.mail_from, &message)?;
+        }
+        for r in &arrival.rcpt_to {
+            self.index_address("t:", r, &message)?;
+        }
+        self.counters.arrivals += 1;
+        Ok(Some(local))
+    }
 }
 
 /// Parses an arrival's RFC 3339 time into µs since the Unix epoch.
 pub fn time_us(time: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(time).map_or(0, |t| t.timestamp_micros())
-}
-
-/// Indexes an arrival. Returns its local number, or `None` if an arrival with this id
-/// was already indexed (a replayed or replicated duplicate).
-pub fn apply_arrival(
-    txn: &WriteTransaction,
-    arrival: &Arrival,
-    key: Option<[u8; 32]>,
-) -> Result<Option<u64>, redb::Error> {
-    let id = arrival.id.to_string();
-    let mut ids = txn.open_table(ARRIVAL_IDS)?;
-    if ids.get(id.as_str())?.is_some() {
-        return Ok(None);
-    }
-    let local = get_u64(txn, K_NEXT_LOCAL)?.max(1);
-    ids.insert(id.as_str(), local)?;
-    drop(ids);
-    put_u64(txn, K_NEXT_LOCAL, local + 1)?;
-    let message: MessageId = arrival.message.parse().expect("arrival names a message id");
-    let json = serde_json::to_vec(arrival).expect("arrival serializes");
-    txn.open_table(ARRIVALS)?.insert(local, json.as_slice())?;
-    txn.open_multimap_table(BY_MESSAGE)?
-        .insert(message.0, local)?;
-    txn.open_table(BY_TIME)?
-        .insert((time_us(&arrival.time), local), message.0)?;
-    if let Some(key) = key {
-        txn.open_table(ARRIVAL_KEYS)?.insert(key, local)?;
-    }
-    let mut addrs = txn.open_multimap_table(ADDRS)?;
-    if !arrival.mail_from.is_empty() {
-        let a = arrival.mail_from.to_lowercase();
-        addrs.insert(format!("f:{a}").as_str(), message.0)?;
-        if let Some(d) = domain_of(&a) {
-            addrs.insert(format!("f:{d}").as_str(), message.0)?;
-        }
-    }
-    for r in &arrival.rcpt_to {
-        let a = r.to_lowercase();
-        addrs.insert(format!("t:{a}").as_str(), message.0)?;
-        if let Some(d) = domain_of(&a) {
-            addrs.insert(format!("t:{d}").as_str(), message.0)?;
-        }
-    }
-    add_u64(txn, K_ARRIVALS, 1)?;
-    Ok(Some(local))
 }
 
 /// The number of entries of a table, for status and verify.

@@ -34,7 +34,7 @@ use redb::{ReadTransaction, ReadableDatabase};
 use tracing::{error, info, warn};
 
 use super::engine::{idx_err, Engine};
-use super::index::{self, apply_arrival, apply_message, get_u64, put_u64, Loc};
+use super::index::{self, get_u64, Loc, Tables};
 use super::io::StoreLock;
 use super::log::Log;
 use super::record::{encode_record, RecordHeader, KIND_ARRIVAL, KIND_MESSAGE};
@@ -516,26 +516,29 @@ fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) 
 
 fn commit_index(db: &redb::Database, batches: &[IndexBatch]) -> Result<[u64; 5], StoreError> {
     let txn = db.begin_write().map_err(idx_err)?;
-    let mut repeats = 0;
+    let mut tables = Tables::open(&txn).map_err(idx_err)?;
     for b in batches {
         for (id, loc, summary) in &b.messages {
-            apply_message(&txn, id, *loc, summary).map_err(idx_err)?;
+            tables.apply_message(id, *loc, summary).map_err(idx_err)?;
         }
         for (arrival, key) in &b.arrivals {
-            apply_arrival(&txn, arrival, Some(*key)).map_err(idx_err)?;
+            tables.apply_arrival(arrival, Some(*key)).map_err(idx_err)?;
         }
-        repeats += b.repeats;
+        tables.counters.repeats += b.repeats;
     }
     let last = batches.last().expect("one batch at least");
-    put_u64(&txn, index::K_NEXT_SEQ, last.next_seq).map_err(idx_err)?;
-    if repeats > 0 {
-        index::add_u64(&txn, index::K_REPEATS, repeats).map_err(idx_err)?;
-    }
-    put_u64(&txn, index::K_TAIL_SEG, u64::from(last.tail.0)).map_err(idx_err)?;
-    put_u64(&txn, index::K_TAIL_OFF, last.tail.1).map_err(idx_err)?;
-    let totals = read_totals(&txn);
+    tables.counters.next_seq = last.next_seq;
+    tables.counters.tail_seg = u64::from(last.tail.0);
+    tables.counters.tail_off = last.tail.1;
+    let c = tables.finish().map_err(idx_err)?;
     txn.commit().map_err(idx_err)?;
-    Ok(totals)
+    Ok([
+        c.messages,
+        c.arrivals,
+        c.repeats,
+        c.raw_bytes,
+        c.stored_bytes,
+    ])
 }
 
 const TOTAL_KEYS: [&str; 5] = [
