@@ -544,15 +544,22 @@ fn embedded_default_parses_from_default_toml() {
     assert_eq!(c.source_name(), "<embedded default>");
     assert_eq!(c.node.name, host_name().unwrap_or_else(|| "coffer".into()));
     assert_eq!(c.node.data_dir, Path::new("coffer-data"));
-    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners.len(), 2);
     let j = &c.listeners[0];
     assert_eq!(
         (j.name.as_str(), &j.protocol, &j.bind),
         ("journal", &Protocol::Smtp, &sock("127.0.0.1:2525"))
     );
     assert_eq!(j.allow.len(), 2, "loopback only");
+    let m = &c.listeners[1];
+    assert_eq!(
+        (m.name.as_str(), &m.protocol, &m.bind),
+        ("milter", &Protocol::Lmtp, &BindAddr::Unix("coffer-data/lmtp.sock".into()))
+    );
+    assert!(m.trust_xcoffer && !j.trust_xcoffer);
+    assert_eq!(m.socket_mode, Some(0o600));
     assert_eq!(c.routes.len(), 1);
-    assert_eq!(c.routes[0].from, ["journal"]);
+    assert_eq!(c.routes[0].from, ["journal", "milter"]);
     assert!(c.connections.is_empty() && c.console.is_none());
     assert_eq!(c.milter.listen, "unix:coffer-data/milter.sock");
     assert_eq!(c.milter.target, "unix:coffer-data/lmtp.sock");
