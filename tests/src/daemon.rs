@@ -344,3 +344,50 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], crate::free_port("127.0.0.1")))
 }
+
+/// What [`smtp_daemon`] started: the daemon, its SMTP listener `journal`, and its console
+/// when one was asked for.
+pub struct Launched {
+    pub daemon: Daemon,
+    pub smtp: SocketAddr,
+    pub console: Option<SocketAddr>,
+}
+
+/// A daemon with one SMTP listener `journal` on a free loopback port, `store` as the
+/// body of its `[store]` section, `listener` appended to the listener's keys, and a
+/// `[console]` on another free port when `console` is true.
+pub fn smtp_daemon(store: &str, listener: &str, console: bool) -> Launched {
+    let mut picked = (free_addr(), None);
+    let daemon = Daemon::launch(|_| {
+        let smtp = free_addr();
+        let con = console.then(free_addr);
+        picked = (smtp, con);
+        let console_toml = con
+            .map(|a| format!("\n[console]\nbind = \"{a}\"\n"))
+            .unwrap_or_default();
+        let toml = format!(
+            r#"[node]
+name = "e2e"
+data_dir = "data"
+
+[store]
+{store}
+
+[[listener]]
+name = "journal"
+protocol = "smtp"
+bind = "{smtp}"
+{listener}
+
+[[route]]
+from = ["journal"]
+{console_toml}"#
+        );
+        (toml, Probe::Tcp(smtp))
+    });
+    Launched {
+        daemon,
+        smtp: picked.0,
+        console: picked.1,
+    }
+}
