@@ -41,6 +41,7 @@ name = "lmtp"
 protocol = "lmtp"
 bind = "unix:{sock}"
 socket_mode = 0o660
+max_message_size = "1MiB"
 
 [[route]]
 from = ["lmtp"]
@@ -215,6 +216,23 @@ fn thousand_recipients_get_one_reply_each_and_one_arrival() {
         bdat_ids.into_iter().collect::<Vec<_>>(),
         vec![sha256_hex(small)]
     );
+
+    // Over max_message_size on LAST: one 552 per recipient, nothing stored, and the
+    // session goes on.
+    c.expect("MAIL FROM:<big@example.org>", 250).unwrap();
+    for r in ["y1@example.net", "y2@example.net"] {
+        c.expect(&format!("RCPT TO:<{r}>"), 250).unwrap();
+    }
+    let big = vec![b'b'; (1 << 20) + 1];
+    for i in 0..2 {
+        let r = if i == 0 {
+            c.bdat(&big, true).unwrap()
+        } else {
+            c.read_reply().unwrap()
+        };
+        assert_eq!(r.code, 552, "reply #{}: {r}", i + 1);
+    }
+    c.expect("NOOP", 250).unwrap();
     let _ = c.quit();
 
     let arrivals = d.arrivals(&id);
@@ -240,5 +258,10 @@ fn thousand_recipients_get_one_reply_each_and_one_arrival() {
     );
     assert_eq!(d.counts(), (2, 2));
 
+    // An idle session at shutdown is told so (421) and the socket is still removed.
+    let mut idle = Wire::unix(&sock).unwrap().expect_220().unwrap();
+    idle.expect("LHLO idle.test", 250).unwrap();
     stop_and_check_socket_removed(&mut d, &sock);
+    let r = idle.read_reply().unwrap();
+    assert_eq!(r.code, 421, "{r}");
 }
