@@ -16,10 +16,12 @@
 //! No fixed ports (every node binds a port the kernel handed out), no bare sleeps
 //! (wait for a condition with a deadline), every loop bounded in count and time.
 
+pub mod daemon;
 pub mod milter;
 pub mod postfix;
 pub mod run;
 pub mod smtp;
+pub mod wire;
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
