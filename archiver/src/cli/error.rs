@@ -65,6 +65,8 @@ impl CliError {
 fn store_exit_code(e: &StoreError) -> u8 {
     match e {
         StoreError::DaemonRunning(_) => EXIT_DAEMON_RUNNING,
+        // The daemon holds the store but cannot serve it yet (index under repair).
+        StoreError::Unavailable(_) => EXIT_NO_DAEMON,
         _ => EXIT_FINDING,
     }
 }

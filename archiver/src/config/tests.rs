@@ -554,7 +554,11 @@ fn embedded_default_parses_from_default_toml() {
     let m = &c.listeners[1];
     assert_eq!(
         (m.name.as_str(), &m.protocol, &m.bind),
-        ("milter", &Protocol::Lmtp, &BindAddr::Unix("coffer-data/lmtp.sock".into()))
+        (
+            "milter",
+            &Protocol::Lmtp,
+            &BindAddr::Unix("coffer-data/lmtp.sock".into())
+        )
     );
     assert!(m.trust_xcoffer && !j.trust_xcoffer);
     assert_eq!(m.socket_mode, Some(0o600));

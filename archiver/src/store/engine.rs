@@ -93,13 +93,40 @@ impl Engine {
         data_dir: &Path,
         node: Option<&str>,
     ) -> Result<Engine, StoreError> {
-        let data_dir = data_dir.to_owned();
-        vfs.create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
+        vfs.create_dir_all(data_dir).map_err(io_err(data_dir))?;
         let lock_path = data_dir.join(LOCK_FILE);
         let lock = vfs
             .try_lock(&lock_path)
             .map_err(io_err(&lock_path))?
             .ok_or_else(|| StoreError::DaemonRunning(lock_path.clone()))?;
+        Self::open_locked(vfs, data_dir, node, lock).map_err(|(e, _lock)| e)
+    }
+
+    /// [`Engine::open`] with the store's lock already held (a writer reopening after a
+    /// failure keeps it throughout, so no other process slips in). On failure the lock
+    /// is handed back.
+    ///
+    /// # Errors
+    /// As [`Engine::open`], with the lock.
+    pub fn open_locked(
+        vfs: Arc<dyn Vfs>,
+        data_dir: &Path,
+        node: Option<&str>,
+        lock: Box<dyn StoreLock>,
+    ) -> Result<Engine, (StoreError, Box<dyn StoreLock>)> {
+        match Self::open_inner(vfs, data_dir, node) {
+            Ok(parts) => Ok(parts.with_lock(lock)),
+            Err(e) => Err((e, lock)),
+        }
+    }
+
+    fn open_inner(
+        vfs: Arc<dyn Vfs>,
+        data_dir: &Path,
+        node: Option<&str>,
+    ) -> Result<Unlocked, StoreError> {
+        let data_dir = data_dir.to_owned();
+        vfs.create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
         let log_dir = data_dir.join(LOG_DIR);
         let mut segments = list_segments(&*vfs, &log_dir).map_err(io_err(&log_dir))?;
 
@@ -186,7 +213,7 @@ impl Engine {
         let active = replay(&*vfs, &txn, &log_dir, &segments, node, &epoch8, epoch)?;
         txn.commit().map_err(idx_err)?;
         let log = Log::new(vfs.clone(), log_dir.clone(), epoch, active);
-        Ok(Engine {
+        Ok(Unlocked {
             vfs,
             data_dir,
             log_dir,
@@ -195,8 +222,45 @@ impl Engine {
             epoch8,
             db: Arc::new(db),
             log,
-            lock,
         })
+    }
+}
+
+/// An opened store waiting for its lock to be attached.
+struct Unlocked {
+    vfs: Arc<dyn Vfs>,
+    data_dir: PathBuf,
+    log_dir: PathBuf,
+    node: String,
+    epoch: [u8; 16],
+    epoch8: String,
+    db: Arc<redb::Database>,
+    log: Log,
+}
+
+impl Unlocked {
+    fn with_lock(self, lock: Box<dyn StoreLock>) -> Engine {
+        let Unlocked {
+            vfs,
+            data_dir,
+            log_dir,
+            node,
+            epoch,
+            epoch8,
+            db,
+            log,
+        } = self;
+        Engine {
+            vfs,
+            data_dir,
+            log_dir,
+            node,
+            epoch,
+            epoch8,
+            db,
+            log,
+            lock,
+        }
     }
 }
 

@@ -184,6 +184,8 @@ pub enum StoreError {
     DaemonRunning(PathBuf),
     #[error("no archive at {0}")]
     NoStore(PathBuf),
+    #[error("the archive cannot be read right now: {0}")]
+    Unavailable(String),
 }
 
 /// Why a message id (or prefix) did not name exactly one message.
@@ -224,6 +226,8 @@ pub struct Shared {
     low_disk: AtomicBool,
     /// The writer hit a sync/commit failure and is reopening the store.
     failed: AtomicBool,
+    /// The failure happened with the disk full: refusals say 452 while it lasts.
+    failed_full: AtomicBool,
     /// Highest log batch whose index entries are committed (see `writer`).
     committed_gen: AtomicU64,
     stats: stats::StoreStats,
@@ -270,6 +274,7 @@ impl Store {
             free_disk: AtomicU64::new(u64::MAX),
             low_disk: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            failed_full: AtomicBool::new(false),
             committed_gen: AtomicU64::new(0),
             stats: stats::StoreStats::default(),
         });
@@ -418,6 +423,9 @@ impl StoreHandle {
 
     fn admit(&self, len: u64) -> Result<PendingGuard, IngestError> {
         if self.shared.failed.load(Ordering::Relaxed) {
+            if self.shared.failed_full.load(Ordering::Relaxed) {
+                return Err(IngestError::DiskFull);
+            }
             return Err(IngestError::Unavailable(
                 "the store failed and is being reopened".into(),
             ));

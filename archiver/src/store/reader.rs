@@ -539,7 +539,17 @@ impl StoreReader {
 fn open_shared(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
     let mut b = redb::Builder::new();
     b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
-    b.open_read_only(path).map_err(idx_err)
+    b.open_read_only(path).map_err(|e| match e {
+        // The daemon holds the store but its index is mid-recovery (a commit failed, e.g.
+        // on a full disk, and the reopen that repairs it has not succeeded yet).
+        redb::DatabaseError::RepairAborted => StoreError::Unavailable(
+            "the daemon's index needs repair after a failed write; the daemon repairs it as \
+             soon as it can write again (is the disk full? see its log). Nothing \
+             acknowledged is lost: it is all in the log."
+                .into(),
+        ),
+        e => idx_err(e),
+    })
 }
 
 fn latest(r: &MessageRecord) -> &str {

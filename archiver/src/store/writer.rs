@@ -53,6 +53,8 @@ const INDEX_QUEUE: usize = 64;
 const MAX_INDEX_BATCHES: usize = 64;
 /// How often an idle writer re-measures free disk (and retries a failed store).
 const IDLE_TICK: Duration = Duration::from_millis(250);
+/// Free space under which a store failure is reported as a full disk.
+const DISK_FULL_MARGIN: u64 = 16 << 20;
 /// How long a poisoned writer waits between attempts to reopen the store.
 const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -121,8 +123,9 @@ struct Live {
     gen: u64,
     index_tx: Option<Sender<IndexBatch>>,
     indexer: Option<JoinHandle<()>>,
-    /// Held while the store is open for writing.
-    _lock: Box<dyn StoreLock>,
+    /// Held while the store is open for writing; taken back by the writer when the
+    /// store fails, so the lock is never released between a failure and the reopen.
+    lock: Option<Box<dyn StoreLock>>,
 }
 
 impl Live {
@@ -158,7 +161,7 @@ impl Live {
             gen: 0,
             index_tx: Some(index_tx),
             indexer: Some(indexer),
-            _lock: lock,
+            lock: Some(lock),
         })
     }
 
@@ -178,6 +181,8 @@ impl Drop for Live {
 
 pub struct Writer {
     live: Option<Live>,
+    /// The store's lock while `live` is `None` (failed, reopening).
+    held_lock: Option<Box<dyn StoreLock>>,
     shared: Arc<Shared>,
     segment_size: u64,
     last_reopen: Option<Instant>,
@@ -190,6 +195,7 @@ impl Writer {
         let live = Live::start(engine, &shared)?;
         let w = Self {
             live: Some(live),
+            held_lock: None,
             shared,
             segment_size,
             last_reopen: None,
@@ -257,18 +263,32 @@ impl Writer {
             return Err("the store failed and is being reopened".into());
         }
         self.last_reopen = Some(Instant::now());
-        let opened = Engine::open(
-            self.shared.vfs.clone(),
-            &self.shared.data_dir,
-            Some(&self.shared.node),
-        )
-        .and_then(|engine| Live::start(engine, &self.shared));
-        match opened {
+        // Reopen with the lock this writer kept through the failure; if it was lost (a
+        // reopen that failed half-way), take it afresh.
+        let opened = match self.held_lock.take() {
+            Some(lock) => Engine::open_locked(
+                self.shared.vfs.clone(),
+                &self.shared.data_dir,
+                Some(&self.shared.node),
+                lock,
+            )
+            .map_err(|(e, lock)| {
+                self.held_lock = Some(lock);
+                e
+            }),
+            None => Engine::open(
+                self.shared.vfs.clone(),
+                &self.shared.data_dir,
+                Some(&self.shared.node),
+            ),
+        };
+        match opened.and_then(|engine| Live::start(engine, &self.shared)) {
             Ok(live) => {
                 info!("store reopened and recovered after a failure");
                 self.shared.stats.reopens.fetch_add(1, Ordering::Relaxed);
                 self.live = Some(live);
                 self.shared.failed.store(false, Ordering::Relaxed);
+                self.shared.failed_full.store(false, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
@@ -280,10 +300,21 @@ impl Writer {
 
     fn poison(&mut self, why: &str) {
         error!(error = %why, "the store stops writing and reopens");
+        // A failure with the disk (nearly) full is answered as "disk full" (452), not as
+        // a broken store (451), while it lasts.
+        let full = self
+            .shared
+            .vfs
+            .free_space(&self.shared.data_dir)
+            .is_ok_and(|free| free < DISK_FULL_MARGIN);
+        self.shared.failed_full.store(full, Ordering::Relaxed);
         self.shared.failed.store(true, Ordering::Relaxed);
-        // Dropping `Live` lets the index stage finish what was synced, then closes the
-        // index and releases the lock, so the reopen starts from what is on disk.
-        self.live = None;
+        // Dropping `Live` lets the index stage finish what was synced and closes the
+        // index, so the reopen starts from what is on disk. The lock stays with this
+        // writer: no other process may open the store for writing in between.
+        if let Some(mut live) = self.live.take() {
+            self.held_lock = live.lock.take();
+        }
     }
 
     fn commit_batch(&mut self, batch: Vec<Job>) {
@@ -324,8 +355,13 @@ impl Writer {
             }
             Err(BatchError::Poisoned(why)) => {
                 self.poison(&why);
+                let full = self.shared.failed_full.load(Ordering::Relaxed);
                 for job in batch {
-                    (job.reply)(Err(IngestError::Unavailable(why.clone())));
+                    (job.reply)(Err(if full {
+                        IngestError::DiskFull
+                    } else {
+                        IngestError::Unavailable(why.clone())
+                    }));
                 }
             }
         }
