@@ -74,7 +74,7 @@ fn big_message(size: usize) -> Vec<u8> {
     let mut line = 0u32;
     while m.len() < size {
         line += 1;
-        if line % 97 == 0 {
+        if line.is_multiple_of(97) {
             m.push(b'.');
         }
         for _ in 0..76 {

@@ -132,7 +132,7 @@ pub fn format_size(bytes: u64) -> String {
         ("MiB", 1 << 20),
         ("KiB", 1 << 10),
     ] {
-        if bytes != 0 && bytes % m == 0 {
+        if bytes != 0 && bytes.is_multiple_of(m) {
             return format!("{}{unit}", bytes / m);
         }
     }

@@ -1127,7 +1127,7 @@ mod tests {
         let mut out = Vec::with_capacity(len);
         let mut i = 0usize;
         while out.len() < len {
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 out.extend_from_slice(specials[(i / 5) % specials.len()]);
             } else {
                 out.push((i * 37 % 256) as u8);
