@@ -90,12 +90,20 @@ fn staging_dir(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.coffer-backup"))
 }
 
-/// Copies `len` bytes of `src` into the new file `dst` and syncs it.
-fn copy_prefix(src: &Path, dst: &Path, len: u64) -> Result<u64, StoreError> {
-    let input = File::open(src).map_err(io_err(src))?;
+/// Copies the first `len` bytes of `input` (the file at `src`) into the new file `dst`
+/// and syncs it. `newest`: the file may have become shorter meanwhile (a failed append
+/// rolled back: those bytes were never acknowledged), so fewer bytes are fine.
+fn copy_prefix(
+    input: &File,
+    src: &Path,
+    dst: &Path,
+    len: u64,
+    newest: bool,
+) -> Result<u64, StoreError> {
     let mut output = File::create_new(dst).map_err(io_err(dst))?;
-    let copied = io::copy(&mut io::Read::take(input, len), &mut output).map_err(io_err(src))?;
-    if copied != len {
+    let mut input = io::Read::take(input, len);
+    let copied = io::copy(&mut input, &mut output).map_err(io_err(src))?;
+    if copied != len && !newest {
         return Err(StoreError::Corrupt(format!(
             "{}: shorter than expected ({copied} of {len} bytes)",
             src.display()
@@ -127,21 +135,26 @@ pub fn backup(
     let Some(&last) = segments.last() else {
         return Err(StoreError::NoStore(data_dir.to_owned()));
     };
+    // Each segment is opened now and copied through that open file, with the length it
+    // has now: a segment file replaced by a rewritten one meanwhile is still copied
+    // whole, in one version.
     let mut plan = Vec::with_capacity(segments.len());
     for &n in &segments {
         let p = segment_path(&log_dir, n);
-        plan.push((n, fs::metadata(&p).map_err(io_err(&p))?.len()));
+        let f = File::open(&p).map_err(io_err(&p))?;
+        let len = f.metadata().map_err(io_err(&p))?.len();
+        plan.push((n, f, len));
     }
     // A segment created this instant may not have its header yet: nothing is in it.
     if plan.len() > 1
         && plan
             .last()
-            .is_some_and(|&(_, len)| len < SEGMENT_HEADER_LEN)
+            .is_some_and(|&(_, _, len)| len < SEGMENT_HEADER_LEN)
     {
         plan.pop();
     }
-    let last = plan.last().map_or(last, |&(n, _)| n);
-    let total: u64 = plan.iter().map(|(_, len)| len).sum();
+    let last = plan.last().map_or(last, |&(n, _, _)| n);
+    let total: u64 = plan.iter().map(|(_, _, len)| len).sum();
 
     // 2. Copy into a staging folder beside DEST (a leftover of an interrupted run goes).
     let staging = staging_dir(dest);
@@ -153,11 +166,13 @@ pub fn backup(
     let result = (|| {
         let mut done = 0;
         progress(0, total);
-        for &(n, len) in &plan {
+        for (n, file, len) in &plan {
             done += copy_prefix(
-                &segment_path(&log_dir, n),
-                &segment_path(&staging_log, n),
-                len,
+                file,
+                &segment_path(&log_dir, *n),
+                &segment_path(&staging_log, *n),
+                *len,
+                *n == last,
             )?;
             progress(done, total);
         }
