@@ -418,6 +418,40 @@ mod tests {
     }
 
     #[test]
+    fn mbox_is_oldest_first_skips_damage_and_replaces_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("sub/mail.mbox");
+        let bodies: [&[u8]; 3] = [
+            b"Subject: new\r\n\r\nFrom x\r\n",
+            b"Subject: old\n\nx",
+            b"bad",
+        ];
+        let mut src = Fake::new(&bodies);
+        src.messages.insert(MessageId::of(b"bad"), b"BAD".to_vec());
+        let s = export_mbox(&src, &Query::default(), &out, &mut |_, _| {}).unwrap();
+        assert_eq!(s.damaged, vec![MessageId::of(b"bad").to_hex()]);
+        assert!(s.mbox_line(&out).contains("1 damaged message(s) skipped"));
+        let text = fs::read(&out).unwrap();
+        let first = "From bounce@example.org Fri Jan  2 14:04:06 2026\n";
+        let want = [
+            first.as_bytes(),
+            b"Subject: old\n\nx\n\n",
+            first.as_bytes(),
+            b"Subject: new\r\n\r\n>From x\r\n\n",
+        ]
+        .concat();
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            String::from_utf8_lossy(&want)
+        );
+        // A rerun replaces the file; no temporary file stays behind.
+        src.records.truncate(1);
+        export_mbox(&src, &Query::default(), &out, &mut |_, _| {}).unwrap();
+        assert!(fs::read(&out).unwrap().ends_with(b">From x\r\n\n"));
+        assert_eq!(fs::read_dir(dir.path().join("sub")).unwrap().count(), 1);
+    }
+
+    #[test]
     fn malformed_ids_never_become_paths() {
         let dir = tempfile::tempdir().unwrap();
         let mut src = Fake::new(&[b"x"]);
