@@ -46,6 +46,9 @@ pub enum CliError {
     /// Writing our output failed (a broken pipe ends the run quietly).
     #[error("writing output: {0}")]
     Output(io::Error),
+    /// A command could not finish (import: the store refused a message).
+    #[error("{0}")]
+    Failed(String),
     /// A file we write (export) could not be written.
     #[error("{}: {source}", .path.display())]
     File {
@@ -75,7 +78,7 @@ fn store_exit_code(e: &StoreError) -> u8 {
 pub fn exit_code(err: &CliError) -> u8 {
     match err {
         CliError::Usage(_) | CliError::Config(_) => EXIT_USAGE,
-        CliError::NoArchive(_) | CliError::File { .. } => EXIT_FINDING,
+        CliError::NoArchive(_) | CliError::File { .. } | CliError::Failed(_) => EXIT_FINDING,
         CliError::Output(_) if err.is_broken_pipe() => EXIT_OK,
         CliError::Output(_) => EXIT_FINDING,
         CliError::Store(e) => store_exit_code(e),

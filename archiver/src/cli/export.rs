@@ -5,6 +5,10 @@
 //! into place, and a rerun skips files already complete (the `.eml` by size and SHA-256,
 //! the `.json` by content). An interrupted run leaves at most a temporary file, which the
 //! next run overwrites.
+//!
+//! `coffer export --format mbox`: one mboxrd file (see [`super::mbox`]), oldest arrival
+//! first, written under a temporary name beside it, synced and renamed into place: a
+//! rerun rewrites the whole file, and readers never see half of one.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -51,6 +55,22 @@ impl ExportSummary {
             out.display(),
             self.files_written,
             self.already_complete
+        );
+        if !self.damaged.is_empty() {
+            s.push_str(&format!(
+                "; {} damaged message(s) skipped (run coffer verify)",
+                self.damaged.len()
+            ));
+        }
+        s
+    }
+
+    /// The summary of an mbox export.
+    pub fn mbox_line(&self, out: &Path) -> String {
+        let mut s = format!(
+            "exported {} message(s) to {}",
+            self.matched - self.damaged.len() as u64,
+            out.display()
         );
         if !self.damaged.is_empty() {
             s.push_str(&format!(
@@ -123,6 +143,78 @@ pub fn export_eml(
         progress(n as u64 + 1, total);
     }
     sync_dir(out).map_err(file_err(out))?;
+    Ok(summary)
+}
+
+/// Exports every message matching `query` into the mbox file `out` (its folder is
+/// created if missing), oldest first. `progress(done, total)` is called after each
+/// message.
+///
+/// # Errors
+/// The store failed, or the file could not be written (the old file, if any, stays).
+pub fn export_mbox(
+    src: &dyn ExportSource,
+    query: &Query,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ExportSummary, CliError> {
+    let file_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CliError::File { path, source }
+    };
+    let name = out
+        .file_name()
+        .ok_or_else(|| CliError::Usage(format!("--out {}: not a file name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir).map_err(file_err(&dir))?;
+    let mut records = src.search(query)?;
+    // Search gives the newest first; a mailbox reads oldest first.
+    records.reverse();
+    let total = records.len() as u64;
+    let mut summary = ExportSummary {
+        matched: total,
+        ..ExportSummary::default()
+    };
+    progress(0, total);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let file = File::create(&tmp).map_err(file_err(&tmp))?;
+    let mut w = io::BufWriter::with_capacity(1 << 20, file);
+    for (n, rec) in records.iter().enumerate() {
+        let id: MessageId = rec.id.parse().map_err(|_| {
+            StoreError::Corrupt(format!(
+                "search returned a malformed message id {:?}",
+                rec.id
+            ))
+        })?;
+        let bytes = src.read_message(&id)?;
+        if MessageId::of(&bytes) != id {
+            summary.damaged.push(id.to_hex());
+        } else {
+            // Arrivals come oldest first: the first is where the message first landed.
+            let (sender, time) = rec
+                .arrivals
+                .first()
+                .map_or(("", ""), |a| (a.mail_from.as_str(), a.time.as_str()));
+            super::mbox::write_message(&mut w, sender, time, &bytes).map_err(file_err(&tmp))?;
+        }
+        progress(n as u64 + 1, total);
+    }
+    let file = w.into_inner().map_err(|e| CliError::File {
+        path: tmp.clone(),
+        source: e.into_error(),
+    })?;
+    file.sync_all().map_err(file_err(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, out).map_err(file_err(out))?;
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(file_err(&dir))?;
+    summary.files_written = 1;
     Ok(summary)
 }
 
@@ -323,6 +415,40 @@ mod tests {
         assert_eq!(s.damaged, vec![id.to_hex()]);
         assert!(!dir.path().join(format!("{id}.eml")).exists());
         assert!(s.line(dir.path()).contains("1 damaged message(s) skipped"));
+    }
+
+    #[test]
+    fn mbox_is_oldest_first_skips_damage_and_replaces_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("sub/mail.mbox");
+        let bodies: [&[u8]; 3] = [
+            b"Subject: new\r\n\r\nFrom x\r\n",
+            b"Subject: old\n\nx",
+            b"bad",
+        ];
+        let mut src = Fake::new(&bodies);
+        src.messages.insert(MessageId::of(b"bad"), b"BAD".to_vec());
+        let s = export_mbox(&src, &Query::default(), &out, &mut |_, _| {}).unwrap();
+        assert_eq!(s.damaged, vec![MessageId::of(b"bad").to_hex()]);
+        assert!(s.mbox_line(&out).contains("1 damaged message(s) skipped"));
+        let text = fs::read(&out).unwrap();
+        let first = "From bounce@example.org Fri Jan  2 14:04:06 2026\n";
+        let want = [
+            first.as_bytes(),
+            b"Subject: old\n\nx\n\n",
+            first.as_bytes(),
+            b"Subject: new\r\n\r\n>From x\r\n\n",
+        ]
+        .concat();
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            String::from_utf8_lossy(&want)
+        );
+        // A rerun replaces the file; no temporary file stays behind.
+        src.records.truncate(1);
+        export_mbox(&src, &Query::default(), &out, &mut |_, _| {}).unwrap();
+        assert!(fs::read(&out).unwrap().ends_with(b">From x\r\n\n"));
+        assert_eq!(fs::read_dir(dir.path().join("sub")).unwrap().count(), 1);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 pub mod dates;
 pub mod error;
 pub mod export;
+pub mod import;
+pub mod mbox;
 pub mod output;
 
 use std::ffi::OsString;
@@ -17,8 +19,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::config;
-use crate::store::{LookupError, Query, StoreError, StoreReader};
+use crate::config::{self, Config};
+use crate::store::{LookupError, Query, Store, StoreError, StoreReader};
 use error::{exit_code, CliError, EXIT_FINDING, EXIT_OK, EXIT_STATUS_HELP, EXIT_USAGE};
 use output::{StatusOutput, VerifyOutput};
 
@@ -51,6 +53,12 @@ pub enum Command {
     Export(ExportArgs),
     /// Re-hash every message and report damage (exits 1 when problems are found).
     Verify(VerifyArgs),
+    /// Rebuild the index from the log (the daemon must be stopped).
+    Reindex,
+    /// Archive mail from an mbox file, a maildir or a folder of .eml files.
+    Import(ImportArgs),
+    /// Copy the archive, live, into a new folder that cofferd can open.
+    Backup(BackupArgs),
 }
 
 #[derive(Args, Debug)]
@@ -138,19 +146,21 @@ pub struct GetArgs {
 pub enum ExportFormat {
     /// PATH/ID.eml (exact bytes) and PATH/ID.json (the record with its arrivals).
     Eml,
-    /// One mboxrd file.
+    /// One mboxrd file, PATH, oldest first.
     Mbox,
 }
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "A rerun into the same PATH skips files already complete, so an \
-                        interrupted export can simply be started again."
+    after_help = "eml: a rerun into the same PATH skips files already complete, so an \
+                  interrupted export can simply be started again. mbox: the file is \
+                  written under a temporary name and renamed into place; a rerun \
+                  rewrites it whole."
 )]
 pub struct ExportArgs {
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub format: ExportFormat,
-    /// Output folder (created if missing).
+    /// Output folder for eml (created if missing); output file for mbox.
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
     #[command(flatten)]
@@ -168,6 +178,44 @@ pub struct VerifyArgs {
     /// One JSON document on stdout: the report plus "ok".
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ImportFormat {
+    /// One mbox file (mboxrd; mboxo reads the same).
+    Mbox,
+    /// A maildir: the files of its cur/ and new/ folders.
+    Maildir,
+    /// A folder of *.eml files (or one .eml file).
+    Eml,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Arrivals land on a listener named \"import\", with the mbox \
+                  sender (if any) as MAIL FROM, no recipients, and the source position \
+                  (mbox:FILE#OFFSET, maildir:FILE, eml:FILE) as queue id. Importing the \
+                  same mail again adds nothing: each message is a repeat. The daemon must \
+                  be stopped (exit 4 otherwise)."
+)]
+pub struct ImportArgs {
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: ImportFormat,
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Copies the log (never index.redb) and rebuilds the index in the \
+                  copy. Works beside a running daemon; everything acknowledged before the \
+                  backup started is in it. Restore: point cofferd's data_dir at DEST (or \
+                  copy DEST into place) while the original is stopped."
+)]
+pub struct BackupArgs {
+    /// A new folder (or an empty one) for the copy.
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
 }
 
 /// Entry point of the `coffer` binary.
@@ -220,15 +268,20 @@ fn init_logging() {
 /// Whatever stopped the command; [`exit_code`] maps it.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
     // Usage errors first: they need neither configuration nor store.
-    if let Command::Export(a) = &cli.command {
-        if a.format == ExportFormat::Mbox {
-            return Err(CliError::Usage("mbox export is not available yet".into()));
-        }
-    }
     if let Command::Get(a) = &cli.command {
         id_prefix(&a.id)?;
     }
+    if let Command::Backup(a) = &cli.command {
+        crate::store::backup::check_dest(&a.dest).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
     let cfg = config::load(cli.config.as_deref())?;
+    // These open the store themselves (for writing, or not at all).
+    match &cli.command {
+        Command::Reindex => return cmd_reindex(&cfg, out),
+        Command::Import(a) => return cmd_import(&cfg, a),
+        Command::Backup(a) => return cmd_backup(&cfg, a),
+        _ => {}
+    }
     let store = open_store(&cfg.node.data_dir)?;
     match &cli.command {
         Command::Status(a) => cmd_status(&store, a, out),
@@ -236,6 +289,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Get(a) => cmd_get(&store, a, out),
         Command::Export(a) => cmd_export(&store, a),
         Command::Verify(a) => cmd_verify(&store, a, out),
+        Command::Reindex | Command::Import(_) | Command::Backup(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -331,18 +387,151 @@ fn progress_bar(what: &str) -> ProgressBar {
 fn cmd_export(store: &StoreReader, a: &ExportArgs) -> Result<u8, CliError> {
     let query = a.filters.query(a.limit)?;
     let pb = progress_bar("exporting");
-    let res = export::export_eml(store, &query, &a.out, &mut |done, total| {
+    let export = match a.format {
+        ExportFormat::Eml => export::export_eml,
+        ExportFormat::Mbox => export::export_mbox,
+    };
+    let res = export(store, &query, &a.out, &mut |done, total| {
         pb.set_length(total);
         pb.set_position(done);
     });
     pb.finish_and_clear();
     let summary = res?;
-    eprintln!("{}", summary.line(&a.out));
+    match a.format {
+        ExportFormat::Eml => eprintln!("{}", summary.line(&a.out)),
+        ExportFormat::Mbox => eprintln!("{}", summary.mbox_line(&a.out)),
+    }
     Ok(if summary.damaged.is_empty() {
         EXIT_OK
     } else {
         EXIT_FINDING
     })
+}
+
+/// A progress bar counting bytes, on stderr when stderr is a terminal.
+fn bytes_bar(what: &str) -> ProgressBar {
+    let pb = progress_bar(what);
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix} [{bar:40}] {bytes}/{total_bytes} ({eta} left)")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb
+}
+
+fn cmd_reindex(cfg: &Config, out: &mut dyn Write) -> Result<u8, CliError> {
+    let data_dir = &cfg.node.data_dir;
+    if !data_dir.is_dir() {
+        return Err(CliError::NoArchive(data_dir.clone()));
+    }
+    eprintln!(
+        "rebuilding the index of {} from the log",
+        data_dir.display()
+    );
+    let pb = progress_bar("verifying the new index");
+    let res = crate::store::reindex::reindex(data_dir, &cfg.node.name, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let r = res?;
+    let was = |f: fn(&crate::store::StoreStatus) -> u64| {
+        r.before
+            .as_ref()
+            .map_or_else(String::new, |b| format!(" (was {})", f(b)))
+    };
+    let text = format!(
+        "messages:     {}{}\narrivals:     {}{}\nraw bytes:    {}{}\nstored bytes: {}{}\n\
+         repeats:      0{} (retries counted at ingest are not kept in the log and \
+         cannot be rebuilt)\n",
+        r.after.messages,
+        was(|s| s.messages),
+        r.after.arrivals,
+        was(|s| s.arrivals),
+        r.after.raw_bytes,
+        was(|s| s.raw_bytes),
+        r.after.stored_bytes,
+        was(|s| s.stored_bytes),
+        was(|s| s.repeats),
+    );
+    out.write_all(text.as_bytes())
+        .and_then(|()| {
+            if r.verify.problems.is_empty() {
+                Ok(())
+            } else {
+                output::write_verify_human(out, &r.verify)
+            }
+        })
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)?;
+    match &r.kept_old {
+        None => {
+            eprintln!("index rebuilt and verified against the log");
+            Ok(EXIT_OK)
+        }
+        Some(old) => {
+            eprintln!(
+                "the rebuilt index does not match the log; the previous index is kept as {}",
+                old.display()
+            );
+            Ok(EXIT_FINDING)
+        }
+    }
+}
+
+fn cmd_import(cfg: &Config, a: &ImportArgs) -> Result<u8, CliError> {
+    let mut source = import::Source::open(a.format, &a.path)?;
+    let store = Store::open(crate::server::store_options(cfg))?;
+    let handle = store.handle();
+    let pb = bytes_bar("importing");
+    let res = import::import(
+        &handle,
+        &mut source,
+        cfg.store.max_pending / 2,
+        &mut |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        },
+    );
+    pb.finish_and_clear();
+    drop(handle);
+    store.close();
+    let summary = res?;
+    eprintln!("{}", summary.line(&a.path));
+    Ok(if summary.too_big.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_FINDING
+    })
+}
+
+fn cmd_backup(cfg: &Config, a: &BackupArgs) -> Result<u8, CliError> {
+    let data_dir = &cfg.node.data_dir;
+    if !data_dir.is_dir() {
+        return Err(CliError::NoArchive(data_dir.clone()));
+    }
+    let pb = bytes_bar("copying the log");
+    let res =
+        crate::store::backup::backup(data_dir, &cfg.node.name, &a.dest, &mut |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        });
+    pb.finish_and_clear();
+    let r = res?;
+    eprintln!(
+        "backed up {} message(s), {} arrival(s) to {}: {} segment(s), {} bytes of log, up to \
+         segment {} offset {}; the index was rebuilt in the copy (cofferd can open it: set \
+         data_dir = {})",
+        r.status.messages,
+        r.status.arrivals,
+        a.dest.display(),
+        r.segments,
+        r.bytes,
+        r.end.0,
+        r.end.1,
+        a.dest.display()
+    );
+    Ok(EXIT_OK)
 }
 
 fn cmd_verify(store: &StoreReader, a: &VerifyArgs, out: &mut dyn Write) -> Result<u8, CliError> {
@@ -527,11 +716,50 @@ mod tests {
     }
 
     #[test]
-    fn mbox_export_is_refused_for_now() {
-        let cli = parse(&["export", "--format", "mbox", "--out", "/nonexistent/x"]).unwrap();
-        let err = run(&cli, &mut Vec::new()).unwrap_err();
-        assert_eq!(exit_code(&err), 2);
-        assert_eq!(err.to_string(), "mbox export is not available yet");
+    fn reindex_and_import_refuse_while_the_daemon_runs_backup_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("coffer.toml");
+        std::fs::write(
+            &conf,
+            "[node]\nname = \"node-a\"\ndata_dir = \"data\"\n[store]\nmin_free_disk = \"0B\"\n",
+        )
+        .unwrap();
+        let cfg = config::load_file(&conf).unwrap();
+        let mbox = dir.path().join("in.mbox");
+        std::fs::write(
+            &mbox,
+            "From a@x Mon Jan  1 00:00:00 2024\nSubject: 1\n\nhi\n",
+        )
+        .unwrap();
+        let c = conf.to_str().unwrap();
+        let m = mbox.to_str().unwrap();
+        let import = ["coffer", "--config", c, "import", "--format", "mbox", m];
+        assert_eq!(run_args(import), EXIT_OK);
+        let daemon = Store::open(crate::server::store_options(&cfg)).unwrap();
+        assert_eq!(run_args(import), error::EXIT_DAEMON_RUNNING);
+        assert_eq!(
+            run_args(["coffer", "--config", c, "reindex"]),
+            error::EXIT_DAEMON_RUNNING
+        );
+        let dest = dir.path().join("backup");
+        let d = dest.to_str().unwrap();
+        assert_eq!(run_args(["coffer", "--config", c, "backup", d]), EXIT_OK);
+        assert_eq!(run_args(["coffer", "--config", c, "backup", d]), EXIT_USAGE);
+        daemon.close();
+        assert_eq!(run_args(["coffer", "--config", c, "reindex"]), EXIT_OK);
+        assert_eq!(
+            StoreReader::open(&dest).unwrap().status().unwrap().messages,
+            1
+        );
+        let out = dir.path().join("out.mbox");
+        let o = out.to_str().unwrap();
+        let export = [
+            "coffer", "--config", c, "export", "--format", "mbox", "--out", o,
+        ];
+        assert_eq!(run_args(export), EXIT_OK);
+        assert!(std::fs::read(&out)
+            .unwrap()
+            .ends_with(b"Subject: 1\n\nhi\n\n"));
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! - `index`: redb tables: messages, arrivals, arrival keys, search keys, meta.
 //! - `writer`: the writer thread: group commit of everything waiting on the channel.
 //! - `reader`: read side for the CLI and the daemon: status, search, get, verify.
+//! - [`reindex`], [`backup`]: rebuild the index from the log; copy a live store.
 //!
 //! See `docs/store-format.md` for the byte layout, the commit order and the invariants.
 
+pub mod backup;
 pub mod engine;
 pub mod fault;
 pub mod index;
@@ -18,6 +20,7 @@ pub mod io;
 pub mod log;
 pub mod reader;
 pub mod record;
+pub mod reindex;
 pub mod stats;
 pub mod summary;
 pub mod writer;
@@ -504,3 +507,5 @@ impl StoreHandle {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tools_tests;

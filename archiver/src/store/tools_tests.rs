@@ -1,0 +1,319 @@
+//! Tests of the maintenance tools: `verify --deep` finding damage, `reindex`, `backup`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::envelope::{Envelope, SessionInfo};
+
+fn opts(dir: &Path, segment_size: u64) -> StoreOptions {
+    StoreOptions {
+        data_dir: dir.to_owned(),
+        node: "node-a".into(),
+        segment_size,
+        max_pending: 256 << 20,
+        min_free_disk: 0,
+    }
+}
+
+fn msg(i: usize, from: &str) -> Incoming {
+    let body = format!(
+        "From: sender{i}@example.org\r\nTo: rcpt{}@example.net\r\nSubject: message {i}\r\n\
+         Message-ID: <m{i}@example.org>\r\n\r\n{}\r\n",
+        i % 3,
+        "body text ".repeat(20 + i % 50)
+    );
+    Incoming {
+        bytes: body.into_bytes(),
+        envelope: Envelope {
+            mail_from: from.into(),
+            mail_params: vec![],
+            rcpt_to: vec![format!("rcpt{}@example.net", i % 3)],
+        },
+        session: SessionInfo {
+            listener: "journal".into(),
+            protocol: "ESMTP".into(),
+            client_addr: Some("127.0.0.1:1".into()),
+            helo: Some("c".into()),
+            queue_id: None,
+            xcoffer: None,
+        },
+    }
+}
+
+/// A closed store of `n` messages (one of them also arriving twice, one a retry).
+fn filled(dir: &Path, n: usize, segment_size: u64) -> Vec<Receipt> {
+    let store = Store::open(opts(dir, segment_size)).unwrap();
+    let h = store.handle();
+    let mut out: Vec<Receipt> = (0..n)
+        .map(|i| h.ingest_blocking(msg(i, "a@example.org")).unwrap())
+        .collect();
+    out.push(h.ingest_blocking(msg(0, "other@example.org")).unwrap());
+    assert!(h.ingest_blocking(msg(1, "a@example.org")).unwrap().repeat);
+    drop(h);
+    store.close();
+    out
+}
+
+fn verify(dir: &Path, deep: bool) -> VerifyReport {
+    StoreReader::open(dir)
+        .unwrap()
+        .verify(deep, &mut |_, _| {})
+        .unwrap()
+}
+
+fn seg(dir: &Path, n: u32) -> std::path::PathBuf {
+    log::segment_path(&dir.join(log::LOG_DIR), n)
+}
+
+fn all(dir: &Path) -> (Vec<MessageRecord>, StoreStatus) {
+    let r = StoreReader::open(dir).unwrap();
+    let q = Query::default();
+    (r.search(&q).unwrap(), r.status().unwrap())
+}
+
+#[test]
+fn deep_verify_finds_a_flipped_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let receipts = filled(dir.path(), 5, 64 << 20);
+    assert!(verify(dir.path(), true).problems.is_empty());
+    // Flip a byte inside the first record's payload (segment header 64 + record header 56).
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[64 + 56 + 10] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+
+    let shallow = verify(dir.path(), false);
+    let first = receipts[0].message_id.to_hex();
+    assert!(
+        shallow.problems.iter().any(|p| p.contains(&first)
+            && p.contains("checksum")
+            && p.contains("00000001.seg at 64")),
+        "{:?}",
+        shallow.problems
+    );
+    let deep = verify(dir.path(), true);
+    assert!(
+        deep.problems
+            .iter()
+            .any(|p| p.contains("00000001.seg: damaged at offset 64")),
+        "{:?}",
+        deep.problems
+    );
+}
+
+#[test]
+fn deep_verify_finds_a_truncated_segment_that_is_not_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 40, 4096);
+    let segs = log::list_segments(&io::RealVfs, &dir.path().join(log::LOG_DIR)).unwrap();
+    assert!(segs.len() > 3, "{segs:?}");
+    let path = seg(dir.path(), 2);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let cut = len - 100;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let report = verify(dir.path(), true);
+    let named: Vec<&String> = report
+        .problems
+        .iter()
+        .filter(|p| p.contains("00000002.seg: damaged at offset"))
+        .collect();
+    assert_eq!(named.len(), 1, "{:?}", report.problems);
+    // The offset named is where the last whole record ends, before the cut.
+    let at: u64 = named[0]
+        .split("offset ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(at < cut && at >= record::SEGMENT_HEADER_LEN, "{at} {cut}");
+}
+
+#[test]
+fn deep_verify_finds_a_missing_index_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let receipts = filled(dir.path(), 5, 64 << 20);
+    let gone = receipts[2].message_id;
+    {
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+        let db = b.create(dir.path().join(engine::INDEX_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(index::MESSAGES).unwrap();
+            assert!(t.remove(gone.0).unwrap().is_some());
+        }
+        txn.commit().unwrap();
+    }
+    let report = verify(dir.path(), true);
+    let hex = gone.to_hex();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains(&hex) && p.contains("in the log but not in the index")),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("counts 5 messages but holds 4")),
+        "{:?}",
+        report.problems
+    );
+    // A reindex repairs it.
+    let r = reindex::reindex(dir.path(), "node-a", &mut |_, _| {}).unwrap();
+    assert!(r.verify.problems.is_empty(), "{:?}", r.verify.problems);
+    assert_eq!(r.after.messages, 5);
+    assert!(verify(dir.path(), true).problems.is_empty());
+}
+
+#[test]
+fn reindex_rebuilds_an_equal_index() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 30, 4096);
+    let (records, status) = all(dir.path());
+    assert_eq!(status.repeats, 1);
+    std::fs::write(dir.path().join(reindex::OLD_INDEX_FILE), b"stale").unwrap();
+
+    let r = reindex::reindex(dir.path(), "node-a", &mut |_, _| {}).unwrap();
+    assert!(r.verify.problems.is_empty(), "{:?}", r.verify.problems);
+    assert_eq!(r.kept_old, None);
+    assert_eq!(r.before.as_ref(), Some(&status));
+    assert!(!dir.path().join(reindex::OLD_INDEX_FILE).exists());
+
+    let (again, after) = all(dir.path());
+    assert_eq!(again, records);
+    assert_eq!(
+        after,
+        StoreStatus {
+            repeats: 0,
+            ..status.clone()
+        }
+    );
+    assert_eq!(r.after, after);
+    // Arrival keys came back: a retry is still a repeat, and sequence numbers go on.
+    let store = Store::open(opts(dir.path(), 4096)).unwrap();
+    let h = store.handle();
+    assert!(h.ingest_blocking(msg(3, "a@example.org")).unwrap().repeat);
+    let next = h.ingest_blocking(msg(99, "a@example.org")).unwrap();
+    assert_eq!(next.arrival_id.seq, status.arrivals + 1);
+}
+
+#[test]
+fn reindex_refuses_while_the_store_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 2, 64 << 20);
+    let store = Store::open(opts(dir.path(), 64 << 20)).unwrap();
+    let err = reindex::reindex(dir.path(), "node-a", &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, StoreError::DaemonRunning(_)), "{err}");
+    assert!(dir.path().join(engine::INDEX_FILE).exists());
+    assert!(!dir.path().join(reindex::OLD_INDEX_FILE).exists());
+    store.close();
+    let missing = dir.path().join("nothing-here");
+    assert!(matches!(
+        reindex::reindex(&missing, "n", &mut |_, _| {}),
+        Err(StoreError::NoStore(_))
+    ));
+}
+
+#[test]
+fn backup_under_load_restores_everything_acknowledged_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let dest = dir.path().join("dest");
+    let store = Store::open(opts(&src, 16 << 10)).unwrap();
+    let h = store.handle();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (h, acked, stop) = (h.clone(), acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) || i < 50 {
+                let r = h.ingest_blocking(msg(i, "load@example.org")).unwrap();
+                acked.lock().unwrap().push(r.message_id);
+                i += 1;
+            }
+        })
+    };
+    while acked.lock().unwrap().len() < 30 {
+        std::thread::yield_now();
+    }
+    let before: Vec<MessageId> = acked.lock().unwrap().clone();
+    let report = backup::backup(&src, "node-a", &dest, &mut |_, _| {}).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    drop(h);
+    store.close();
+
+    assert!(report.segments > 1, "{report:?}");
+    assert!(report.status.messages >= before.len() as u64);
+    let copy = StoreReader::open(&dest).unwrap();
+    let v = copy.verify(true, &mut |_, _| {}).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert_eq!(v.messages_checked, report.status.messages);
+    for id in &before {
+        copy.read_message(id).unwrap();
+    }
+    let st = copy.status().unwrap();
+    assert_eq!(st.node, "node-a");
+    assert_eq!(
+        st.epoch,
+        StoreReader::open(&src).unwrap().status().unwrap().epoch
+    );
+    // Every arrival in the copy is one of the original's.
+    let ids = |r: &StoreReader| -> BTreeSet<String> {
+        r.search(&Query::default())
+            .unwrap()
+            .into_iter()
+            .flat_map(|m| m.arrivals.into_iter().map(|a| a.id.to_string()))
+            .collect()
+    };
+    let original = ids(&StoreReader::open(&src).unwrap());
+    assert!(ids(&copy).is_subset(&original));
+    drop(copy);
+
+    // cofferd can open it and go on.
+    let store = Store::open(opts(&dest, 16 << 10)).unwrap();
+    assert!(
+        store
+            .handle()
+            .ingest_blocking(msg(0, "load@example.org"))
+            .unwrap()
+            .repeat
+    );
+    store.close();
+    // A backup never goes over an existing store.
+    assert!(backup::backup(&src, "node-a", &dest, &mut |_, _| {}).is_err());
+}
+
+#[test]
+fn backup_without_a_daemon_and_into_an_empty_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let dest = dir.path().join("dest");
+    filled(&src, 5, 64 << 20);
+    std::fs::create_dir(&dest).unwrap();
+    let r = backup::backup(&src, "node-a", &dest, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        (r.segments, r.status.messages, r.status.arrivals),
+        (1, 5, 6)
+    );
+    let (a, _) = all(&src);
+    let (b, _) = all(&dest);
+    assert_eq!(a, b);
+    assert!(!dir.path().join(".dest.coffer-backup").exists());
+}
