@@ -442,8 +442,7 @@ fn cmd_reindex(cfg: &Config, out: &mut dyn Write) -> Result<u8, CliError> {
     };
     let text = format!(
         "messages:     {}{}\narrivals:     {}{}\nraw bytes:    {}{}\nstored bytes: {}{}\n\
-         repeats:      0{} (retries counted at ingest are not kept in the log and \
-         cannot be rebuilt)\n",
+         repeats:      {}{}\n",
         r.after.messages,
         was(|s| s.messages),
         r.after.arrivals,
@@ -452,6 +451,7 @@ fn cmd_reindex(cfg: &Config, out: &mut dyn Write) -> Result<u8, CliError> {
         was(|s| s.raw_bytes),
         r.after.stored_bytes,
         was(|s| s.stored_bytes),
+        r.after.repeats,
         was(|s| s.repeats),
     );
     out.write_all(text.as_bytes())

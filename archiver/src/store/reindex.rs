@@ -26,7 +26,7 @@ pub const OLD_INDEX_FILE: &str = "index.redb.old";
 pub struct ReindexReport {
     /// The old index's totals, when it could still be read.
     pub before: Option<StoreStatus>,
-    /// The rebuilt index's totals (`repeats` is 0: it is not kept in the log).
+    /// The rebuilt index's totals (all of them come back from the log).
     pub after: StoreStatus,
     /// `verify --deep` of the rebuilt index. Not empty: the old index was kept as
     /// `index.redb.old`.
