@@ -345,6 +345,72 @@ pub fn parse(
     })
 }
 
+/// What a reload (SIGHUP) does with a newly read `[milter]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reload {
+    /// The configuration to run with from now on: the new `on_failure`, `timeout`,
+    /// `add_header` and `target`; the old `listen`, `socket_mode`, `socket_group` and
+    /// `max_connections` (the socket is bound and indymilter is running).
+    pub config: MilterConfig,
+    /// The keys applied, each as `key: old -> new` (empty: nothing changed).
+    pub applied: Vec<String>,
+    /// The keys that changed but take effect only after a restart.
+    pub need_restart: Vec<&'static str>,
+}
+
+/// Decides what a reload applies: `on_failure`, `timeout` and `add_header` for new
+/// messages, `target` for new LMTP connections; a change of `listen`, `socket_mode`,
+/// `socket_group` or `max_connections` is reported as needing a restart and not
+/// applied.
+pub fn reload(old: &MilterConfig, new: &MilterConfig) -> Reload {
+    let mut applied = Vec::new();
+    if old.on_failure != new.on_failure {
+        applied.push(format!(
+            "on_failure: {:?} -> {:?}",
+            old.on_failure, new.on_failure
+        ));
+    }
+    if old.timeout != new.timeout {
+        applied.push(format!("timeout: {:?} -> {:?}", old.timeout, new.timeout));
+    }
+    if old.add_header != new.add_header {
+        applied.push(format!(
+            "add_header: {} -> {} (for MTA connections made from now on)",
+            old.add_header, new.add_header
+        ));
+    }
+    if old.target != new.target {
+        applied.push(format!("target: {} -> {}", old.target, new.target));
+    }
+    let mut need_restart = Vec::new();
+    if old.listen != new.listen {
+        need_restart.push("listen");
+    }
+    if old.socket_mode != new.socket_mode {
+        need_restart.push("socket_mode");
+    }
+    if old.socket_group != new.socket_group {
+        need_restart.push("socket_group");
+    }
+    if old.max_connections != new.max_connections {
+        need_restart.push("max_connections");
+    }
+    Reload {
+        config: MilterConfig {
+            listen: old.listen.clone(),
+            socket_mode: old.socket_mode,
+            socket_group: old.socket_group.clone(),
+            max_connections: old.max_connections,
+            target: new.target.clone(),
+            on_failure: new.on_failure,
+            timeout: new.timeout,
+            add_header: new.add_header,
+        },
+        applied,
+        need_restart,
+    }
+}
+
 /// The first `[[listener]]` with `protocol = "lmtp"`, `trust_xcoffer = true` and a
 /// `unix:` bind: cofferd's default for `target` too.
 fn default_target(listeners: &[toml::Table], resolve: &dyn Fn(&str) -> PathBuf) -> Option<PathBuf> {
@@ -558,6 +624,64 @@ bind = "127.0.0.1:8093"
             assert!(e.to_string().contains(needle), "{text:?}: {e}");
             assert!(e.to_string().starts_with("/etc/coffer/coffer.toml:"), "{e}");
         }
+    }
+
+    #[test]
+    fn reload_applies_what_new_messages_use_and_reports_the_rest() {
+        let old =
+            parse_file("[milter]\nlisten = \"unix:/run/m.sock\"\ntarget = \"unix:/run/l.sock\"\n")
+                .unwrap();
+        // Nothing changed.
+        let r = reload(&old, &old.clone());
+        assert_eq!(r.config, old);
+        assert!(r.applied.is_empty() && r.need_restart.is_empty(), "{r:?}");
+
+        // Everything changed: the live keys are applied, the socket keys are not.
+        let new = parse_file(
+            "[milter]\nlisten = \"inet:127.0.0.1:8891\"\nsocket_mode = 0o660\n\
+             socket_group = \"coffer\"\ntarget = \"127.0.0.1:2424\"\n\
+             on_failure = \"accept\"\ntimeout = \"5s\"\nmax_connections = 10\n\
+             add_header = true\n",
+        )
+        .unwrap();
+        let r = reload(&old, &new);
+        assert_eq!(
+            r.config,
+            MilterConfig {
+                listen: old.listen.clone(),
+                socket_mode: None,
+                socket_group: None,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                target: Addr::Inet("127.0.0.1:2424".into()),
+                on_failure: OnFailure::Accept,
+                timeout: Duration::from_secs(5),
+                add_header: true,
+            }
+        );
+        assert_eq!(
+            r.need_restart,
+            ["listen", "socket_mode", "socket_group", "max_connections"]
+        );
+        let applied = r.applied.join("; ");
+        for key in ["on_failure", "timeout", "add_header", "target"] {
+            assert!(applied.contains(&format!("{key}: ")), "{applied}");
+        }
+
+        // Only a socket key changed: nothing applied, a restart reported.
+        let mut only_mode = old.clone();
+        only_mode.socket_mode = Some(0o600);
+        let r = reload(&old, &only_mode);
+        assert_eq!(r.config, old);
+        assert!(r.applied.is_empty());
+        assert_eq!(r.need_restart, ["socket_mode"]);
+
+        // Reloading the reload's own result with the same file changes nothing more.
+        let again = reload(&reload(&old, &new).config, &new);
+        assert!(again.applied.is_empty(), "{again:?}");
+        assert_eq!(
+            again.need_restart,
+            ["listen", "socket_mode", "socket_group", "max_connections"]
+        );
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub struct LmtpConn {
     io: BufStream<Box<dyn Io>>,
     pub caps: Capabilities,
     timeout: Duration,
+    /// Where it is connected (a reload may change the pool's target).
+    target: Addr,
 }
 
 impl fmt::Debug for LmtpConn {
@@ -151,6 +153,7 @@ impl LmtpConn {
             io: BufStream::new(io),
             caps: Capabilities::default(),
             timeout,
+            target: target.clone(),
         };
         let greeting = conn.read_reply().await?;
         if greeting.code != 220 {
@@ -349,22 +352,37 @@ impl LmtpConn {
 /// Idle connections to cofferd, reused across messages (and milter connections).
 #[derive(Debug)]
 pub struct Pool {
-    target: Addr,
-    timeout: Duration,
+    /// Where new connections go and how long each step may take: replaced on reload.
+    settings: Mutex<(Addr, Duration)>,
     idle: Mutex<Vec<LmtpConn>>,
 }
 
 impl Pool {
     pub fn new(target: Addr, timeout: Duration) -> Self {
         Self {
-            target,
-            timeout,
+            settings: Mutex::new((target, timeout)),
             idle: Mutex::new(Vec::new()),
         }
     }
 
-    pub fn target(&self) -> &Addr {
-        &self.target
+    /// Where new connections go.
+    pub fn target(&self) -> Addr {
+        self.settings.lock().expect("pool lock").0.clone()
+    }
+
+    /// Applies a reloaded `target` and `timeout`: connections handed out from now on
+    /// use the new timeout; a new target drops the idle connections to the old one, and
+    /// connections to it still in use are closed when they come back.
+    pub fn reconfigure(&self, target: Addr, timeout: Duration) {
+        let changed = {
+            let mut settings = self.settings.lock().expect("pool lock");
+            let changed = settings.0 != target;
+            *settings = (target, timeout);
+            changed
+        };
+        if changed {
+            self.idle.lock().expect("pool lock").clear();
+        }
     }
 
     /// An idle connection that passes a health check (RSET), else a new one.
@@ -372,21 +390,30 @@ impl Pool {
     /// # Errors
     /// A new connection could not be made.
     pub async fn get(&self) -> Result<LmtpConn, HandoffError> {
+        let (target, timeout) = self.settings.lock().expect("pool lock").clone();
         // Bounded: each round takes one connection out of a pool of at most MAX_IDLE.
         for _ in 0..=MAX_IDLE {
             let Some(mut conn) = self.idle.lock().expect("pool lock").pop() else {
                 break;
             };
+            if conn.target != target {
+                continue;
+            }
+            conn.timeout = timeout;
             match conn.rset().await {
                 Ok(()) => return Ok(conn),
                 Err(e) => tracing::debug!(error = %e, "dropping a stale LMTP connection"),
             }
         }
-        LmtpConn::connect(&self.target, self.timeout).await
+        LmtpConn::connect(&target, timeout).await
     }
 
-    /// Returns a connection whose transaction is finished (or reset) for reuse.
+    /// Returns a connection whose transaction is finished (or reset) for reuse; one to
+    /// a target no longer configured is closed instead.
     pub fn put(&self, conn: LmtpConn) {
+        if conn.target != self.settings.lock().expect("pool lock").0 {
+            return;
+        }
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < MAX_IDLE {
             idle.push(conn);

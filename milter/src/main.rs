@@ -2,11 +2,14 @@
 //! systemd notification. The milter itself is in the library.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use coffer_milter::config::{self, MilterConfig, OnFailure, Source};
+use coffer_milter::latency;
 use coffer_milter::server;
+use coffer_milter::session::Shared;
 
 /// Exit code: a usage or configuration error (docs/interfaces.md "Commands").
 const EXIT_CONFIG: u8 = 2;
@@ -26,6 +29,11 @@ Options:
   --strict        check-config: treat warnings as errors
   -h, --help      print this help
   -V, --version   print the version
+
+Signals: SIGTERM/SIGINT finish open commands and exit; SIGHUP re-reads the
+[milter] section (on_failure, timeout, add_header, target apply to new messages;
+listen, socket_mode, socket_group, max_connections need a restart); SIGUSR1 logs
+the end-of-message latency since the last report (also logged at exit).
 
 Exit codes: 0 success, 2 usage or configuration error, 1 failure after start.
 Logs go to stderr; RUST_LOG sets the level (default info).
@@ -103,7 +111,7 @@ fn main() -> ExitCode {
     for w in warnings(&config) {
         tracing::warn!("configuration: {w}");
     }
-    match run(config) {
+    match run(config, args.config.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -164,16 +172,19 @@ fn check_config(args: &Args) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(config: MilterConfig) -> std::io::Result<()> {
+fn run(config: MilterConfig, config_path: Option<&Path>) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let config_path = config_path.map(Path::to_path_buf);
     rt.block_on(async move {
         let bound = server::bind(&config)?;
         tracing::info!(listen = %bound.local, target = %config.target,
             on_failure = ?config.on_failure, timeout_s = config.timeout.as_secs(),
             max_connections = config.max_connections, add_header = config.add_header,
             "coffer-milter listening");
+        let shared = Shared::new(config);
+        let signals = tokio::spawn(reload_and_report(shared.clone(), config_path));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
@@ -191,10 +202,62 @@ fn run(config: MilterConfig) -> std::io::Result<()> {
             }
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         };
-        let result = server::run(config, bound, shutdown).await;
+        let result = server::run(shared.clone(), bound, shutdown).await;
+        signals.abort();
+        latency::log("since the last report", &shared.eom_latency.take());
         tracing::info!("coffer-milter stopped");
         result
     })
+}
+
+/// SIGHUP: re-read the configuration and apply what can be applied; SIGUSR1: log the
+/// end-of-message latency since the last report. Runs until aborted.
+async fn reload_and_report(shared: Arc<Shared>, config_path: Option<PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut hup, mut usr1) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+    ) {
+        (Ok(h), Ok(u)) => (h, u),
+        _ => {
+            tracing::error!("cannot install the SIGHUP/SIGUSR1 handlers");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => reload(&shared, config_path.as_deref()),
+            Some(()) = usr1.recv() => {
+                latency::log("since the last report", &shared.eom_latency.take());
+            }
+            else => return,
+        }
+    }
+}
+
+/// One SIGHUP: a configuration that does not load is logged and the running one kept.
+fn reload(shared: &Shared, config_path: Option<&Path>) {
+    let (new, source) = match config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e}; keeping the running configuration");
+            return;
+        }
+    };
+    for w in warnings(&new) {
+        tracing::warn!("configuration: {w}");
+    }
+    let plan = shared.reload(&new);
+    if plan.applied.is_empty() {
+        tracing::info!(config = %source.name(), "SIGHUP: configuration re-read; nothing to apply");
+    }
+    for change in &plan.applied {
+        tracing::info!(config = %source.name(), "SIGHUP: applied {change}");
+    }
+    for key in &plan.need_restart {
+        tracing::warn!(config = %source.name(),
+            "SIGHUP: `{key}` changed; it takes effect only when coffer-milter restarts");
+    }
 }
 
 /// Human-readable lines on stderr (colours only on a terminal), `RUST_LOG` filter,

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use indymilter::EitherListener;
 use tokio::net::{TcpListener, UnixListener};
 
+use std::sync::Arc;
+
 use crate::config::{Addr, MilterConfig};
-use crate::session;
+use crate::session::{self, Shared};
 
 /// A bound milter socket.
 pub struct Bound {
@@ -98,15 +100,15 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 
 /// Runs the milter on `bound` until `shutdown` completes, then waits for the sessions
 /// to finish the command they are in, and removes the socket if it is still ours.
+/// `shared` (from [`Shared::new`]) stays with the caller for reloads and reports.
 ///
 /// # Errors
 /// The listener failed for good.
-pub async fn run(config: MilterConfig, bound: Bound, shutdown: impl Future) -> io::Result<()> {
+pub async fn run(shared: Arc<Shared>, bound: Bound, shutdown: impl Future) -> io::Result<()> {
     let milter_config = indymilter::Config {
-        max_connections: config.max_connections,
+        max_connections: shared.config().max_connections,
         ..Default::default()
     };
-    let shared = session::Shared::new(config);
     let Bound { listener, unix, .. } = bound;
     let result = indymilter::run(
         listener,

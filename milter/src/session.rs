@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use coffer_proto::{TlsInfo, Xcoffer};
@@ -34,7 +34,8 @@ use indymilter::{
     ProtoOpts, SetErrorReply, SocketInfo, Status,
 };
 
-use crate::config::{MilterConfig, OnFailure};
+use crate::config::{self, MilterConfig, OnFailure, Reload};
+use crate::latency::Histogram;
 use crate::lmtp::{HandoffError, LmtpConn, Pool};
 use crate::message;
 
@@ -61,14 +62,38 @@ const MAX_MAIL_LINE: usize = 16 * 1024;
 /// What all sessions share.
 #[derive(Debug)]
 pub struct Shared {
-    pub config: MilterConfig,
+    /// The configuration in force; replaced as a whole on reload.
+    config: RwLock<Arc<MilterConfig>>,
     pub pool: Pool,
+    /// How long each end-of-message took ([`crate::latency`]).
+    pub eom_latency: Histogram,
 }
 
 impl Shared {
     pub fn new(config: MilterConfig) -> Arc<Self> {
         let pool = Pool::new(config.target.clone(), config.timeout);
-        Arc::new(Self { config, pool })
+        Arc::new(Self {
+            config: RwLock::new(Arc::new(config)),
+            pool,
+            eom_latency: Histogram::default(),
+        })
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<MilterConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Applies a newly read configuration as [`config::reload`] decides: `on_failure`,
+    /// `timeout` and `add_header` for messages from now on, `target` for new LMTP
+    /// connections. Returns the decision, for the log.
+    pub fn reload(&self, new: &MilterConfig) -> Reload {
+        let mut current = self.config.write().expect("config lock");
+        let plan = config::reload(current.as_ref(), new);
+        self.pool
+            .reconfigure(plan.config.target.clone(), plan.config.timeout);
+        *current = Arc::new(plan.config.clone());
+        plan
     }
 }
 
@@ -225,7 +250,7 @@ fn negotiate(
     }
     cx.requested_opts = opts;
     let mut actions = Actions::empty();
-    if shared.config.add_header {
+    if shared.config().add_header {
         if mta_actions.contains(Actions::ADD_HEADER) {
             actions |= Actions::ADD_HEADER;
             conn.add_header = true;
@@ -578,6 +603,8 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Conn>) -> Status {
     let Some(mut msg) = conn.msg.take() else {
         return Status::Continue;
     };
+    let eom_started = Instant::now();
+    let config = shared.config();
     take_macros(&cx.macros, &mut msg.macros);
     end_headers(&mut msg);
     let result = match msg.failed.take() {
@@ -591,8 +618,12 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Conn>) -> Status {
             }
         }
     };
-    let add_header = conn.add_header;
+    // Negotiated with the MTA when the connection began, and still configured.
+    let add_header = conn.add_header && config.add_header;
     let ms = msg.started.elapsed().as_millis();
+    shared
+        .eom_latency
+        .record(eom_started.elapsed(), result.is_ok());
     match result {
         Ok(reply) => {
             // `2.0.0 Ok: <arrival id> <message id>`
@@ -615,7 +646,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Conn>) -> Status {
             }
             Status::Continue
         }
-        Err(reason) => match shared.config.on_failure {
+        Err(reason) => match config.on_failure {
             OnFailure::Tempfail => {
                 tracing::warn!(queue_id = %msg.queue_id(), reason = %reason, ms,
                     "not archived; answering 451 so the MTA keeps the message and retries");

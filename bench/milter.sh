@@ -1,0 +1,534 @@
+#!/usr/bin/env bash
+# Milter benchmark (design.md §6): what coffer-milter + cofferd cost a real Postfix.
+#
+# One throwaway Postfix instance (private config, queue and data dirs under a temp dir,
+# delivering to the discard transport) with two smtpd services on 127.0.0.1:
+#   plain   `-o smtpd_milters=`: Postfix alone (accept into its queue, with its fsyncs)
+#   milter  smtpd_milters = { unix:…/milter.sock, default_action=tempfail }: the same
+#           Postfix with coffer-milter handing every message to cofferd (release
+#           builds, a temp store) before Postfix may accept it
+# Same queue, same cleanup and qmgr, so the difference is the milter and the archive.
+#
+# 1. Capacity: `smtp-source -s SESSIONS -m MESSAGES -l SIZE` (one message per
+#    connection) against each service, alternating (plain first on odd rounds, milter
+#    first on even ones), BENCH_ROUNDS times; the median msg/s of each and their ratio
+#    (target >= 0.85). The queue is drained before each run.
+# 2. Half load: the milter service is offered HALF_FRACTION of its measured capacity,
+#    open loop (a new smtp-source batch every TICK_MS ms) for HALF_SECONDS. Meanwhile
+#    an fsync probe writes and fdatasyncs 4 KiB in a loop on the store's filesystem.
+#    Reported: coffer-milter's end-of-message latency p50/p90/p99/max over exactly that
+#    window (its SIGUSR1 report, docs/milter.md "Latency report"; target p99 < 20 ms),
+#    beside the probe's fdatasync p50/p99/max.
+# 3. Peak RSS (VmHWM) of coffer-milter and cofferd, and a check that cofferd holds one
+#    arrival per message sent through the milter service.
+#
+# Usage: bench/milter.sh
+# Environment (all optional):
+#   BENCH_MESSAGES=10000      messages per capacity run
+#   BENCH_SESSIONS=20         parallel SMTP sessions in capacity runs
+#   BENCH_SIZE=10240          payload bytes per message
+#   BENCH_ROUNDS=3            capacity runs per service (the median is reported)
+#   BENCH_WARMUP=500          messages sent to each service first, not counted (starts
+#                             Postfix's smtpd and cleanup processes, fills caches)
+#   BENCH_HALF_FRACTION=0.5   offered load of the latency run, as a fraction of the
+#                             measured with-milter capacity
+#   BENCH_HALF_SECONDS=20     length of the latency run
+#   BENCH_TICK_MS=20          pacing of the latency run
+#   BENCH_NO_BUILD=1          use the existing release build
+#   BENCH_KEEP=1              keep the temp dir (logs, store, Postfix) for inspection
+# Needs root (a Postfix instance), postfix (smtp-source, postfix), cargo unless
+# BENCH_NO_BUILD=1, and python3 for the fsync probe (without it the probe falls back
+# to dd oflag=dsync, which gives a mean only).
+# Everything started here is stopped by PID on exit, also on error or Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MESSAGES="${BENCH_MESSAGES:-10000}"
+SESSIONS="${BENCH_SESSIONS:-20}"
+SIZE="${BENCH_SIZE:-10240}"
+ROUNDS="${BENCH_ROUNDS:-3}"
+WARMUP="${BENCH_WARMUP:-500}"
+HALF_FRACTION="${BENCH_HALF_FRACTION:-0.5}"
+HALF_SECONDS="${BENCH_HALF_SECONDS:-20}"
+TICK_MS="${BENCH_TICK_MS:-20}"
+START_DEADLINE=60 # seconds a service gets to come up
+DRAIN_DEADLINE=300 # seconds the queue gets to empty between runs
+RUN_DEADLINE=1800  # seconds one smtp-source run may take
+SMTP_SOURCE=/usr/sbin/smtp-source
+POSTFIX=/usr/sbin/postfix
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() {
+    printf 'bench: %s\n' "$*" >&2
+    exit 1
+}
+
+for tool in "$SMTP_SOURCE" "$POSTFIX"; do
+    [ -x "$tool" ] || die "$tool missing: install the Debian package postfix (see .ci/run)"
+done
+[ "$(id -u)" -eq 0 ] || die "a throwaway Postfix instance needs root"
+for n in "$MESSAGES" "$SESSIONS" "$SIZE" "$ROUNDS" "$HALF_SECONDS" "$TICK_MS"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "not a positive integer: $n"
+done
+[[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP: not a number: $WARMUP"
+
+TMP="$(mktemp -d /tmp/coffer-milterbench.XXXXXX)"
+COFFERD_PID=""
+MILTER_PID=""
+PROBE_PID=""
+POSTFIX_DIR="$TMP/postfix"
+POSTFIX_STARTED=0
+
+# Stops a process we started: SIGTERM, wait (bounded), then SIGKILL.
+stop_pid() {
+    local pid="$1" name="$2" i
+    [ -n "$pid" ] || return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    say "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        say "$name did not stop in 30 s: SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+stop_postfix() {
+    [ "$POSTFIX_STARTED" = 1 ] || return 0
+    POSTFIX_STARTED=0
+    local master_pid=""
+    [ -f "$POSTFIX_DIR/spool/pid/master.pid" ] &&
+        master_pid="$(tr -dc 0-9 <"$POSTFIX_DIR/spool/pid/master.pid")"
+    say "stopping the bench Postfix instance"
+    "$POSTFIX" -c "$POSTFIX_DIR/etc" stop >/dev/null 2>&1
+    # `postfix stop` signals master and returns: wait for it, by PID.
+    stop_pid "$master_pid" "postfix master"
+}
+
+cleanup() {
+    set +e
+    stop_pid "$PROBE_PID" "fsync probe"
+    stop_postfix
+    stop_pid "$MILTER_PID" coffer-milter
+    stop_pid "$COFFERD_PID" cofferd
+    if [ "${BENCH_KEEP:-}" = 1 ]; then
+        say "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A port that nothing answers on at 127.0.0.1, picked at random (bounded tries).
+free_port() {
+    local port i
+    for ((i = 0; i < 100; i++)); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+
+# Waits (bounded) until 127.0.0.1:$1 greets with 220.
+wait_smtp() {
+    local port="$1" end line l
+    end=$((SECONDS + START_DEADLINE))
+    while ((SECONDS < end)); do
+        line="$( (
+            exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 1
+            read -r -t 5 l <&3 || true
+            printf 'QUIT\r\n' >&3 || true
+            printf '%s' "$l"
+        ) 2>/dev/null || true)"
+        case "$line" in 220*) return 0 ;; esac
+        sleep 0.1
+    done
+    return 1
+}
+
+# Waits (bounded) until socket $1 exists while PID $2 lives.
+wait_socket() {
+    local path="$1" pid="$2" end
+    end=$((SECONDS + START_DEADLINE))
+    while ((SECONDS < end)); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        [ -S "$path" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# --- build ------------------------------------------------------------------------------
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+BIN="$TARGET_DIR/release"
+if [ "${BENCH_NO_BUILD:-}" != 1 ]; then
+    say "cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter"
+    cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter
+fi
+for b in cofferd coffer coffer-milter; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b missing (cargo build --release)"
+done
+
+# --- cofferd and coffer-milter ----------------------------------------------------------
+# Postfix's smtpd and cleanup (user postfix) must reach the milter socket.
+chmod 755 "$TMP"
+C="$TMP/coffer"
+mkdir -p "$C"
+chmod 755 "$C"
+cat >"$C/coffer.toml" <<EOF_TOML
+# Throwaway store for bench/milter.sh.
+[node]
+name = "bench"
+data_dir = "data"
+
+[store]
+min_free_disk = "256MiB"
+
+[[listener]]
+name = "milter"
+protocol = "lmtp"
+bind = "unix:lmtp.sock"
+trust_xcoffer = true
+socket_mode = 0o600
+
+[[route]]
+from = ["milter"]
+archive = true
+forward = []
+
+[milter]
+listen = "unix:milter.sock"
+target = "unix:lmtp.sock"
+socket_mode = 0o666
+timeout = "60s"
+EOF_TOML
+"$BIN/cofferd" --config "$C/coffer.toml" >"$C/cofferd.log" 2>&1 &
+COFFERD_PID=$!
+wait_socket "$C/lmtp.sock" "$COFFERD_PID" || die "cofferd did not start: $(tail -20 "$C/cofferd.log")"
+RUST_LOG=info "$BIN/coffer-milter" --config "$C/coffer.toml" >"$C/coffer-milter.log" 2>&1 &
+MILTER_PID=$!
+wait_socket "$C/milter.sock" "$MILTER_PID" ||
+    die "coffer-milter did not start: $(tail -20 "$C/coffer-milter.log")"
+say "cofferd (pid $COFFERD_PID) and coffer-milter (pid $MILTER_PID) up in $C"
+
+# --- the throwaway Postfix --------------------------------------------------------------
+PLAIN_PORT="$(free_port)"
+MILTER_PORT="$(free_port)"
+[ "$PLAIN_PORT" != "$MILTER_PORT" ] || die "port clash, run again"
+d="$POSTFIX_DIR"
+mkdir -p "$d/etc" "$d/spool" "$d/data"
+chown postfix: "$d/data"
+cat >"$d/etc/main.cf" <<EOF_MAIN
+# Throwaway instance for bench/milter.sh: accept into the queue, then discard.
+compatibility_level = 3.6
+queue_directory = $d/spool
+data_directory = $d/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = $d/maillog
+maillog_file_prefixes = $d
+myhostname = bench.invalid
+mydomain = bench.invalid
+myorigin = bench.invalid
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mydestination =
+mynetworks = 127.0.0.0/8
+relay_domains =
+local_recipient_maps =
+alias_maps =
+alias_database =
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_recipient_restrictions = permit_mynetworks, reject
+default_transport = discard:bench
+local_transport = discard:bench
+relay_transport = discard:bench
+virtual_transport = discard:bench
+biff = no
+smtputf8_enable = no
+# coffer-milter as in production (docs/milter.md), failing closed; the plain smtpd
+# service below turns it off with -o smtpd_milters=.
+milter_protocol = 6
+smtpd_milters = { unix:$C/milter.sock, default_action=tempfail }
+non_smtpd_milters =
+milter_connect_timeout = 30s
+milter_command_timeout = 30s
+milter_content_timeout = 300s
+EOF_MAIN
+cat >"$d/etc/master.cf" <<EOF_MASTER
+# service type  private unpriv  chroot  wakeup  maxproc command
+127.0.0.1:$PLAIN_PORT inet n  -       n       -       -       smtpd -o smtpd_milters=
+127.0.0.1:$MILTER_PORT inet n -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF_MASTER
+say "postfix -c $d/etc check / start (plain smtpd on :$PLAIN_PORT, with milter on :$MILTER_PORT)"
+"$POSTFIX" -c "$d/etc" check >"$TMP/postfix-start.log" 2>&1 ||
+    die "postfix check failed: $(cat "$TMP/postfix-start.log")"
+POSTFIX_STARTED=1
+"$POSTFIX" -c "$d/etc" start >>"$TMP/postfix-start.log" 2>&1 ||
+    die "postfix start failed: $(cat "$TMP/postfix-start.log")"
+for p in "$PLAIN_PORT" "$MILTER_PORT"; do
+    wait_smtp "$p" || die "Postfix did not greet on $p: $(tail -20 "$d/maillog" 2>/dev/null)"
+done
+
+declare -A PORT=([plain]="$PLAIN_PORT" [milter]="$MILTER_PORT")
+declare -A LABEL=([plain]="postfix alone" [milter]="postfix + coffer-milter")
+
+# Messages still in the queue (incoming, active, deferred, maildrop).
+queued() {
+    find "$d/spool/incoming" "$d/spool/active" "$d/spool/deferred" "$d/spool/maildrop" \
+        -type f 2>/dev/null | wc -l
+}
+
+# Waits (bounded) until Postfix has delivered (discarded) everything queued.
+drain() {
+    local end n
+    end=$((SECONDS + DRAIN_DEADLINE))
+    while ((SECONDS < end)); do
+        n="$(queued)"
+        [ "$n" -eq 0 ] && return 0
+        sleep 0.2
+    done
+    say "the queue still holds $(queued) messages after ${DRAIN_DEADLINE}s; going on"
+}
+
+# --- 1. capacity ------------------------------------------------------------------------
+declare -A RESULTS=()
+MILTER_SENT=0
+FAILED=0
+run_one() {
+    local t="$1" start end ms rate
+    drain
+    start="${EPOCHREALTIME/./}"
+    if ! timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" \
+        -f bench@example.org -t archive@example.net "127.0.0.1:${PORT[$t]}" >"$TMP/run.log" 2>&1; then
+        say "${LABEL[$t]}: smtp-source failed: $(tail -5 "$TMP/run.log")"
+        FAILED=1
+        RESULTS[$t]+="failed "
+        return 0
+    fi
+    end="${EPOCHREALTIME/./}"
+    ms=$(((end - start) / 1000))
+    rate="$(awk -v m="$MESSAGES" -v ms="$ms" 'BEGIN { printf "%.0f", m * 1000 / (ms > 0 ? ms : 1) }')"
+    say "${LABEL[$t]}: $MESSAGES messages in ${ms} ms = $rate msg/s"
+    RESULTS[$t]+="$rate "
+    [ "$t" = milter ] && MILTER_SENT=$((MILTER_SENT + MESSAGES))
+    return 0
+}
+
+if ((WARMUP > 0)); then
+    for t in plain milter; do
+        say "${LABEL[$t]}: warm-up, $WARMUP messages (not counted)"
+        timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$WARMUP" -l "$SIZE" \
+            -f bench@example.org -t archive@example.net "127.0.0.1:${PORT[$t]}" \
+            >"$TMP/warmup.log" 2>&1 || die "warm-up failed: $(tail -5 "$TMP/warmup.log")"
+    done
+    MILTER_SENT=$((MILTER_SENT + WARMUP))
+fi
+for ((round = 1; round <= ROUNDS; round++)); do
+    if ((round % 2)); then order=(plain milter); else order=(milter plain); fi
+    for t in "${order[@]}"; do run_one "$t"; done
+done
+
+median() {
+    # shellcheck disable=SC2086
+    printf '%s\n' $1 | grep -v failed | sort -n |
+        awk '{ v[NR] = $1 } END { if (NR == 0) print "failed"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a / b; else print "n/a" }'
+}
+PLAIN_MED="$(median "${RESULTS[plain]:-}")"
+MILTER_MED="$(median "${RESULTS[milter]:-}")"
+
+# --- 2. half load: milter latency beside the disk's fsync latency -----------------------
+# The number of "eom latency" report lines in the milter's log.
+reports() { grep -c 'eom latency since the last report' "$C/coffer-milter.log" || true; }
+# Sends SIGUSR1 and waits (bounded) for the report; prints it.
+milter_report() {
+    local before end
+    before="$(reports)"
+    kill -USR1 "$MILTER_PID"
+    end=$((SECONDS + 30))
+    while ((SECONDS < end)); do
+        if (($(reports) > before)); then
+            grep 'eom latency since the last report' "$C/coffer-milter.log" | tail -1
+            return 0
+        fi
+        sleep 0.1
+    done
+    say "coffer-milter did not report its latency"
+}
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
+
+# The fsync probe: 4 KiB write + fdatasync in a loop on the store's filesystem until
+# told to stop (SIGTERM) or for at most the given seconds; prints samples and quantiles.
+PROBE_OUT="$TMP/fsync-probe.txt"
+start_probe() {
+    local secs="$1" file="$C/data/fsync-probe.bin"
+    if command -v python3 >/dev/null 2>&1; then
+        python3 - "$file" "$secs" >"$PROBE_OUT" 2>&1 <<'EOF_PY' &
+import os, signal, sys, time
+path, secs = sys.argv[1], float(sys.argv[2])
+stop = False
+def on_term(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, on_term)
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+buf = os.urandom(4096)
+samples = []
+end = time.monotonic() + secs
+try:
+    while not stop and time.monotonic() < end and len(samples) < 1_000_000:
+        t = time.perf_counter()
+        os.pwrite(fd, buf, (len(samples) % 256) * 4096)
+        os.fdatasync(fd)
+        samples.append(time.perf_counter() - t)
+        time.sleep(0.005)
+finally:
+    os.close(fd)
+    os.unlink(path)
+samples.sort()
+def q(p):
+    return samples[min(len(samples) - 1, max(0, int(p * len(samples) + 0.999999) - 1))] * 1000
+if samples:
+    print("fsync n=%d p50_ms=%.3f p99_ms=%.3f max_ms=%.3f" % (len(samples), q(0.5), q(0.99), samples[-1] * 1000))
+else:
+    print("fsync n=0")
+EOF_PY
+        PROBE_PID=$!
+    else
+        say "python3 not found: the fsync probe falls back to dd oflag=dsync (mean only)"
+        (
+            s="${EPOCHREALTIME/./}"
+            dd if=/dev/zero of="$file" bs=4k count=2000 oflag=dsync 2>/dev/null
+            e="${EPOCHREALTIME/./}"
+            rm -f "$file"
+            awk -v us="$((e - s))" 'BEGIN { printf "fsync n=2000 mean_ms=%.3f (dd oflag=dsync; no quantiles)\n", us / 2000 / 1000 }'
+        ) >"$PROBE_OUT" 2>&1 &
+        PROBE_PID=$!
+    fi
+}
+
+HALF_LINE="not measured (no with-milter capacity)"
+LAT_LINE=""
+FSYNC_LINE=""
+if [[ "$MILTER_MED" =~ ^[0-9]+$ ]] && [ "$MILTER_MED" -gt 0 ]; then
+    target_rate="$(awk -v r="$MILTER_MED" -v f="$HALF_FRACTION" 'BEGIN { printf "%.0f", r * f }')"
+    ((target_rate > 0)) || target_rate=1
+    drain
+    say "half load: $target_rate msg/s offered for ${HALF_SECONDS}s (ticks of ${TICK_MS} ms)"
+    milter_report >/dev/null # starts a new latency window
+    start_probe "$((HALF_SECONDS + 30))"
+    ticks=$((HALF_SECONDS * 1000 / TICK_MS))
+    per_tick_milli=$((target_rate * TICK_MS)) # messages per tick, in thousandths
+    acc=0
+    sent=0
+    skipped=0
+    pids=()
+    t0="${EPOCHREALTIME/./}"
+    for ((i = 0; i < ticks; i++)); do
+        acc=$((acc + per_tick_milli))
+        n=$((acc / 1000))
+        acc=$((acc % 1000))
+        if ((n > 0)); then
+            # Open loop, but bounded: more than 200 batches in flight means the service
+            # is far behind; stop adding and say so.
+            if (($(jobs -rp | wc -l) > 200)); then
+                skipped=$((skipped + n))
+            else
+                timeout 300 "$SMTP_SOURCE" -s "$n" -m "$n" -l "$SIZE" \
+                    -f bench@example.org -t archive@example.net \
+                    "127.0.0.1:$MILTER_PORT" >>"$TMP/half.log" 2>&1 &
+                pids+=($!)
+                sent=$((sent + n))
+            fi
+        fi
+        next=$((t0 + (i + 1) * TICK_MS * 1000))
+        now="${EPOCHREALTIME/./}"
+        if ((next > now)); then
+            sleep "$(printf '%d.%06d' $(((next - now) / 1000000)) $(((next - now) % 1000000)))"
+        fi
+    done
+    half_failed=0
+    for p in "${pids[@]}"; do wait "$p" || half_failed=$((half_failed + 1)); done
+    t1="${EPOCHREALTIME/./}"
+    MILTER_SENT=$((MILTER_SENT + sent))
+    report="$(milter_report)"
+    stop_pid "$PROBE_PID" "fsync probe"
+    PROBE_PID=""
+    achieved="$(awk -v n="$sent" -v us="$((t1 - t0))" 'BEGIN { printf "%.0f", n * 1e6 / us }')"
+    HALF_LINE="$target_rate msg/s offered ($HALF_FRACTION of $MILTER_MED) for ${HALF_SECONDS}s, $sent messages sent, $achieved msg/s achieved"
+    ((skipped == 0)) || HALF_LINE+=", $skipped NOT sent (overload)"
+    ((half_failed == 0)) || HALF_LINE+=", $half_failed smtp-source batches failed"
+    ((skipped == 0 && half_failed == 0)) || FAILED=1
+    if [ -n "$report" ]; then
+        LAT_LINE="p50 $(field p50_ms "$report") ms, p90 $(field p90_ms "$report") ms, p99 $(field p99_ms "$report") ms, max $(field max_ms "$report") ms (n=$(field count "$report"), failed $(field failed "$report"))"
+    else
+        LAT_LINE="no report"
+    fi
+    probe="$(grep '^fsync' "$PROBE_OUT" | tail -1 || true)"
+    if [[ "$probe" == *p99_ms=* ]]; then
+        FSYNC_LINE="p50 $(field p50_ms "$probe") ms, p99 $(field p99_ms "$probe") ms, max $(field max_ms "$probe") ms (n=$(field n "$probe"))"
+    else
+        FSYNC_LINE="${probe:-no result: $(tail -3 "$PROBE_OUT")}"
+    fi
+fi
+
+# --- 3. RSS and archive check -----------------------------------------------------------
+hwm() { awk '/^VmHWM:/ { print $2, $3 }' "/proc/$1/status" 2>/dev/null || echo "unknown"; }
+MILTER_HWM="$(hwm "$MILTER_PID")"
+COFFERD_HWM="$(hwm "$COFFERD_PID")"
+drain
+ARRIVALS="$("$BIN/coffer" --config "$C/coffer.toml" status --json 2>/dev/null |
+    sed -n 's/^ *"arrivals": \([0-9]*\).*/\1/p' | head -1)"
+
+# --- report -----------------------------------------------------------------------------
+echo
+echo "Postfix with and without coffer-milter + cofferd: $SESSIONS sessions, $MESSAGES messages of $SIZE B per run, one message per connection; msg/s (median of $ROUNDS)"
+printf '%-34s%10s   %s\n' "postfix alone" "$PLAIN_MED" "runs: ${RESULTS[plain]:-}"
+printf '%-34s%10s   %s\n' "postfix + coffer-milter" "$MILTER_MED" "runs: ${RESULTS[milter]:-}"
+printf '%-34s%10s   %s\n' "ratio (with / without)" "$(ratio "$MILTER_MED" "$PLAIN_MED")" "target >= 0.85"
+echo
+echo "half load: $HALF_LINE"
+printf '%-34s%s\n' "milter end-of-message latency" "${LAT_LINE:-not measured}  (target p99 < 20 ms)"
+printf '%-34s%s\n' "disk fdatasync 4 KiB, same fs" "${FSYNC_LINE:-not measured}"
+echo
+printf '%-34s%s\n' "peak RSS (VmHWM) coffer-milter" "$MILTER_HWM"
+printf '%-34s%s\n' "peak RSS (VmHWM) cofferd" "$COFFERD_HWM"
+if [ "${ARRIVALS:-x}" = "$MILTER_SENT" ]; then
+    printf '%-34s%s\n' "archived" "$ARRIVALS arrivals = messages sent through the milter"
+else
+    printf '%-34s%s\n' "archived" "${ARRIVALS:-unknown} arrivals, but $MILTER_SENT messages were sent through the milter"
+    FAILED=1
+fi
+exit "$FAILED"
