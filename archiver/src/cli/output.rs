@@ -271,6 +271,8 @@ pub(crate) mod tests {
             rcpt_to: vec!["bob@example.net".into(), "carol@example.net".into()],
             queue_id: Some("4Q1x2y3z".into()),
             xcoffer: None,
+            trace: Vec::new(),
+            via: None,
         }
     }
 
