@@ -8,6 +8,7 @@ pub mod dates;
 pub mod error;
 pub mod export;
 pub mod output;
+pub mod queue;
 
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
@@ -51,6 +52,10 @@ pub enum Command {
     Export(ExportArgs),
     /// Re-hash every message and report damage (exits 1 when problems are found).
     Verify(VerifyArgs),
+    /// Show replication queues; retry or skip a parked arrival (needs the daemon).
+    Queue(queue::QueueArgs),
+    /// Ship every arrival to a connection's peer again, from the first (needs the daemon).
+    Resync(queue::ResyncArgs),
 }
 
 #[derive(Args, Debug)]
@@ -229,9 +234,15 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         id_prefix(&a.id)?;
     }
     let cfg = config::load(cli.config.as_deref())?;
+    match &cli.command {
+        Command::Queue(a) => return queue::cmd_queue(&cfg.node.data_dir, a, out),
+        Command::Resync(a) => return queue::cmd_resync(&cfg.node.data_dir, a, out),
+        _ => {}
+    }
     let store = open_store(&cfg.node.data_dir)?;
     match &cli.command {
-        Command::Status(a) => cmd_status(&store, a, out),
+        Command::Queue(_) | Command::Resync(_) => unreachable!("handled above"),
+        Command::Status(a) => cmd_status(&store, &cfg.node.data_dir, a, out),
         Command::Search(a) => cmd_search(&store, a, out),
         Command::Get(a) => cmd_get(&store, a, out),
         Command::Export(a) => cmd_export(&store, a),
@@ -266,9 +277,19 @@ fn open_store(data_dir: &Path) -> Result<StoreReader, CliError> {
     }
 }
 
-fn cmd_status(store: &StoreReader, a: &StatusArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    // Connections come from the daemon's control socket once replication lands.
-    let status = StatusOutput::new(store.status()?, Vec::new());
+fn cmd_status(
+    store: &StoreReader,
+    data_dir: &Path,
+    a: &StatusArgs,
+    out: &mut dyn Write,
+) -> Result<u8, CliError> {
+    // Replication state lives in the daemon: ask it over the control socket.
+    let connections = if store.daemon_running() {
+        queue::daemon_connections(data_dir)
+    } else {
+        Vec::new()
+    };
+    let status = StatusOutput::new(store.status()?, connections);
     if a.json {
         output::write_json(out, &status)
     } else {

@@ -22,7 +22,7 @@ pub struct StatusOutput {
 }
 
 /// One replication connection in `coffer status`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ConnectionStatus {
     pub name: String,
     /// The node name expected at the other end.
