@@ -159,3 +159,46 @@ fn a_mesh_does_not_loop() {
     assert_eq!(nodes[1].coffer(&["queue"]).code, Some(3));
     nodes.truncate(2);
 }
+
+#[test]
+fn a_refused_arrival_is_parked_without_blocking_the_rest() {
+    let [a, b, _] = specs();
+    let all = [a, b];
+    let na = start(a, toml(a, &all, &[b], &["b"], &[]));
+    // B's ha listener refuses anything over 2 KiB with 552.
+    let extra = toml(b, &all, &[], &[], &[]).replace(
+        "trust_xcoffer = true\n",
+        "trust_xcoffer = true\nmax_message_size = \"2KiB\"\n",
+    );
+    let nb = start(b, extra);
+    let big = [message("big", 0), vec![b'x'; 4096], b"\r\n".to_vec()].concat();
+    let refused = na.send("s@example.org", &["r@example.net"], &big);
+    for i in 0..3 {
+        na.send("s@example.org", &["r@example.net"], &message("small", i));
+    }
+    let parked = |n: &Node| n.status()["connections"][0]["parked"].as_u64();
+    let r = wait_until("the big one parked, the rest shipped", CONVERGE, || {
+        let c = na.status()["connections"][0].clone();
+        (c["parked"] == 1 && c["lag_arrivals"] == 0 && arrival_ids(&nb).0.len() == 3).then_some(())
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", na.log_tail()));
+    let q = na.coffer_ok(&["queue", "--json"]).json();
+    let p = &q["connections"][0]["parked_arrivals"][0];
+    assert_eq!(p["arrival"], refused.arrival_id.as_str(), "{q}");
+    assert!(p["reason"].as_str().unwrap_or("").contains("552"), "{q}");
+    // Retried, it is refused again; skipped, it is gone.
+    na.coffer_ok(&["queue", "retry", &refused.arrival_id]);
+    let r = wait_until("the retry to be parked again", CONVERGE, || {
+        let q = na.coffer_ok(&["queue", "--json"]).json();
+        let c = &q["connections"][0];
+        let refusals = c["failures"]["permanent"].as_u64().unwrap_or(0);
+        (c["parked"] == 1 && refusals >= 2).then_some(())
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", na.log_tail()));
+    na.coffer_ok(&["queue", "skip", &refused.arrival_id]);
+    let r = wait_until("the skip", CONVERGE, || {
+        (parked(&na) == Some(0)).then_some(())
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", na.log_tail()));
+    assert_eq!(arrival_ids(&nb).0.len(), 3);
+}
