@@ -2,7 +2,9 @@
 //! running daemon (live state now; queue retry/skip, resync and compact as they land).
 //!
 //! Protocol: one JSON object per line, one request per connection, one JSON reply line:
-//! `{"cmd":"ping"}`, `{"cmd":"status"}`, `{"cmd":"reload"}`. Replies carry `"ok": true`
+//! `{"cmd":"ping"}`, `{"cmd":"status"}`, `{"cmd":"reload"}`, `{"cmd":"queue"}`,
+//! `{"cmd":"queue_retry","arrival":"NODE/EPOCH/SEQ"}`, `{"cmd":"queue_skip","arrival":..}`,
+//! `{"cmd":"resync","connection":"NAME"}`. Replies carry `"ok": true`
 //! or `"ok": false, "error": "..."`. The socket is created 0600: only the daemon's own
 //! user (and root) may use it.
 
@@ -16,7 +18,8 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::store::StoreHandle;
+use crate::relay::{Command, Replication};
+use crate::store::{index, Arrival, StoreHandle};
 
 /// File name of the control socket inside `data_dir`.
 pub const SOCKET: &str = "control.sock";
@@ -60,6 +63,7 @@ impl ControlSocket {
         self,
         store: StoreHandle,
         listeners: Vec<Value>,
+        replication: std::sync::Arc<Replication>,
         reload: mpsc::Sender<()>,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -70,13 +74,16 @@ impl ControlSocket {
                 accepted = self.listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
                     let (store, listeners, reload) = (store.clone(), listeners.clone(), reload.clone());
+                    let replication = replication.clone();
                     tokio::spawn(async move {
                         let (read, mut write) = stream.into_split();
                         let mut line = String::new();
                         let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
                         let got = tokio::time::timeout(TIMEOUT, reader.read_line(&mut line)).await;
                         let reply = match got {
-                            Ok(Ok(n)) if n > 0 => handle(&line, &store, &listeners, &reload).await,
+                            Ok(Ok(n)) if n > 0 => {
+                                handle(&line, &store, &listeners, &replication, &reload).await
+                            }
                             _ => json!({"ok": false, "error": "no request"}),
                         };
                         let mut out = reply.to_string();
@@ -104,6 +111,7 @@ async fn handle(
     line: &str,
     store: &StoreHandle,
     listeners: &[Value],
+    replication: &Replication,
     reload: &mpsc::Sender<()>,
 ) -> Value {
     let request: Value = match serde_json::from_str(line.trim()) {
@@ -128,8 +136,73 @@ async fn handle(
                 "messages": get(&s.messages),
                 "arrivals": get(&s.arrivals),
                 "listeners": listeners,
-                "connections": [],
+                "connections": replication.statuses(),
             })
+        }
+        Some("queue") => match parked(store) {
+            Ok(parked) => {
+                let conns: Vec<Value> = replication
+                    .statuses()
+                    .into_iter()
+                    .map(|c| {
+                        let mut v = json!(c);
+                        let list: Vec<&Value> = parked
+                            .iter()
+                            .filter(|p| p["connection"] == c.name.as_str())
+                            .collect();
+                        v["parked_arrivals"] = json!(list);
+                        v
+                    })
+                    .collect();
+                json!({"ok": true, "connections": conns})
+            }
+            Err(e) => json!({"ok": false, "error": e}),
+        },
+        Some(cmd @ ("queue_retry" | "queue_skip")) => {
+            let Some(arrival) = request.get("arrival").and_then(Value::as_str) else {
+                return json!({"ok": false, "error": "no \"arrival\" in the request"});
+            };
+            match parked(store) {
+                Ok(all) => {
+                    let mut sent = Vec::new();
+                    for p in all.iter().filter(|p| p["arrival"] == arrival) {
+                        let (Some(conn), Some(local)) =
+                            (p["connection"].as_str(), p["local"].as_u64())
+                        else {
+                            continue;
+                        };
+                        let Some(h) = replication.get(conn) else {
+                            continue;
+                        };
+                        let c = if cmd == "queue_retry" {
+                            Command::Retry(local)
+                        } else {
+                            Command::Skip(local)
+                        };
+                        if h.commands.send(c).await.is_ok() {
+                            sent.push(conn.to_owned());
+                        }
+                    }
+                    if sent.is_empty() {
+                        json!({"ok": false, "error": format!("arrival {arrival} is not parked")})
+                    } else {
+                        json!({"ok": true, "connections": sent})
+                    }
+                }
+                Err(e) => json!({"ok": false, "error": e}),
+            }
+        }
+        Some("resync") => {
+            let Some(name) = request.get("connection").and_then(Value::as_str) else {
+                return json!({"ok": false, "error": "no \"connection\" in the request"});
+            };
+            match replication.get(name) {
+                Some(h) => match h.commands.send(Command::Resync).await {
+                    Ok(()) => json!({"ok": true}),
+                    Err(_) => json!({"ok": false, "error": "the replicator has stopped"}),
+                },
+                None => json!({"ok": false, "error": format!("no connection named {name:?}")}),
+            }
         }
         Some("reload") => match reload.try_send(()) {
             Ok(()) => json!({"ok": true}),
@@ -138,6 +211,32 @@ async fn handle(
         Some(other) => json!({"ok": false, "error": format!("unknown command {other:?}")}),
         None => json!({"ok": false, "error": "no \"cmd\" in the request"}),
     }
+}
+
+/// Every parked arrival: `{"connection", "local", "arrival", "message", "reason"}`.
+fn parked(store: &StoreHandle) -> Result<Vec<Value>, String> {
+    use redb::ReadableTable;
+    let e = |e: redb::Error| e.to_string();
+    let txn = store.snapshot().map_err(|e| e.to_string())?;
+    let parked = txn.open_table(index::PARKED).map_err(|x| e(x.into()))?;
+    let arrivals = txn.open_table(index::ARRIVALS).map_err(|x| e(x.into()))?;
+    let mut out = Vec::new();
+    for entry in parked.iter().map_err(|x| e(x.into()))?.take(100_000) {
+        let (k, v) = entry.map_err(|x| e(x.into()))?;
+        let (conn, local) = k.value();
+        let a: Option<Arrival> = arrivals
+            .get(local)
+            .map_err(|x| e(x.into()))?
+            .and_then(|j| serde_json::from_slice(j.value()).ok());
+        out.push(json!({
+            "connection": conn,
+            "local": local,
+            "arrival": a.as_ref().map(|a| a.id.to_string()),
+            "message": a.as_ref().map(|a| a.message.clone()),
+            "reason": v.value(),
+        }));
+    }
+    Ok(out)
 }
 
 /// Why the CLI could not get an answer from the daemon.
@@ -227,7 +326,13 @@ mod tests {
         let (reload_tx, mut reload_rx) = mpsc::channel(1);
         let (stop_tx, stop_rx) = watch::channel(false);
         let listeners = vec![json!({"name": "journal"})];
-        let server = tokio::spawn(socket.serve(store.handle(), listeners, reload_tx, stop_rx));
+        let server = tokio::spawn(socket.serve(
+            store.handle(),
+            listeners,
+            Arc::new(Replication::default()),
+            reload_tx,
+            stop_rx,
+        ));
         let data_dir = dir.path().to_owned();
         let replies = tokio::task::spawn_blocking(move || {
             (

@@ -12,6 +12,8 @@
 //! - [`journal`]: Exchange/Microsoft 365 journal reports (pure parsing).
 //! - [`metrics`], [`console`]: Prometheus counters, `/health` and `/metrics` over HTTP.
 //! - [`control`]: the control socket in `data_dir` for the CLI's daemon commands.
+//! - [`route`]: the router: which connections an arrival goes to (pure).
+//! - [`relay`]: replication: one replicator per connection, an SMTP client, backoff.
 //! - [`server`]: wires listeners to the store and runs until shutdown.
 //! - [`cli`]: the `coffer` subcommands.
 
@@ -25,6 +27,8 @@ pub mod ingest;
 pub mod journal;
 pub mod logging;
 pub mod metrics;
+pub mod relay;
+pub mod route;
 pub mod server;
 pub mod smtp;
 pub mod store;

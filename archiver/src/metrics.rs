@@ -75,6 +75,8 @@ pub struct Metrics {
     listeners: BTreeMap<String, ListenerCounters>,
     /// Milliseconds from the store's hand-off to its answer, per message.
     pub ingest_ms: Histogram<10>,
+    /// The replicators, once started (`coffer_replication_*`).
+    pub replication: std::sync::OnceLock<std::sync::Arc<crate::relay::Replication>>,
 }
 
 impl Metrics {
@@ -86,6 +88,7 @@ impl Metrics {
                 .map(|n| (n.to_owned(), ListenerCounters::default()))
                 .collect(),
             ingest_ms: Histogram::new([1, 2, 5, 10, 20, 50, 100, 250, 1000, 5000]),
+            replication: std::sync::OnceLock::new(),
         }
     }
 
@@ -265,7 +268,89 @@ impl Metrics {
             &self.ingest_ms,
             1e3,
         );
+        if let Some(r) = self.replication.get() {
+            render_replication(&mut out, &r.statuses());
+        }
         out
+    }
+}
+
+/// Name, kind, help, value of one per-connection metric.
+type ConnMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::relay::ConnStatus) -> u64,
+);
+
+fn render_replication(out: &mut String, conns: &[crate::relay::ConnStatus]) {
+    let gauges: [ConnMetric; 5] = [
+        (
+            "coffer_replication_lag_arrivals",
+            "gauge",
+            "Arrivals past the connection's cursor.",
+            |c| c.lag_arrivals,
+        ),
+        (
+            "coffer_replication_lag_bytes",
+            "gauge",
+            "Bytes of arrivals loaded for shipping and not yet acknowledged.",
+            |c| c.lag_bytes,
+        ),
+        (
+            "coffer_replication_parked",
+            "gauge",
+            "Arrivals the peer refused, waiting for `coffer queue retry|skip`.",
+            |c| c.parked,
+        ),
+        (
+            "coffer_replication_shipped_total",
+            "counter",
+            "Arrivals the peer acknowledged.",
+            |c| c.shipped,
+        ),
+        (
+            "coffer_replication_lag_alarm",
+            "gauge",
+            "1 while the lag is over queue_limit (nothing is dropped).",
+            |c| u64::from(c.lag_alarm),
+        ),
+    ];
+    for (name, kind, help, get) in gauges {
+        family(out, name, kind, help);
+        for c in conns {
+            let _ = writeln!(out, "{name}{{connection=\"{}\"}} {}", c.name, get(c));
+        }
+    }
+    family(
+        out,
+        "coffer_replication_up",
+        "gauge",
+        "1 while the last session to the peer worked.",
+    );
+    for c in conns {
+        let _ = writeln!(
+            out,
+            "coffer_replication_up{{connection=\"{}\"}} {}",
+            c.name,
+            u8::from(c.state == "up")
+        );
+    }
+    family(
+        out,
+        "coffer_replication_failures_total",
+        "counter",
+        "Failed shipping attempts, by kind (connect, wrong_peer, temporary, permanent).",
+    );
+    for c in conns {
+        for kind in ["connect", "wrong_peer", "temporary", "permanent"] {
+            let n = c.failures.get(kind).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "coffer_replication_failures_total{{connection=\"{}\",kind=\"{kind}\"}} {n}",
+                c.name
+            );
+        }
     }
 }
 

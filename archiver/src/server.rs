@@ -114,6 +114,24 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
     });
     let hostname = config.node.name.clone();
     let mut tasks = tokio::task::JoinSet::new();
+    // One replicator per connection (docs/replication.md).
+    let router = crate::route::Router::new(&config.routes, &config.connections);
+    let mut replication = crate::relay::Replication::default();
+    for c in &config.connections {
+        let (r, h) = crate::relay::Replicator::new(
+            c.clone(),
+            config.node.name.clone(),
+            handle.clone(),
+            router.clone(),
+        );
+        if c.tls.is_some() {
+            warn!(connection = %c.name, "tls on connections is not implemented yet: this connection sends in the clear");
+        }
+        replication.connections.push(h);
+        tasks.spawn(r.run(stop_rx.clone()));
+    }
+    let replication = Arc::new(replication);
+    let _ = metrics.replication.set(replication.clone());
     let reloaders: Vec<Reloader> = listeners.iter().map(Listener::reloader).collect();
     for l in listeners {
         let (sink, hostname, stop) = (sink.clone(), hostname.clone(), stop_rx.clone());
@@ -142,7 +160,13 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         })
         .collect();
     if let Some(control) = control {
-        tasks.spawn(control.serve(handle.clone(), described, reload_tx, stop_rx.clone()));
+        tasks.spawn(control.serve(
+            handle.clone(),
+            described,
+            replication.clone(),
+            reload_tx,
+            stop_rx.clone(),
+        ));
     }
     notify_ready();
 
@@ -220,10 +244,16 @@ fn reload(running: &Config, listeners: &[Reloader]) {
 ///
 /// Not applied (returned): [`config::reload_diff`] (`[node]`, listeners added, removed or
 /// rebound, the store's file layout, `[console]`), and `[store] max_pending` and
-/// `min_free_disk`, which the store reads once at open. Routes and connections are not
-/// used by the daemon yet, so there is nothing to change for them.
+/// `min_free_disk`, which the store reads once at open. Routes and connections are read
+/// once at start for now: a change to them needs a restart.
 pub fn apply_reload(running: &Config, new: &Config, listeners: &[Reloader]) -> Vec<String> {
     let mut restart = config::reload_diff(running, new);
+    if format!("{:?}", running.routes) != format!("{:?}", new.routes) {
+        restart.push("[[route]] changed".into());
+    }
+    if format!("{:?}", running.connections) != format!("{:?}", new.connections) {
+        restart.push("[[connection]] changed".into());
+    }
     let (os, ns) = (&running.store, &new.store);
     for (key, a, b) in [
         ("max_pending", os.max_pending, ns.max_pending),

@@ -29,7 +29,27 @@ fn message(i: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The origin arrival id of a replicated copy: every third recipient index stands for a
+/// copy a peer sends over its `ha` listener, keeping the origin's id.
+fn origin(i: usize, rcpt: usize) -> Option<String> {
+    (rcpt % 3 == 2).then(|| format!("node-b/0badf00d/{}", i * 100 + rcpt))
+}
+
 fn incoming(i: usize, rcpt: usize) -> Incoming {
+    let mut m = first(i, rcpt);
+    if let Some(id) = origin(i, rcpt) {
+        m.session.listener = "ha".into();
+        m.session.xcoffer = Some(coffer_proto::Xcoffer {
+            origin_arrival: Some(id),
+            origin_listener: Some("journal".into()),
+            trace: vec!["node-b".into()],
+            ..coffer_proto::Xcoffer::default()
+        });
+    }
+    m
+}
+
+fn first(i: usize, rcpt: usize) -> Incoming {
     Incoming {
         bytes: message(i),
         envelope: Envelope {
@@ -92,6 +112,9 @@ fn run_case(seed: u64, rounds: &[Round], segment_size: u64) {
             }
             if before.contains_key(&(i, r)) {
                 assert!(receipt.repeat, "a retry of an earlier round is a repeat");
+            }
+            if let Some(id) = origin(i, r) {
+                assert_eq!(entry.1, id, "a replicated arrival keeps its origin id");
             }
             acked.insert((i, r), entry);
         }

@@ -166,6 +166,8 @@ pub struct NodeOptions {
     pub name: String,
     /// Extra TOML appended to the generated config (e.g. a second listener).
     pub extra_toml: String,
+    /// The loopback address the `journal` listener binds (`127.0.0.2` for a second node).
+    pub ip: String,
 }
 
 impl Default for NodeOptions {
@@ -173,6 +175,7 @@ impl Default for NodeOptions {
         Self {
             name: "e2e".into(),
             extra_toml: String::new(),
+            ip: "127.0.0.1".into(),
         }
     }
 }
@@ -189,7 +192,7 @@ pub struct Node {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
-    /// The SMTP listener `journal`, on 127.0.0.1.
+    /// The SMTP listener `journal`, on [`NodeOptions::ip`] (127.0.0.1 by default).
     pub addr: SocketAddr,
     opts: NodeOptions,
     /// The daemon; `None` while stopped. Killed on drop so no daemon outlives a test.
@@ -220,7 +223,7 @@ impl Node {
             data_dir: root.join("data"),
             log_path: root.join("cofferd.log"),
             dir: Some(dir),
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: SocketAddr::new(opts.ip.parse().expect("NodeOptions::ip"), 0),
             opts,
             child: None,
         };
@@ -228,7 +231,8 @@ impl Node {
         // process may grab it in between. Retry with a new port a bounded number of times.
         let mut last_err = None;
         for _ in 0..3 {
-            node.addr = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+            let ip = node.addr.ip();
+            node.addr = SocketAddr::new(ip, free_port(&ip.to_string()));
             node.write_config();
             match node.try_start() {
                 Ok(()) => return node,

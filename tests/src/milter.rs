@@ -53,6 +53,7 @@ impl MilterNode {
                 "{LMTP_TOML}\n[milter]\nlisten = \"unix:milter.sock\"\ntarget = \
                  \"unix:lmtp.sock\"\nsocket_mode = 0o666\n{milter_keys}\n"
             ),
+            ..NodeOptions::default()
         });
         // Postfix's smtpd (user postfix) must reach the milter socket in this dir.
         let _ = std::fs::set_permissions(node.dir(), std::fs::Permissions::from_mode(0o755));

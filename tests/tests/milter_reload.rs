@@ -134,6 +134,7 @@ async fn sighup_applies_on_failure_and_sigusr1_reports_latency() {
     let mut node = Node::start_with(NodeOptions {
         name: "e2e".into(),
         extra_toml: format!("{LMTP_TOML}\n{MILTER_KEYS}"),
+        ..NodeOptions::default()
     });
     let milter = Milter::start(&node);
     let mut conn = TestConnection::configure()

@@ -43,6 +43,12 @@ pub enum CliError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Lookup(#[from] LookupError),
+    /// The command needs the running daemon and its control socket did not answer.
+    #[error("{0}")]
+    NoDaemon(String),
+    /// The daemon refused the request.
+    #[error("{0}")]
+    Refused(String),
     /// Writing our output failed (a broken pipe ends the run quietly).
     #[error("writing output: {0}")]
     Output(io::Error),
@@ -79,6 +85,8 @@ pub fn exit_code(err: &CliError) -> u8 {
     match err {
         CliError::Usage(_) | CliError::Config(_) => EXIT_USAGE,
         CliError::NoArchive(_) | CliError::File { .. } | CliError::Failed(_) => EXIT_FINDING,
+        CliError::NoDaemon(_) => EXIT_NO_DAEMON,
+        CliError::Refused(_) => EXIT_FINDING,
         CliError::Output(_) if err.is_broken_pipe() => EXIT_OK,
         CliError::Output(_) => EXIT_FINDING,
         CliError::Store(e) => store_exit_code(e),

@@ -10,6 +10,7 @@ pub mod export;
 pub mod import;
 pub mod mbox;
 pub mod output;
+pub mod queue;
 
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
@@ -59,6 +60,10 @@ pub enum Command {
     Import(ImportArgs),
     /// Copy the archive, live, into a new folder that cofferd can open.
     Backup(BackupArgs),
+    /// Show replication queues; retry or skip a parked arrival (needs the daemon).
+    Queue(queue::QueueArgs),
+    /// Ship every arrival to a connection's peer again, from the first (needs the daemon).
+    Resync(queue::ResyncArgs),
 }
 
 #[derive(Args, Debug)]
@@ -275,16 +280,20 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         crate::store::backup::check_dest(&a.dest).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     let cfg = config::load(cli.config.as_deref())?;
-    // These open the store themselves (for writing, or not at all).
+    // These open the store themselves (for writing, or not at all), or talk to the
+    // daemon over its control socket.
     match &cli.command {
         Command::Reindex => return cmd_reindex(&cfg, out),
         Command::Import(a) => return cmd_import(&cfg, a),
         Command::Backup(a) => return cmd_backup(&cfg, a),
+        Command::Queue(a) => return queue::cmd_queue(&cfg.node.data_dir, a, out),
+        Command::Resync(a) => return queue::cmd_resync(&cfg.node.data_dir, a, out),
         _ => {}
     }
     let store = open_store(&cfg.node.data_dir)?;
     match &cli.command {
-        Command::Status(a) => cmd_status(&store, a, out),
+        Command::Queue(_) | Command::Resync(_) => unreachable!("handled above"),
+        Command::Status(a) => cmd_status(&store, &cfg.node.data_dir, a, out),
         Command::Search(a) => cmd_search(&store, a, out),
         Command::Get(a) => cmd_get(&store, a, out),
         Command::Export(a) => cmd_export(&store, a),
@@ -322,9 +331,19 @@ fn open_store(data_dir: &Path) -> Result<StoreReader, CliError> {
     }
 }
 
-fn cmd_status(store: &StoreReader, a: &StatusArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    // Connections come from the daemon's control socket once replication lands.
-    let status = StatusOutput::new(store.status()?, Vec::new());
+fn cmd_status(
+    store: &StoreReader,
+    data_dir: &Path,
+    a: &StatusArgs,
+    out: &mut dyn Write,
+) -> Result<u8, CliError> {
+    // Replication state lives in the daemon: ask it over the control socket.
+    let connections = if store.daemon_running() {
+        queue::daemon_connections(data_dir)
+    } else {
+        Vec::new()
+    };
+    let status = StatusOutput::new(store.status()?, connections);
     if a.json {
         output::write_json(out, &status)
     } else {

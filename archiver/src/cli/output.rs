@@ -22,7 +22,7 @@ pub struct StatusOutput {
 }
 
 /// One replication connection in `coffer status`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ConnectionStatus {
     pub name: String,
     /// The node name expected at the other end.
@@ -271,6 +271,8 @@ pub(crate) mod tests {
             rcpt_to: vec!["bob@example.net".into(), "carol@example.net".into()],
             queue_id: Some("4Q1x2y3z".into()),
             xcoffer: None,
+            trace: Vec::new(),
+            via: None,
         }
     }
 

@@ -36,6 +36,11 @@ pub const ADDRS: MultimapTableDefinition<'_, &str, [u8; 32]> =
 /// Message-ID header (lowercased, no brackets) → message ids.
 pub const MSGIDS: MultimapTableDefinition<'_, &str, [u8; 32]> =
     MultimapTableDefinition::new("msgids");
+/// connection name → JSON [`CursorState`]: replication progress. Not in the log: after a
+/// rebuilt index a connection starts again from zero (an idempotent resend).
+pub const CURSORS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("cursors");
+/// (connection name, local arrival number) → why the peer refused it (5xx, retries).
+pub const PARKED: TableDefinition<'_, (&str, u64), &str> = TableDefinition::new("parked");
 
 pub const K_FORMAT: &str = "format";
 pub const K_EPOCH: &str = "epoch";
@@ -49,6 +54,39 @@ pub const K_ARRIVALS: &str = "arrivals";
 pub const K_REPEATS: &str = "repeats";
 pub const K_RAW_BYTES: &str = "raw_bytes";
 pub const K_STORED_BYTES: &str = "stored_bytes";
+
+/// One connection's durable replication state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CursorState {
+    /// Every local arrival number up to this one is shipped, parked or not for this
+    /// connection (a low-water mark).
+    pub cursor: u64,
+    /// The peer's store epoch as its EHLO said, when last seen.
+    #[serde(default)]
+    pub peer_epoch: Option<String>,
+    /// While resyncing a rebuilt peer: arrivals up to this local number go regardless of
+    /// routes and trace.
+    #[serde(default)]
+    pub resync_until: u64,
+}
+
+/// A change of replication state, applied by the index stage only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateOp {
+    SetCursor {
+        connection: String,
+        state: CursorState,
+    },
+    Park {
+        connection: String,
+        local: u64,
+        reason: String,
+    },
+    Unpark {
+        connection: String,
+        local: u64,
+    },
+}
 
 /// Where a message's blob lives in the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +141,8 @@ pub fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(BY_TIME)?;
     txn.open_multimap_table(ADDRS)?;
     txn.open_multimap_table(MSGIDS)?;
+    txn.open_table(CURSORS)?;
+    txn.open_table(PARKED)?;
     Ok(())
 }
 
@@ -161,6 +201,8 @@ pub struct Tables<'t> {
     by_time: redb::Table<'t, (i64, u64), [u8; 32]>,
     addrs: redb::MultimapTable<'t, &'static str, [u8; 32]>,
     msgids: redb::MultimapTable<'t, &'static str, [u8; 32]>,
+    cursors: redb::Table<'t, &'static str, &'static [u8]>,
+    parked: redb::Table<'t, (&'static str, u64), &'static str>,
     /// META's counters as of this transaction; written back by [`Tables::finish`].
     pub counters: Counters,
 }
@@ -187,6 +229,8 @@ impl<'t> Tables<'t> {
             by_time: txn.open_table(BY_TIME)?,
             addrs: txn.open_multimap_table(ADDRS)?,
             msgids: txn.open_multimap_table(MSGIDS)?,
+            cursors: txn.open_table(CURSORS)?,
+            parked: txn.open_table(PARKED)?,
             counters,
         })
     }
@@ -255,6 +299,31 @@ impl<'t> Tables<'t> {
         self.counters.raw_bytes += u64::from(loc.raw_len);
         self.counters.stored_bytes += u64::from(loc.record_len);
         Ok(true)
+    }
+
+    /// Applies a change of replication state.
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn apply_state(&mut self, op: &StateOp) -> Result<(), redb::Error> {
+        match op {
+            StateOp::SetCursor { connection, state } => {
+                let json = serde_json::to_vec(state).expect("cursor serializes");
+                self.cursors.insert(connection.as_str(), json.as_slice())?;
+            }
+            StateOp::Park {
+                connection,
+                local,
+                reason,
+            } => {
+                self.parked
+                    .insert((connection.as_str(), *local), reason.as_str())?;
+            }
+            StateOp::Unpark { connection, local } => {
+                self.parked.remove((connection.as_str(), *local))?;
+            }
+        }
+        Ok(())
     }
 
     /// Indexes an arrival. Returns its local number, or `None` if an arrival with this id

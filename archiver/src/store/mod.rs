@@ -107,6 +107,48 @@ pub struct Arrival {
     /// the origin's arrival id, time, client, HELO, TLS, macros and trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xcoffer: Option<coffer_proto::Xcoffer>,
+    /// Nodes known to hold this arrival, in the order it reached them (this node last).
+    /// Replication forwards an arrival only to peers not on it (docs/replication.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trace: Vec<String>,
+    /// For a replicated arrival: the local listener it came in on (`listener` is the
+    /// origin's). Routes match on this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+}
+
+impl Arrival {
+    /// Whether this arrival came from a peer (it keeps the origin's id).
+    pub fn replicated(&self) -> bool {
+        self.via.is_some()
+    }
+
+    /// The listener routes match: where it came in on this node.
+    pub fn local_listener(&self) -> &str {
+        self.via.as_deref().unwrap_or(&self.listener)
+    }
+
+    /// Coffer-to-Coffer hops an onward copy would have made before reaching the next
+    /// node: 0 from the origin, the received `hops` + 1 from a replica.
+    pub fn next_hops(&self) -> u32 {
+        if self.replicated() {
+            self.xcoffer
+                .as_ref()
+                .map_or(0, |x| x.hops)
+                .saturating_add(1)
+        } else {
+            0
+        }
+    }
+
+    /// The nodes holding it: the recorded trace plus the origin node.
+    pub fn holders(&self) -> Vec<String> {
+        let mut t = self.trace.clone();
+        if !t.contains(&self.id.node) {
+            t.insert(0, self.id.node.clone());
+        }
+        t
+    }
 }
 
 /// Search filters (`coffer search`, `coffer export`). All given filters must match.
@@ -234,6 +276,21 @@ pub struct Shared {
     /// Highest log batch whose index entries are committed (see `writer`).
     committed_gen: AtomicU64,
     stats: stats::StoreStats,
+    /// The index the writer has open, for in-process readers (replicators). `None` while
+    /// the store reopens after a failure. Hold the `Arc` only briefly: a reopen needs it.
+    db: std::sync::RwLock<Option<Arc<redb::Database>>>,
+    log_dir: PathBuf,
+    /// Bumped after every index commit: in-process readers wait on it for new arrivals.
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    fn set_db(&self, db: Option<Arc<redb::Database>>) {
+        *self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = db;
+    }
 }
 
 /// The open store: owns the writer thread. Dropping every [`StoreHandle`] and calling
@@ -247,7 +304,7 @@ pub struct Store {
 #[derive(Clone)]
 pub struct StoreHandle {
     shared: Arc<Shared>,
-    tx: crossbeam_channel::Sender<writer::Job>,
+    tx: crossbeam_channel::Sender<writer::Work>,
 }
 
 impl Store {
@@ -280,6 +337,9 @@ impl Store {
             failed_full: AtomicBool::new(false),
             committed_gen: AtomicU64::new(0),
             stats: stats::StoreStats::default(),
+            db: std::sync::RwLock::new(None),
+            log_dir: engine.log_dir.clone(),
+            committed: tokio::sync::watch::channel(0).0,
         });
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let w = writer::Writer::new(engine, shared.clone(), opts.segment_size)?;
@@ -458,12 +518,12 @@ impl StoreHandle {
                 .map_err(|e| IngestError::Unavailable(format!("preparing the message: {e}")))?
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job = writer::Job {
+        let job = writer::Work::Ingest(writer::Job {
             prepared,
             reply: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
-        };
+        });
         match self.tx.try_send(job) {
             Ok(()) => {}
             Err(crossbeam_channel::TrySendError::Full(job)) => {
@@ -485,6 +545,73 @@ impl StoreHandle {
         result
     }
 
+    /// Applies a change of replication state (cursor, parked arrival) through the index
+    /// stage, the only writer of the index. Resolves once it is committed.
+    ///
+    /// # Errors
+    /// The store is shutting down or failed; the change was not made.
+    pub async fn update_state(&self, op: writer::StateOp) -> Result<(), IngestError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work = writer::Work::State(
+            op,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        match self.tx.try_send(work) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(work)) => {
+                let sender = self.tx.clone();
+                let sent = tokio::task::spawn_blocking(move || sender.send(work).is_ok())
+                    .await
+                    .unwrap_or(false);
+                if !sent {
+                    return Err(IngestError::ShuttingDown);
+                }
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return Err(IngestError::ShuttingDown)
+            }
+        }
+        rx.await.unwrap_or(Err(IngestError::ShuttingDown))
+    }
+
+    /// A read snapshot of the committed index, for in-process readers.
+    ///
+    /// # Errors
+    /// The store is reopening after a failure, or redb failed.
+    pub fn snapshot(&self) -> Result<redb::ReadTransaction, StoreError> {
+        use redb::ReadableDatabase;
+        let db = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| StoreError::Index("the store is reopening".into()))?;
+        db.begin_read().map_err(engine::idx_err)
+    }
+
+    /// Changes whenever the index commits: wait on it for new arrivals.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.committed.subscribe()
+    }
+
+    /// The archived bytes of a message the index has committed, checked against the id.
+    ///
+    /// # Errors
+    /// The message is not indexed, or its record is damaged.
+    pub fn read_message(&self, id: &MessageId) -> Result<Vec<u8>, StoreError> {
+        let loc = {
+            let txn = self.snapshot()?;
+            let t = txn.open_table(index::MESSAGES).map_err(engine::idx_err)?;
+            let v = t.get(id.0).map_err(engine::idx_err)?;
+            v.and_then(|v| index::Loc::decode(v.value()))
+                .ok_or_else(|| StoreError::Corrupt(format!("message {id} is not in the index")))?
+        };
+        reader::read_blob(&*self.shared.vfs, &self.shared.log_dir, id, loc)
+    }
+
     /// [`StoreHandle::ingest`] for threads outside a runtime (tests, import).
     ///
     /// # Errors
@@ -492,12 +619,12 @@ impl StoreHandle {
     pub fn ingest_blocking(&self, msg: Incoming) -> Result<Receipt, IngestError> {
         let guard = self.admit(msg.bytes.len() as u64)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let job = writer::Job {
+        let job = writer::Work::Ingest(writer::Job {
             prepared: prepare(msg),
             reply: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
-        };
+        });
         self.tx.send(job).map_err(|_| IngestError::ShuttingDown)?;
         let result = rx.recv().unwrap_or(Err(IngestError::ShuttingDown));
         drop(guard);

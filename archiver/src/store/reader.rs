@@ -229,29 +229,7 @@ impl StoreReader {
 
     fn read_at(&self, id: &MessageId, loc: Loc) -> Result<Vec<u8>, StoreError> {
         let file = self.segment(loc.segment)?;
-        let path = segment_path(&self.log_dir, loc.segment);
-        let rec = log::read_record(&*file, loc.offset).map_err(|e| {
-            StoreError::Corrupt(format!(
-                "{} at {}: {e} (message {id})",
-                path.display(),
-                loc.offset
-            ))
-        })?;
-        if rec.header.kind != KIND_MESSAGE || rec.header.message != *id {
-            return Err(StoreError::Corrupt(format!(
-                "{} at {}: not the blob of message {id}",
-                path.display(),
-                loc.offset
-            )));
-        }
-        let raw = decode_payload(&rec.header, &rec.payload)
-            .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
-        if MessageId::of(&raw) != *id {
-            return Err(StoreError::Corrupt(format!(
-                "message {id}: bytes do not hash to the id"
-            )));
-        }
-        Ok(raw)
+        check_blob(&*file, &self.log_dir, id, loc)
     }
 
     /// The archived bytes, exactly (checked against the id before they are returned).
@@ -616,4 +594,50 @@ fn matches(r: &MessageRecord, q: &Query) -> bool {
         }
     }
     true
+}
+
+/// Reads the blob of message `id` at `loc` (opening its segment), checked against the id.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] if the record is missing, damaged or not that message's.
+pub fn read_blob(
+    vfs: &dyn Vfs,
+    log_dir: &Path,
+    id: &MessageId,
+    loc: Loc,
+) -> Result<Vec<u8>, StoreError> {
+    let path = segment_path(log_dir, loc.segment);
+    let file = vfs.open_read(&path).map_err(io_err(&path))?;
+    check_blob(&*file, log_dir, id, loc)
+}
+
+fn check_blob(
+    file: &dyn VFile,
+    log_dir: &Path,
+    id: &MessageId,
+    loc: Loc,
+) -> Result<Vec<u8>, StoreError> {
+    let path = segment_path(log_dir, loc.segment);
+    let rec = log::read_record(file, loc.offset).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "{} at {}: {e} (message {id})",
+            path.display(),
+            loc.offset
+        ))
+    })?;
+    if rec.header.kind != KIND_MESSAGE || rec.header.message != *id {
+        return Err(StoreError::Corrupt(format!(
+            "{} at {}: not the blob of message {id}",
+            path.display(),
+            loc.offset
+        )));
+    }
+    let raw = decode_payload(&rec.header, &rec.payload)
+        .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
+    if MessageId::of(&raw) != *id {
+        return Err(StoreError::Corrupt(format!(
+            "message {id}: bytes do not hash to the id"
+        )));
+    }
+    Ok(raw)
 }

@@ -405,3 +405,105 @@ fn xcoffer_facts_are_kept_with_the_arrival() {
     let old: Arrival = serde_json::from_value(json).unwrap();
     assert_eq!(&old, a2);
 }
+
+fn replicated(bytes: &[u8], origin: &str, trace: &[&str]) -> Incoming {
+    let mut m = msg(
+        bytes,
+        "alice@example.org",
+        &["bob@example.net", "carol@example.net"],
+    );
+    m.session.listener = "ha".into();
+    m.session.client_addr = Some("127.0.0.2:40000".into());
+    m.session.xcoffer = Some(coffer_proto::Xcoffer {
+        origin_arrival: Some(origin.into()),
+        origin_time: Some("2024-05-01T12:00:00.000001Z".into()),
+        origin_listener: Some("journal".into()),
+        protocol: Some("ESMTP".into()),
+        mail_params: vec!["SIZE=100".into()],
+        client_addr: Some("192.0.2.7:2525".into()),
+        trace: trace.iter().map(|s| (*s).to_owned()).collect(),
+        hops: 0,
+        ..coffer_proto::Xcoffer::default()
+    });
+    m
+}
+
+#[test]
+fn replicated_arrivals_keep_their_origin_id_and_dedupe_by_it() {
+    let vfs = Arc::new(FaultVfs::new());
+    let dir = Path::new("/r");
+    let store = Store::open_with(vfs.clone(), opts(dir)).unwrap();
+    let h = store.handle();
+    // A first arrival of the same bytes and envelope on another listener is separate.
+    let local = h
+        .ingest_blocking(msg(M1, "alice@example.org", &["bob@example.net"]))
+        .unwrap();
+    let r = h
+        .ingest_blocking(replicated(M1, "node-b/0badf00d/7", &["node-b"]))
+        .unwrap();
+    assert_eq!(r.arrival_id.to_string(), "node-b/0badf00d/7");
+    assert!(!r.repeat);
+    // The same origin id again, in a later batch and with another envelope: a repeat.
+    let mut again = replicated(M1, "node-b/0badf00d/7", &["node-b", "node-c"]);
+    again.envelope.rcpt_to.truncate(1);
+    let dup = h.ingest_blocking(again).unwrap();
+    assert!(dup.repeat);
+    assert_eq!(dup.arrival_id, r.arrival_id);
+    // Two copies in one batch: one arrival. Sent from threads so they share a batch.
+    let hs: Vec<_> = (0..2)
+        .map(|_| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                h.ingest_blocking(replicated(b"other\r\n", "node-b/0badf00d/8", &[]))
+                    .unwrap()
+            })
+        })
+        .collect();
+    let outs: Vec<Receipt> = hs.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(outs.iter().filter(|r| r.repeat).count(), 1);
+    // Minting goes on from our own sequence.
+    let next = h
+        .ingest_blocking(msg(b"third\r\n", "x@y", &["z@w"]))
+        .unwrap();
+    assert_eq!(next.arrival_id.seq, local.arrival_id.seq + 1);
+    drop(h);
+    store.close();
+
+    let check = |reader: &StoreReader| {
+        let st = reader.status().unwrap();
+        assert_eq!((st.arrivals, st.repeats), (4, 2));
+        let arrivals = reader.arrivals(&r.message_id).unwrap();
+        let a = arrivals
+            .iter()
+            .find(|a| a.id == r.arrival_id)
+            .expect("replicated arrival indexed");
+        assert_eq!(a.time, "2024-05-01T12:00:00.000001Z");
+        assert_eq!(a.listener, "journal");
+        assert_eq!(a.via.as_deref(), Some("ha"));
+        assert_eq!(a.client_addr.as_deref(), Some("127.0.0.2:40000"));
+        let x = a.xcoffer.as_ref().unwrap();
+        assert_eq!(x.client_addr.as_deref(), Some("192.0.2.7:2525"));
+        assert_eq!(a.mail_params, vec!["SIZE=100".to_owned()]);
+        assert_eq!(a.trace, vec!["node-b".to_owned(), "node-a".to_owned()]);
+        let first = arrivals.iter().find(|a| a.id == local.arrival_id).unwrap();
+        assert_eq!(first.trace, vec!["node-a".to_owned()]);
+    };
+    let reader = StoreReader::open_with(vfs.clone(), dir).unwrap();
+    check(&reader);
+    drop(reader);
+    // Rebuilt from the log alone, the index is the same.
+    io::Vfs::remove_file(&*vfs, &dir.join(engine::INDEX_FILE)).unwrap();
+    let reader = StoreReader::open_with(vfs.clone(), dir).unwrap();
+    check(&reader);
+    drop(reader);
+    // And a replicated copy arriving after the rebuild is still a repeat.
+    let store = Store::open_with(vfs, opts(dir)).unwrap();
+    let h = store.handle();
+    assert!(
+        h.ingest_blocking(replicated(M1, "node-b/0badf00d/7", &[]))
+            .unwrap()
+            .repeat
+    );
+    drop(h);
+    store.close();
+}

@@ -33,7 +33,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use redb::{ReadTransaction, ReadableDatabase};
 use tracing::{error, info, warn};
 
-use super::engine::{idx_err, Engine};
+use super::engine::{arrival_key, idx_err, Engine};
+pub use super::index::StateOp;
 use super::index::{self, get_u64, Loc, Tables};
 use super::io::StoreLock;
 use super::log::Log;
@@ -76,6 +77,18 @@ pub struct Job {
     pub reply: Reply,
 }
 
+/// Answer to a [`StateOp`], given once the index committed it.
+pub type StateReply = Box<dyn FnOnce(Result<(), IngestError>) + Send>;
+
+/// What the writer's channel carries.
+#[allow(clippy::large_enum_variant)] // nearly every item is an `Ingest`: boxing it costs more
+pub enum Work {
+    /// A message to archive.
+    Ingest(Job),
+    /// A replication state change, applied by the index stage in log order.
+    State(StateOp, StateReply),
+}
+
 pub fn now_rfc3339() -> String {
     chrono::Utc::now()
         .format("%Y-%m-%dT%H:%M:%S%.6fZ")
@@ -87,8 +100,11 @@ struct IndexBatch {
     /// Number of the log batch (1, 2, ...): what `committed_gen` counts.
     gen: u64,
     messages: Vec<(MessageId, Loc, Summary)>,
-    arrivals: Vec<(Arrival, [u8; 32])>,
+    /// Each arrival with its arrival key (`None` for a replicated one).
+    arrivals: Vec<(Arrival, Option<[u8; 32]>)>,
     repeats: u64,
+    /// Replication state changes, committed with this batch and answered after.
+    state: Vec<(StateOp, StateReply)>,
     /// The log position just past this batch.
     tail: (u32, u64),
     /// The arrival sequence number to mint next.
@@ -102,6 +118,8 @@ struct IndexBatch {
 struct Pending {
     keys: HashMap<[u8; 32], (ArrivalId, u64)>,
     messages: HashMap<[u8; 32], u64>,
+    /// Arrival ids appended (replicated arrivals dedupe by id only).
+    ids: HashMap<String, u64>,
 }
 
 impl Pending {
@@ -109,6 +127,7 @@ impl Pending {
     fn prune(&mut self, committed: u64) {
         self.keys.retain(|_, (_, gen)| *gen > committed);
         self.messages.retain(|_, gen| *gen > committed);
+        self.ids.retain(|_, gen| *gen > committed);
     }
 }
 
@@ -145,6 +164,7 @@ impl Live {
             next
         };
         shared.committed_gen.store(0, Ordering::Release);
+        shared.set_db(Some(db.clone()));
         let (index_tx, rx) = crossbeam_channel::bounded(INDEX_QUEUE);
         let (db2, shared2) = (db.clone(), shared.clone());
         let indexer = std::thread::Builder::new()
@@ -209,7 +229,7 @@ impl Writer {
     ///
     /// While idle it re-measures free disk and, after a failure, retries reopening the
     /// store, so refusals end by themselves once the cause is gone.
-    pub fn run(mut self, rx: &Receiver<Job>) {
+    pub fn run(mut self, rx: &Receiver<Work>) {
         loop {
             let first = match rx.recv_timeout(IDLE_TICK) {
                 Ok(job) => job,
@@ -222,18 +242,22 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let mut batch = vec![first];
-            let mut bytes = batch[0].prepared.payload.len();
-            while batch.len() < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(job) => {
+            let (mut batch, mut state) = (Vec::new(), Vec::new());
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some(work) = next.take() {
+                match work {
+                    Work::Ingest(job) => {
                         bytes += job.prepared.payload.len();
                         batch.push(job);
                     }
-                    Err(_) => break,
+                    Work::State(op, reply) => state.push((op, reply)),
+                }
+                if batch.len() < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES {
+                    next = rx.try_recv().ok();
                 }
             }
-            self.commit_batch(batch);
+            self.commit_batch(batch, state);
         }
         if let Some(mut live) = self.live.take() {
             if !live.stop() {
@@ -309,6 +333,7 @@ impl Writer {
             .is_ok_and(|free| free < DISK_FULL_MARGIN);
         self.shared.failed_full.store(full, Ordering::Relaxed);
         self.shared.failed.store(true, Ordering::Relaxed);
+        self.shared.set_db(None);
         // Dropping `Live` lets the index stage finish what was synced and closes the
         // index, so the reopen starts from what is on disk. The lock stays with this
         // writer: no other process may open the store for writing in between.
@@ -317,10 +342,13 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&mut self, batch: Vec<Job>) {
+    fn commit_batch(&mut self, batch: Vec<Job>, state: Vec<(StateOp, StateReply)>) {
         if let Err(why) = self.ensure_live() {
             for job in batch {
                 (job.reply)(Err(IngestError::Unavailable(why.clone())));
+            }
+            for (_, reply) in state {
+                reply(Err(IngestError::Unavailable(why.clone())));
             }
             return;
         }
@@ -328,7 +356,8 @@ impl Writer {
         let outcome = self.append_batch(&batch);
         self.refresh_disk();
         match outcome {
-            Ok((receipts, index_batch)) => {
+            Ok((receipts, mut index_batch)) => {
+                index_batch.state = state;
                 let stats = &self.shared.stats;
                 stats.batch_messages.observe(batch.len() as u64);
                 stats
@@ -352,6 +381,9 @@ impl Writer {
                 for job in batch {
                     (job.reply)(Err(e.clone_kind()));
                 }
+                for (_, reply) in state {
+                    reply(Err(e.clone_kind()));
+                }
             }
             Err(BatchError::Poisoned(why)) => {
                 self.poison(&why);
@@ -363,6 +395,9 @@ impl Writer {
                         IngestError::Unavailable(why.clone())
                     }));
                 }
+                for (_, reply) in state {
+                    reply(Err(IngestError::Unavailable(why.clone())));
+                }
             }
         }
     }
@@ -372,7 +407,7 @@ impl Writer {
     fn append_batch(&mut self, batch: &[Job]) -> Result<(Vec<Receipt>, IndexBatch), BatchError> {
         let live = self.live.as_mut().expect("live");
         let poisoned = |e: StoreError| BatchError::Poisoned(e.to_string());
-        if live.log.active.len >= self.segment_size {
+        if !batch.is_empty() && live.log.active.len >= self.segment_size {
             live.log
                 .rotate()
                 .map_err(|e| BatchError::from_io("creating a new segment", &e))?;
@@ -393,20 +428,34 @@ impl Writer {
             messages: Vec::new(),
             arrivals: Vec::new(),
             repeats: 0,
+            state: Vec::new(),
             tail: (segment, base),
             next_seq: live.next_seq,
         };
         let mut next_seq = live.next_seq;
         let mut new_keys: Vec<([u8; 32], ArrivalId)> = Vec::new();
         let mut new_messages: Vec<[u8; 32]> = Vec::new();
+        let mut new_ids: Vec<String> = Vec::new();
         for job in batch {
             let p = &job.prepared;
+            // A replicated arrival keeps its origin's id and dedupes by it alone; a first
+            // arrival dedupes by its arrival key.
+            let origin = replicated_origin(p);
             let key = ArrivalKey::new(&p.id, &p.envelope, &p.session.listener).0;
-            let existing = match live.pending.keys.get(&key) {
-                Some((id, _)) => Some(id.clone()),
-                None => match new_keys.iter().find(|(k, _)| *k == key) {
-                    Some((_, id)) => Some(id.clone()),
-                    None => lookup_key(&snapshot, key).map_err(poisoned)?,
+            let existing = match &origin {
+                Some(id) => {
+                    let s = id.to_string();
+                    let known = live.pending.ids.contains_key(&s)
+                        || new_ids.contains(&s)
+                        || has_arrival_id(&snapshot, &s).map_err(poisoned)?;
+                    known.then(|| id.clone())
+                }
+                None => match live.pending.keys.get(&key) {
+                    Some((id, _)) => Some(id.clone()),
+                    None => match new_keys.iter().find(|(k, _)| *k == key) {
+                        Some((_, id)) => Some(id.clone()),
+                        None => lookup_key(&snapshot, key).map_err(poisoned)?,
+                    },
                 },
             };
             if let Some(arrival_id) = existing {
@@ -462,26 +511,29 @@ impl Writer {
                 out.messages.push((p.id, loc, p.summary.clone()));
                 new_messages.push(p.id.0);
             }
-            let arrival_id = ArrivalId {
-                node: live.node.clone(),
-                epoch: live.epoch8.clone(),
-                seq: next_seq,
+            let (arrival, arrival_key) = match origin {
+                Some(id) => {
+                    // Our own id coming back (a store restored from a copy): never mint it
+                    // again, and index it as recovery would.
+                    let ours = id.node == live.node && id.epoch == live.epoch8;
+                    if ours && id.seq >= next_seq {
+                        next_seq = id.seq + 1;
+                    }
+                    let a = replicated_arrival(p, id, &live.node);
+                    let k = if ours { arrival_key(&a) } else { None };
+                    (a, k)
+                }
+                None => {
+                    let id = ArrivalId {
+                        node: live.node.clone(),
+                        epoch: live.epoch8.clone(),
+                        seq: next_seq,
+                    };
+                    next_seq += 1;
+                    (first_arrival(p, id, &live.node), Some(key))
+                }
             };
-            next_seq += 1;
-            let arrival = Arrival {
-                id: arrival_id.clone(),
-                message: p.id.to_hex(),
-                time: now_rfc3339(),
-                listener: p.session.listener.clone(),
-                protocol: p.session.protocol.clone(),
-                client_addr: p.session.client_addr.clone(),
-                helo: p.session.helo.clone(),
-                mail_from: p.envelope.mail_from.clone(),
-                mail_params: p.envelope.mail_params.clone(),
-                rcpt_to: p.envelope.rcpt_to.clone(),
-                queue_id: p.session.queue_id.clone(),
-                xcoffer: p.session.xcoffer.clone(),
-            };
+            let arrival_id = arrival.id.clone();
             let json = serde_json::to_vec(&arrival).expect("arrival serializes");
             let len = u32::try_from(json.len()).expect("arrival under 4 GiB");
             let h = RecordHeader {
@@ -495,8 +547,11 @@ impl Writer {
                 message: p.id,
             };
             encode_record(&mut buf, &h, &json);
-            out.arrivals.push((arrival, key));
-            new_keys.push((key, arrival_id.clone()));
+            new_ids.push(arrival_id.to_string());
+            if let Some(k) = arrival_key {
+                new_keys.push((k, arrival_id.clone()));
+            }
+            out.arrivals.push((arrival, arrival_key));
             receipts.push(Receipt {
                 message_id: p.id,
                 arrival_id,
@@ -534,6 +589,9 @@ impl Writer {
         for m in new_messages {
             live.pending.messages.insert(m, gen);
         }
+        for id in new_ids {
+            live.pending.ids.insert(id, gen);
+        }
         out.tail = (segment, live.log.active.len);
         out.next_seq = next_seq;
         Ok((receipts, out))
@@ -556,6 +614,12 @@ fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) 
                 let last = batches.last().expect("one batch at least").gen;
                 shared.committed_gen.store(last, Ordering::Release);
                 publish_totals(shared, &totals);
+                for b in &mut batches {
+                    for (_, reply) in b.state.drain(..) {
+                        reply(Ok(()));
+                    }
+                }
+                shared.committed.send_modify(|n| *n += 1);
                 shared
                     .stats
                     .index_commit_us
@@ -578,9 +642,12 @@ fn commit_index(db: &redb::Database, batches: &[IndexBatch]) -> Result<[u64; 5],
             tables.apply_message(id, *loc, summary).map_err(idx_err)?;
         }
         for (arrival, key) in &b.arrivals {
-            tables.apply_arrival(arrival, Some(*key)).map_err(idx_err)?;
+            tables.apply_arrival(arrival, *key).map_err(idx_err)?;
         }
         tables.counters.repeats += b.repeats;
+        for (op, _) in &b.state {
+            tables.apply_state(op).map_err(idx_err)?;
+        }
     }
     let last = batches.last().expect("one batch at least");
     tables.counters.next_seq = last.next_seq;
@@ -623,6 +690,75 @@ fn publish_totals(shared: &Shared, totals: &[u64; 5]) {
     for (slot, v) in slots.into_iter().zip(totals) {
         slot.store(*v, Ordering::Relaxed);
     }
+}
+
+/// The origin arrival id of a replicated message: `XCOFFER` `origin_arrival`, which only
+/// trusted listeners accept.
+fn replicated_origin(p: &Prepared) -> Option<ArrivalId> {
+    let x = p.session.xcoffer.as_ref()?;
+    x.origin_arrival.as_deref()?.parse().ok()
+}
+
+/// A message's first arrival anywhere: a new id, this session's facts.
+fn first_arrival(p: &Prepared, id: ArrivalId, node: &str) -> Arrival {
+    Arrival {
+        id,
+        message: p.id.to_hex(),
+        time: now_rfc3339(),
+        listener: p.session.listener.clone(),
+        protocol: p.session.protocol.clone(),
+        client_addr: p.session.client_addr.clone(),
+        helo: p.session.helo.clone(),
+        mail_from: p.envelope.mail_from.clone(),
+        mail_params: p.envelope.mail_params.clone(),
+        rcpt_to: p.envelope.rcpt_to.clone(),
+        queue_id: p.session.queue_id.clone(),
+        xcoffer: p.session.xcoffer.clone(),
+        trace: vec![node.to_owned()],
+        via: None,
+    }
+}
+
+/// A replicated arrival: the origin's id, time, listener, protocol, MAIL parameters and
+/// queue id from XCOFFER (kept whole with it), the envelope as sent, the trace extended by
+/// this node, and the local listener it came in on as `via`.
+fn replicated_arrival(p: &Prepared, id: ArrivalId, node: &str) -> Arrival {
+    let x = p.session.xcoffer.clone().unwrap_or_default();
+    let s = &p.session;
+    let mut trace = x.trace.clone();
+    if !trace.contains(&id.node) {
+        trace.insert(0, id.node.clone());
+    }
+    if !trace.iter().any(|n| n == node) {
+        trace.push(node.to_owned());
+    }
+    Arrival {
+        id,
+        message: p.id.to_hex(),
+        time: x.origin_time.clone().unwrap_or_else(now_rfc3339),
+        listener: x
+            .origin_listener
+            .clone()
+            .unwrap_or_else(|| s.listener.clone()),
+        protocol: x.protocol.clone().unwrap_or_else(|| s.protocol.clone()),
+        // What this session saw, as for every arrival (interfaces.md "XCOFFER"); the
+        // origin's client is inside `xcoffer`.
+        client_addr: s.client_addr.clone(),
+        helo: s.helo.clone(),
+        mail_from: p.envelope.mail_from.clone(),
+        // The origin's parameters; the hop's own (BODY=BINARYMIME) are transport.
+        mail_params: x.mail_params.clone(),
+        rcpt_to: p.envelope.rcpt_to.clone(),
+        queue_id: x.queue_id.clone(),
+        xcoffer: Some(x),
+        trace,
+        via: Some(s.listener.clone()),
+    }
+}
+
+fn has_arrival_id(snapshot: &ReadTransaction, id: &str) -> Result<bool, StoreError> {
+    let t = snapshot.open_table(index::ARRIVAL_IDS).map_err(idx_err)?;
+    Ok(t.get(id).map_err(idx_err)?.is_some())
 }
 
 fn has_message(snapshot: &ReadTransaction, id: &MessageId) -> Result<bool, StoreError> {
