@@ -2,8 +2,9 @@
 # Builds the Debian packages `coffer` and `coffer-milter` (docs/install.md):
 # a release build of the three binaries, then `cargo deb` for each crate.
 #
-#   scripts/package.sh [--deb-version VERSION]
+#   scripts/package.sh [--deb-version VERSION] [--fast]
 #
+# --fast: lighter compression (quicker, larger files; the package test's upgrade pair).
 # Needs cargo-deb (.ci/run installs the pinned version). Prints the paths of the two
 # .deb files on stdout, one a line; progress goes to stderr. The files land in
 # $CARGO_TARGET_DIR/debian/ (default target/debian/).
@@ -15,7 +16,8 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --deb-version) deb_args+=(--deb-version "$2"); shift 2 ;;
         --deb-version=*) deb_args+=(--deb-version "${1#*=}"); shift ;;
-        *) echo "usage: scripts/package.sh [--deb-version VERSION]" >&2; exit 2 ;;
+        --fast) deb_args+=(--fast); shift ;;
+        *) echo "usage: scripts/package.sh [--deb-version VERSION] [--fast]" >&2; exit 2 ;;
     esac
 done
 
