@@ -204,6 +204,17 @@ if getent passwd postfix >/dev/null; then
     check "postfix is in group coffer" bash -c "id -Gn postfix | tr ' ' '\n' | grep -qx coffer"
     check "the install says 'postfix reload' is needed" grep -q "postfix reload" "$work/install.log"
 fi
+if [ -d /var/spool/postfix ] && getent passwd postfix >/dev/null; then
+    # Postfix installed after coffer-milter: its files under /var/spool/postfix fire
+    # coffer-milter's file trigger. Undo what the postinst did, then fire it by hand.
+    rmdir /var/spool/postfix/coffer
+    gpasswd -d postfix coffer >/dev/null
+    dpkg-trigger --no-await /var/spool/postfix
+    dpkg --triggers-only coffer-milter </dev/null 2>&1 | tee "$work/trigger.log"
+    check "the /var/spool/postfix trigger recreates /var/spool/postfix/coffer" \
+        test "$(stat -c '%U:%G %a' /var/spool/postfix/coffer 2>/dev/null)" = "coffer:coffer 750"
+    check "and puts postfix back in group coffer" bash -c "id -Gn postfix | tr ' ' '\n' | grep -qx coffer"
+fi
 check "cofferd check-config picks /etc/coffer/coffer.toml" \
     test "$(env -u COFFER_CONFIG /usr/sbin/cofferd check-config 2>/dev/null)" = "/etc/coffer/coffer.toml: ok"
 check "coffer-milter check-config picks /etc/coffer/coffer.toml" \
@@ -368,6 +379,8 @@ say "reinstall ($version)"
 dpkg -i "$coffer_deb" "$milter_deb" </dev/null >"$work/reinstall.log" 2>&1 ||
     { cat "$work/reinstall.log"; fail "reinstall"; }
 check "reinstalled" bash -c "dpkg-query -W -f='\${Status}\n' coffer coffer-milter | grep -c 'install ok installed' | grep -qx 2"
+check "the reinstall changed nothing it had done (idempotent)" bash -c \
+    "! grep -q 'created /var/spool/postfix/coffer\|added user postfix' '$work/reinstall.log'"
 check "the archive survived the reinstall" bash -c \
     "setpriv --reuid coffer --regid coffer --init-groups /usr/bin/coffer search --subject '$subject' | grep -q '$subject'"
 
