@@ -59,10 +59,13 @@ fn check_config_exit_codes() {
     let out = milter(&["check-config", "--strict", "--config", w], dir.path());
     assert_eq!(out.code, Some(2), "{out}");
 
-    // The embedded default, in an empty directory.
-    let out = milter(&["check-config"], dir.path());
-    assert_eq!(out.code, Some(0), "{out}");
-    assert!(out.stdout_str().contains("<embedded default>: ok"), "{out}");
+    // The embedded default, in an empty directory (unless this machine has a system
+    // config, which resolution would pick instead).
+    if !std::path::Path::new("/etc/coffer/coffer.toml").exists() {
+        let out = milter(&["check-config"], dir.path());
+        assert_eq!(out.code, Some(0), "{out}");
+        assert!(out.stdout_str().contains("<embedded default>: ok"), "{out}");
+    }
 
     // Usage errors.
     let out = milter(&["--bogus"], dir.path());
