@@ -9,6 +9,33 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{ConnectionConfig, RouteConfig};
 
+/// A [`Router`] shared by every replicator and replaced whole on reload, so a changed
+/// `[[route]]` applies to the next arrival each replicator looks at.
+#[derive(Clone, Debug, Default)]
+pub struct SharedRouter(std::sync::Arc<std::sync::RwLock<Router>>);
+
+impl SharedRouter {
+    pub fn new(router: Router) -> SharedRouter {
+        SharedRouter(std::sync::Arc::new(std::sync::RwLock::new(router)))
+    }
+
+    /// Swaps in new routes.
+    pub fn replace(&self, router: Router) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = router;
+    }
+
+    /// See [`Router::sends_to`].
+    pub fn sends_to(&self, connection: &str, listener: &str, trace: &[String], hops: u32) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sends_to(connection, listener, trace, hops)
+    }
+}
+
 /// Most Coffer-to-Coffer hops an arrival makes; past it, it is archived and not forwarded.
 pub const MAX_HOPS: u32 = 8;
 
@@ -125,5 +152,19 @@ mod tests {
     fn a_route_to_an_unknown_connection_sends_nothing() {
         let router = Router::new(&[route(&["journal"], &["gone"])], &[]);
         assert!(router.forward("journal", &[], 0).is_empty());
+    }
+    #[test]
+    fn a_shared_router_is_replaced_for_every_clone() {
+        let shared = SharedRouter::new(Router::new(
+            &[route(&["journal"], &["to-b"])],
+            &[conn("to-b", "b")],
+        ));
+        let replicator_view = shared.clone();
+        assert!(replicator_view.sends_to("to-b", "journal", &[], 0));
+        shared.replace(Router::new(
+            &[route(&["journal"], &[])],
+            &[conn("to-b", "b")],
+        ));
+        assert!(!replicator_view.sends_to("to-b", "journal", &[], 0));
     }
 }

@@ -115,7 +115,10 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
     let hostname = config.node.name.clone();
     let mut tasks = tokio::task::JoinSet::new();
     // One replicator per connection (docs/replication.md).
-    let router = crate::route::Router::new(&config.routes, &config.connections);
+    let router = crate::route::SharedRouter::new(crate::route::Router::new(
+        &config.routes,
+        &config.connections,
+    ));
     let mut replication = crate::relay::Replication::default();
     for c in &config.connections {
         let (r, h) = crate::relay::Replicator::new(
@@ -177,10 +180,10 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(&config, &reloaders),
+            _ = hup.recv() => reload(&config, &reloaders, &handle, &router),
             Some(()) = reload_rx.recv() => {
                 info!("reload requested on the control socket");
-                reload(&config, &reloaders);
+                reload(&config, &reloaders, &handle, &router);
             }
             Some(_) = tasks.join_next() => {
                 if tasks.is_empty() {
@@ -210,7 +213,12 @@ fn notify_ready() {
 /// SIGHUP: re-reads the configuration from where it came (the same file, or the
 /// embedded default), validates it, and applies it ([`apply_reload`]). An invalid
 /// configuration changes nothing.
-fn reload(running: &Config, listeners: &[Reloader]) {
+fn reload(
+    running: &Config,
+    listeners: &[Reloader],
+    store: &StoreHandle,
+    router: &crate::route::SharedRouter,
+) {
     let loaded = match &running.source {
         ConfigSource::File(p) => config::load_file(p),
         ConfigSource::Embedded => {
@@ -226,6 +234,17 @@ fn reload(running: &Config, listeners: &[Reloader]) {
     };
     for w in config::check(&new) {
         warn!("configuration: {w}");
+    }
+    store.set_limits(new.store.max_pending, new.store.min_free_disk);
+    // Always swapped (when the connections are the ones running), so a later reload
+    // back to the start-up routes takes effect too.
+    if format!("{:?}", running.connections) == format!("{:?}", new.connections) {
+        router.replace(crate::route::Router::new(&new.routes, &running.connections));
+        if format!("{:?}", running.routes) != format!("{:?}", new.routes) {
+            info!(
+                "reload: the routes of the file apply to the next arrival each replicator looks at"
+            );
+        }
     }
     for change in apply_reload(running, &new, listeners) {
         warn!("reload: {change}: needs a restart");
@@ -243,14 +262,14 @@ fn reload(running: &Config, listeners: &[Reloader]) {
 /// whose `bind` or `protocol` changed keeps its socket and protocol and takes the rest.
 ///
 /// Not applied (returned): [`config::reload_diff`] (`[node]`, listeners added, removed or
-/// rebound, the store's file layout, `[console]`), and `[store] max_pending` and
-/// `min_free_disk`, which the store reads once at open. Routes and connections are read
-/// once at start for now: a change to them needs a restart.
+/// rebound, the store's file layout, `[console]`) and `[[connection]]` changes (each
+/// replicator reads its connection at start). `[store] max_pending`/`min_free_disk` and
+/// `[[route]]`s are applied live by the caller ([`StoreHandle::set_limits`], the shared
+/// router).
 pub fn apply_reload(running: &Config, new: &Config, listeners: &[Reloader]) -> Vec<String> {
     let mut restart = config::reload_diff(running, new);
-    if format!("{:?}", running.routes) != format!("{:?}", new.routes) {
-        restart.push("[[route]] changed".into());
-    }
+    // Connections (targets, sessions, ...) are read by their replicators at start; routes
+    // are swapped live by the caller, as long as the connections they name are the same.
     if format!("{:?}", running.connections) != format!("{:?}", new.connections) {
         restart.push("[[connection]] changed".into());
     }
@@ -259,12 +278,13 @@ pub fn apply_reload(running: &Config, new: &Config, listeners: &[Reloader]) -> V
         ("max_pending", os.max_pending, ns.max_pending),
         ("min_free_disk", os.min_free_disk, ns.min_free_disk),
     ] {
+        // Applied live by the caller (`StoreHandle::set_limits`).
         if a != b {
-            restart.push(format!(
-                "[store] {key} changed from {} to {}",
+            info!(
+                "reload: [store] {key} changed from {} to {}",
                 config::units::format_size(a),
                 config::units::format_size(b)
-            ));
+            );
         }
     }
     for reloader in listeners {
@@ -379,11 +399,8 @@ idle_timeout = "9s""#,
             "[store]\nmax_pending = \"1MiB\"\n",
         ));
         let restart = apply_reload(&running, &new, &reloaders);
-        assert_eq!(
-            restart,
-            ["[store] max_pending changed from 256MiB to 1MiB"],
-            "{restart:?}"
-        );
+        // The store limits are applied live by `reload`, not listed as needing a restart.
+        assert!(restart.is_empty(), "{restart:?}");
         let journal = reloaders[0].current();
         assert_eq!(journal.allow, vec!["127.0.0.0/8".parse().unwrap()]);
         assert!(journal.proxy_protocol);

@@ -16,7 +16,7 @@ use super::client::{SendError, SmtpConn};
 use super::{xcoffer_for, Command, ConnHandle, ConnStatus};
 use crate::config::ConnectionConfig;
 use crate::ids::MessageId;
-use crate::route::Router;
+use crate::route::SharedRouter;
 use crate::store::index::{self, CursorState, StateOp};
 use crate::store::{Arrival, StoreError, StoreHandle};
 
@@ -55,7 +55,7 @@ pub struct Replicator {
     cfg: Arc<ConnectionConfig>,
     node: String,
     store: StoreHandle,
-    router: Router,
+    router: SharedRouter,
     status: Arc<Mutex<ConnStatus>>,
     commands: mpsc::Receiver<Command>,
     // Loop state.
@@ -76,7 +76,7 @@ impl Replicator {
         cfg: ConnectionConfig,
         node: String,
         store: StoreHandle,
-        router: Router,
+        router: SharedRouter,
     ) -> (Replicator, ConnHandle) {
         let (tx, rx) = mpsc::channel(64);
         let status = Arc::new(Mutex::new(ConnStatus {

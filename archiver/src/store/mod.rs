@@ -262,8 +262,9 @@ pub struct Shared {
     data_dir: PathBuf,
     node: String,
     epoch: String,
-    max_pending: u64,
-    min_free_disk: u64,
+    /// `[store] max_pending` and `min_free_disk`: live, SIGHUP may change them.
+    max_pending: AtomicU64,
+    min_free_disk: AtomicU64,
     /// Bytes accepted by `ingest` and not yet answered.
     pending: AtomicU64,
     /// Free disk as last measured by the writer.
@@ -328,8 +329,8 @@ impl Store {
             data_dir: opts.data_dir.clone(),
             node: opts.node.clone(),
             epoch: uuid::Uuid::from_bytes(engine.epoch).to_string(),
-            max_pending: opts.max_pending,
-            min_free_disk: opts.min_free_disk,
+            max_pending: AtomicU64::new(opts.max_pending),
+            min_free_disk: AtomicU64::new(opts.min_free_disk),
             pending: AtomicU64::new(0),
             free_disk: AtomicU64::new(u64::MAX),
             low_disk: AtomicBool::new(false),
@@ -391,7 +392,7 @@ impl PendingGuard {
     fn acquire(shared: &Arc<Shared>, len: u64) -> Result<Self, IngestError> {
         let before = shared.pending.fetch_add(len, Ordering::AcqRel);
         // Always admit one message, however big, when nothing else is pending.
-        if before > 0 && before + len > shared.max_pending {
+        if before > 0 && before + len > shared.max_pending.load(Ordering::Relaxed) {
             shared.pending.fetch_sub(len, Ordering::AcqRel);
             return Err(IngestError::Busy);
         }
@@ -462,6 +463,18 @@ impl StoreHandle {
     /// Counters for `/metrics`.
     pub fn stats(&self) -> &stats::StoreStats {
         &self.shared.stats
+    }
+
+    /// Applies new `[store] max_pending` and `min_free_disk` (a reload): new messages
+    /// are admitted under them; free disk is judged against the new floor at the
+    /// writer's next measurement (within a quarter of a second).
+    pub fn set_limits(&self, max_pending: u64, min_free_disk: u64) {
+        self.shared
+            .max_pending
+            .store(max_pending, Ordering::Relaxed);
+        self.shared
+            .min_free_disk
+            .store(min_free_disk, Ordering::Relaxed);
     }
 
     /// Bytes accepted and not yet answered (the `max_pending` budget in use).

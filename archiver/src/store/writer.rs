@@ -270,9 +270,10 @@ impl Writer {
     fn refresh_disk(&self) {
         if let Ok(free) = self.shared.vfs.free_space(&self.shared.data_dir) {
             self.shared.free_disk.store(free, Ordering::Relaxed);
-            self.shared
-                .low_disk
-                .store(free < self.shared.min_free_disk, Ordering::Relaxed);
+            self.shared.low_disk.store(
+                free < self.shared.min_free_disk.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
         }
     }
 
