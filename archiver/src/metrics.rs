@@ -446,7 +446,14 @@ mod tests {
             .unwrap();
         // Store totals are published when the index commits, a moment after the answers.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while store.handle().stats().arrivals.load(Ordering::Relaxed) < 2
+        let stats = |h: &StoreHandle| {
+            let s = h.stats();
+            (
+                s.arrivals.load(Ordering::Relaxed),
+                s.repeats.load(Ordering::Relaxed),
+            )
+        };
+        while matches!(stats(&store.handle()), (a, r) if a < 2 || r < 1)
             && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
