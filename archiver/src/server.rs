@@ -119,21 +119,17 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         &config.routes,
         &config.connections,
     ));
-    let mut replication = crate::relay::Replication::default();
+    let replication = Arc::new(crate::relay::Replication::default());
+    let mut replicators = Replicators {
+        node: config.node.name.clone(),
+        store: handle.clone(),
+        router: router.clone(),
+        shared: replication.clone(),
+        running: std::collections::BTreeMap::new(),
+    };
     for c in &config.connections {
-        let (r, h) = crate::relay::Replicator::new(
-            c.clone(),
-            config.node.name.clone(),
-            handle.clone(),
-            router.clone(),
-        );
-        if c.tls.is_some() {
-            warn!(connection = %c.name, "tls on connections is not implemented yet: this connection sends in the clear");
-        }
-        replication.connections.push(h);
-        tasks.spawn(r.run(stop_rx.clone()));
+        replicators.start(c, &mut tasks);
     }
-    let replication = Arc::new(replication);
     let _ = metrics.replication.set(replication.clone());
     let reloaders: Vec<Reloader> = listeners.iter().map(Listener::reloader).collect();
     for l in listeners {
@@ -180,10 +176,10 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(&config, &reloaders, &handle, &router),
+            _ = hup.recv() => reload(&config, &reloaders, &handle, &mut replicators, &mut tasks),
             Some(()) = reload_rx.recv() => {
                 info!("reload requested on the control socket");
-                reload(&config, &reloaders, &handle, &router);
+                reload(&config, &reloaders, &handle, &mut replicators, &mut tasks);
             }
             Some(_) = tasks.join_next() => {
                 if tasks.is_empty() {
@@ -195,8 +191,85 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
+    replicators.stop_all();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The running replicators, one per `[[connection]]`, and what a reload may change.
+struct Replicators {
+    node: String,
+    store: StoreHandle,
+    router: crate::route::SharedRouter,
+    /// What the control socket and `/metrics` see.
+    shared: Arc<crate::relay::Replication>,
+    /// connection name → (its settings, the stop switch of its replicator)
+    running:
+        std::collections::BTreeMap<String, (crate::config::ConnectionConfig, watch::Sender<bool>)>,
+}
+
+impl Replicators {
+    fn start(&mut self, c: &crate::config::ConnectionConfig, tasks: &mut tokio::task::JoinSet<()>) {
+        let (r, h) = crate::relay::Replicator::new(
+            c.clone(),
+            self.node.clone(),
+            self.store.clone(),
+            self.router.clone(),
+        );
+        if c.tls.is_some() {
+            warn!(connection = %c.name, "tls on connections is not implemented yet: this connection sends in the clear");
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tasks.spawn(r.run(stop_rx));
+        self.shared.upsert(h);
+        self.running.insert(c.name.clone(), (c.clone(), stop_tx));
+    }
+
+    fn stop(&mut self, name: &str) {
+        if let Some((_, stop)) = self.running.remove(name) {
+            let _ = stop.send(true);
+        }
+    }
+
+    fn stop_all(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            self.stop(&name);
+        }
+    }
+
+    /// Makes the running replicators match `new`'s connections (removed ones stop,
+    /// changed ones restart with their new settings from their durable cursor, new ones
+    /// start) and swaps in `new`'s routes.
+    fn apply(&mut self, new: &Config, tasks: &mut tokio::task::JoinSet<()>) {
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|name| !new.connections.iter().any(|c| &c.name == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            info!(connection = %name, "reload: connection removed; its replicator stops");
+            self.stop(&name);
+            self.shared.remove(&name);
+        }
+        self.router
+            .replace(crate::route::Router::new(&new.routes, &new.connections));
+        for c in &new.connections {
+            match self.running.get(&c.name) {
+                Some((old, _)) if format!("{old:?}") == format!("{c:?}") => {}
+                Some(_) => {
+                    info!(connection = %c.name, "reload: connection changed; its replicator restarts");
+                    self.stop(&c.name);
+                    self.start(c, tasks);
+                }
+                None => {
+                    info!(connection = %c.name, "reload: connection added; its replicator starts");
+                    self.start(c, tasks);
+                }
+            }
+        }
+    }
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {
@@ -217,7 +290,8 @@ fn reload(
     running: &Config,
     listeners: &[Reloader],
     store: &StoreHandle,
-    router: &crate::route::SharedRouter,
+    replicators: &mut Replicators,
+    tasks: &mut tokio::task::JoinSet<()>,
 ) {
     let loaded = match &running.source {
         ConfigSource::File(p) => config::load_file(p),
@@ -236,16 +310,7 @@ fn reload(
         warn!("configuration: {w}");
     }
     store.set_limits(new.store.max_pending, new.store.min_free_disk);
-    // Always swapped (when the connections are the ones running), so a later reload
-    // back to the start-up routes takes effect too.
-    if format!("{:?}", running.connections) == format!("{:?}", new.connections) {
-        router.replace(crate::route::Router::new(&new.routes, &running.connections));
-        if format!("{:?}", running.routes) != format!("{:?}", new.routes) {
-            info!(
-                "reload: the routes of the file apply to the next arrival each replicator looks at"
-            );
-        }
-    }
+    replicators.apply(&new, tasks);
     for change in apply_reload(running, &new, listeners) {
         warn!("reload: {change}: needs a restart");
     }
@@ -262,17 +327,11 @@ fn reload(
 /// whose `bind` or `protocol` changed keeps its socket and protocol and takes the rest.
 ///
 /// Not applied (returned): [`config::reload_diff`] (`[node]`, listeners added, removed or
-/// rebound, the store's file layout, `[console]`) and `[[connection]]` changes (each
-/// replicator reads its connection at start). `[store] max_pending`/`min_free_disk` and
-/// `[[route]]`s are applied live by the caller ([`StoreHandle::set_limits`], the shared
-/// router).
+/// rebound, the store's file layout, `[console]`). `[store] max_pending`/`min_free_disk`,
+/// `[[route]]`s and `[[connection]]`s are applied live by the caller
+/// ([`StoreHandle::set_limits`], [`Replicators::apply`]).
 pub fn apply_reload(running: &Config, new: &Config, listeners: &[Reloader]) -> Vec<String> {
-    let mut restart = config::reload_diff(running, new);
-    // Connections (targets, sessions, ...) are read by their replicators at start; routes
-    // are swapped live by the caller, as long as the connections they name are the same.
-    if format!("{:?}", running.connections) != format!("{:?}", new.connections) {
-        restart.push("[[connection]] changed".into());
-    }
+    let restart = config::reload_diff(running, new);
     let (os, ns) = (&running.store, &new.store);
     for (key, a, b) in [
         ("max_pending", os.max_pending, ns.max_pending),

@@ -66,23 +66,50 @@ pub struct ConnStatus {
 }
 
 /// The handle of one running replicator.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnHandle {
     pub name: String,
     pub status: Arc<Mutex<ConnStatus>>,
     pub commands: mpsc::Sender<Command>,
 }
 
-/// Every replicator of the daemon, for the control socket and `/metrics`.
+/// Every replicator of the daemon, for the control socket and `/metrics`. A reload
+/// adds, replaces and removes replicators while the daemon runs.
 #[derive(Debug, Default)]
 pub struct Replication {
-    pub connections: Vec<ConnHandle>,
+    connections: std::sync::RwLock<Vec<ConnHandle>>,
 }
 
 impl Replication {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<ConnHandle>> {
+        self.connections
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<ConnHandle>> {
+        self.connections
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a replicator, or replaces the one of the same name.
+    pub fn upsert(&self, handle: ConnHandle) {
+        let mut all = self.write();
+        match all.iter_mut().find(|c| c.name == handle.name) {
+            Some(slot) => *slot = handle,
+            None => all.push(handle),
+        }
+    }
+
+    /// Forgets a replicator (its connection was removed).
+    pub fn remove(&self, name: &str) {
+        self.write().retain(|c| c.name != name);
+    }
+
     /// Each connection's status, in configuration order.
     pub fn statuses(&self) -> Vec<ConnStatus> {
-        self.connections
+        self.read()
             .iter()
             .map(|c| {
                 c.status
@@ -93,8 +120,8 @@ impl Replication {
             .collect()
     }
 
-    pub fn get(&self, name: &str) -> Option<&ConnHandle> {
-        self.connections.iter().find(|c| c.name == name)
+    pub fn get(&self, name: &str) -> Option<ConnHandle> {
+        self.read().iter().find(|c| c.name == name).cloned()
     }
 }
 
