@@ -16,5 +16,13 @@ step() {
 step cargo fmt --all -- --check
 step cargo clippy --workspace --all-targets --locked -- -D warnings
 step cargo build --workspace --locked
-step cargo test --workspace --locked
-printf '\n==> all checks passed\n'
+# The tests' output also goes to a log, summed up at the end in one plain line.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+printf '\n==> %s\n' "cargo test --workspace --locked"
+cargo test --workspace --locked 2>&1 | tee "$log"
+summary="$(awk '/^test result:/ { p += $4; f += $6; i += $8 }
+    END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log")"
+mkdir -p target
+echo "$summary" >target/test-summary.txt
+printf '\n==> all checks passed\n%s\n' "$summary"
