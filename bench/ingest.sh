@@ -271,8 +271,26 @@ done
 # --- runs -------------------------------------------------------------------------------
 declare -A RESULTS=() # "target size" -> space-separated msg/s of each round
 FAILED=0
+# Before each run: the bench Postfix has discarded everything it queued, and the page
+# cache holds no dirty data of the previous run, so no target pays for another's
+# leftovers (Postfix keeps delivering its queue, and writeback goes on, after a run).
+settle() {
+    local end
+    if [ -n "$POSTFIX_DIR" ]; then
+        end=$((SECONDS + 120))
+        while ((SECONDS < end)); do
+            [ "$(find "$POSTFIX_DIR/spool/incoming" "$POSTFIX_DIR/spool/active" \
+                "$POSTFIX_DIR/spool/deferred" "$POSTFIX_DIR/spool/maildrop" -type f 2>/dev/null |
+                wc -l)" -eq 0 ] && break
+            sleep 0.2
+        done
+    fi
+    sync
+}
+
 run_one() {
     local t="$1" size="$2" start end ms rate
+    settle
     start="$(date +%s%N)"
     if ! "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$size" \
         -f bench@example.org -t archive@example.net "${ADDR[$t]}" >"$TMP/run.log" 2>&1; then

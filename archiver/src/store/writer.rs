@@ -50,6 +50,8 @@ const MAX_BATCH_JOBS: usize = 512;
 const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Log batches waiting for the index stage; the log stage waits beyond this.
 const INDEX_QUEUE: usize = 64;
+/// Least time between the starts of two index commits while batches keep coming.
+const INDEX_COMMIT_SPACING: Duration = Duration::from_millis(50);
 /// Most log batches applied in one index transaction.
 const MAX_INDEX_BATCHES: usize = 64;
 /// How often an idle writer re-measures free disk (and retries a failed store).
@@ -601,14 +603,24 @@ impl Writer {
 
 /// The index stage: applies synced log batches to redb and commits.
 fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) {
+    let mut last_commit: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
+        // Under load, gather for at least INDEX_COMMIT_SPACING since the last commit:
+        // more messages share each dirty index page, so a commit writes fewer pages per
+        // message. Nobody waits on it: answers went out after the log sync.
+        let gather_until = last_commit.map(|t| t + INDEX_COMMIT_SPACING);
         while batches.len() < MAX_INDEX_BATCHES {
-            match rx.try_recv() {
-                Ok(b) => batches.push(b),
-                Err(_) => break,
+            let next = match gather_until {
+                Some(until) if until > Instant::now() => rx.recv_deadline(until).ok(),
+                _ => rx.try_recv().ok(),
+            };
+            match next {
+                Some(b) => batches.push(b),
+                None => break,
             }
         }
+        last_commit = Some(Instant::now());
         let started = Instant::now();
         match commit_index(db, &batches) {
             Ok(totals) => {
