@@ -364,8 +364,16 @@ done < <(unit_value cofferd ExecReload)
 sleep 1
 check "cofferd still runs after the reload" kill -0 "$cofferd_pid"
 check "and still answers on 127.0.0.1:2525" port_open
-check "coffer-milter has no ExecReload (it reads its config at start only)" \
-    test -z "$(unit_value coffer-milter ExecReload)"
+say "ExecReload of coffer-milter (check-config, then SIGHUP)"
+while read -r cmd; do
+    [ -n "$cmd" ] || continue
+    cmd="${cmd//\$MAINPID/$milter_pid}"
+    echo "    ExecReload: $cmd"
+    # shellcheck disable=SC2086
+    as_unit coffer-milter $cmd >>"$work/coffer-milter.log" 2>&1 || fail "ExecReload: $cmd"
+done < <(unit_value coffer-milter ExecReload)
+sleep 1
+check "coffer-milter still runs after the reload" kill -0 "$milter_pid"
 
 stop_unit coffer-milter "$milter_pid"
 if [ -d /var/spool/postfix ]; then
