@@ -23,6 +23,11 @@ use crate::envelope::Envelope;
 use crate::ids::{ArrivalKey, MessageId};
 
 pub const INDEX_FILE: &str = "index.redb";
+/// redb's page cache for the writer (redb's own default is 1 GiB): part of the daemon's
+/// memory bound (docs/store-format.md), whatever the size of the store.
+pub const INDEX_CACHE_BYTES: usize = 128 << 20;
+/// The page cache of a read-only open beside the daemon (a `coffer` command).
+pub const READER_CACHE_BYTES: usize = 32 << 20;
 pub const LOCK_FILE: &str = "daemon.lock";
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -70,6 +75,7 @@ impl std::fmt::Debug for Engine {
 
 fn open_index(vfs: &dyn Vfs, path: &Path) -> Result<redb::Database, StoreError> {
     let mut builder = redb::Builder::new();
+    builder.set_cache_size(INDEX_CACHE_BYTES);
     match vfs.index_backend(path).map_err(io_err(path))? {
         Some(backend) => builder
             .create_with_backend(super::io::DynBackend(backend))

@@ -516,6 +516,7 @@ impl StoreReader {
 
 fn open_shared(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
     let mut b = redb::Builder::new();
+    b.set_cache_size(super::engine::READER_CACHE_BYTES);
     b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
     b.open_read_only(path).map_err(|e| match e {
         // The daemon holds the store but its index is mid-recovery (a commit failed, e.g.
