@@ -186,6 +186,79 @@ fn postfix_hands_every_message_to_the_archive() {
     assert_eq!(arrivals[0]["queue_id"], queue_id(&out).as_str());
     assert_eq!(m.node.status()["arrivals"].as_u64().unwrap(), after + 1);
 
+    // 5. Locally submitted mail (the sendmail command, pickup, cleanup): archived
+    //    through non_smtpd_milters.
+    let local = "From: local@example.org\nTo: someone@example.net\n\
+                 Subject: submitted with sendmail\nMessage-ID: <local-1@e2e.test>\n\n\
+                 Handed to the sendmail command.\n";
+    let mut cmd = Command::new("/usr/sbin/sendmail");
+    cmd.arg("-C")
+        .arg(pf.config_dir())
+        .args(["-f", "local@example.org", "-i", "someone@example.net"])
+        .stdin(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("sendmail");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(local.as_bytes())
+            .expect("write to sendmail");
+    }
+    assert!(
+        child.wait().expect("sendmail").success(),
+        "{}",
+        pf.log_tail()
+    );
+    let found = coffer_e2e::wait_until(
+        "the locally submitted message to be archived",
+        Duration::from_secs(60),
+        || {
+            let r = m.node.search(&["--message-id", "local-1@e2e.test"]);
+            (!r.is_empty()).then_some(r)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", m.log_tail(), pf.log_tail()));
+    let a = &found[0]["arrivals"][0];
+    assert_eq!(a["mail_from"], "local@example.org", "{a}");
+    assert_eq!(
+        a["rcpt_to"],
+        serde_json::json!(["someone@example.net"]),
+        "{a}"
+    );
+    assert!(a["queue_id"].as_str().is_some_and(|q| !q.is_empty()), "{a}");
+
+    // 6. A 20 MB message through Postfix: streamed to cofferd in chunks, archived once.
+    let mut big = String::from(
+        "From: big@example.org\nTo: large@example.net\nSubject: twenty megabytes\n\
+         Message-ID: <big-1@e2e.test>\n\n",
+    );
+    let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n";
+    while big.len() < 20 << 20 {
+        big.push_str(line);
+    }
+    let out = swaks(&pf, "big@example.org", &["large@example.net"], &big);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "swaks 20 MB:\n{}\n{}",
+        m.log_tail(),
+        pf.log_tail()
+    );
+    let big_qid = queue_id(&out);
+    let want = expected_archive(&big);
+    let big_id = sha256_hex(&want);
+    let got = m.node.coffer(&["get", &big_id]);
+    assert_eq!(
+        got.code,
+        Some(0),
+        "20 MB message not archived byte-exact:\n{}",
+        m.log_tail()
+    );
+    assert_eq!(got.stdout.len(), want.len());
+    let arrivals = m.node.arrivals(&big_id);
+    assert_eq!(arrivals.len(), 1, "{arrivals:?}");
+    assert_eq!(arrivals[0]["queue_id"], big_qid.as_str());
+
     drop(pf);
     assert!(m.stop_milter(), "{}", m.log_tail());
 }
