@@ -18,10 +18,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 
 use crate::config::Addr;
 
-/// Longest reply line read (RFC 5321 says 512; be generous).
-const MAX_REPLY_LINE: usize = 8192;
-/// Most lines in one multi-line reply.
-const MAX_REPLY_LINES: usize = 100;
+pub use coffer_proto::reply::Reply;
+use coffer_proto::reply::{ReplyReader, MAX_REPLY_LINE};
 /// Idle connections kept for reuse.
 pub const MAX_IDLE: usize = 32;
 /// What the milter calls itself on LHLO.
@@ -68,31 +66,6 @@ impl HandoffError {
     /// may go back to the pool.
     pub fn connection_usable(&self) -> bool {
         matches!(self, Self::Refused(_))
-    }
-}
-
-/// One (possibly multi-line) reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    /// The text of each line, without code and separator.
-    pub lines: Vec<String>,
-}
-
-impl Reply {
-    pub fn is_ok(&self) -> bool {
-        (200..300).contains(&self.code)
-    }
-
-    /// The text of the last line.
-    pub fn text(&self) -> &str {
-        self.lines.last().map_or("", String::as_str)
-    }
-}
-
-impl fmt::Display for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.code, self.lines.join(" / "))
     }
 }
 
@@ -210,7 +183,7 @@ impl LmtpConn {
     }
 
     async fn read_reply_untimed(&mut self) -> Result<Reply, HandoffError> {
-        let mut lines = Vec::new();
+        let mut reader = ReplyReader::default();
         let mut buf = Vec::new();
         loop {
             buf.clear();
@@ -224,24 +197,11 @@ impl LmtpConn {
                     "cofferd closed the connection",
                 )));
             }
-            if !buf.ends_with(b"\n") {
-                return Err(HandoffError::Protocol("reply line too long".into()));
-            }
-            let line = String::from_utf8_lossy(&buf);
-            let line = line.trim_end_matches(['\r', '\n']);
-            let code = line
-                .get(..3)
-                .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|c| c.parse::<u16>().ok())
-                .ok_or_else(|| HandoffError::Protocol(format!("not a reply: {line:?}")))?;
-            let sep = line.as_bytes().get(3).copied();
-            lines.push(line.get(4..).unwrap_or("").to_owned());
-            match sep {
-                Some(b'-') if lines.len() < MAX_REPLY_LINES => {}
-                Some(b'-') => {
-                    return Err(HandoffError::Protocol("reply has too many lines".into()))
-                }
-                _ => return Ok(Reply { code, lines }),
+            let line = reader
+                .line(&buf)
+                .map_err(|e| HandoffError::Protocol(e.to_string()))?;
+            if let Some(reply) = line {
+                return Ok(reply);
             }
         }
     }

@@ -9,10 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
 
-/// Longest reply line read.
-const MAX_REPLY_LINE: usize = 8192;
-/// Most lines in one multi-line reply.
-const MAX_REPLY_LINES: usize = 100;
+pub use coffer_proto::reply::Reply;
+use coffer_proto::reply::{ReplyReader, MAX_REPLY_LINE};
 
 /// Why shipping one message failed, by what the replicator does about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,19 +53,6 @@ impl fmt::Display for SendError {
             Self::WrongPeer(e) => write!(f, "wrong peer: {e}"),
             Self::Temp(e) | Self::Perm(e) => f.write_str(e),
         }
-    }
-}
-
-/// One reply (possibly multi-line).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    pub lines: Vec<String>,
-}
-
-impl fmt::Display for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.code, self.lines.join(" / "))
     }
 }
 
@@ -227,7 +212,7 @@ impl SmtpConn {
     }
 
     async fn read_reply_untimed(&mut self) -> Result<Reply, SendError> {
-        let mut lines = Vec::new();
+        let mut reader = ReplyReader::default();
         let mut buf = Vec::new();
         loop {
             buf.clear();
@@ -239,22 +224,11 @@ impl SmtpConn {
             if n == 0 {
                 return Err(SendError::Temp("the peer closed the connection".into()));
             }
-            if !buf.ends_with(b"\n") {
-                return Err(SendError::Temp("reply line too long".into()));
-            }
-            let line = String::from_utf8_lossy(&buf);
-            let line = line.trim_end_matches(['\r', '\n']);
-            let code = line
-                .get(..3)
-                .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|c| c.parse::<u16>().ok())
-                .ok_or_else(|| SendError::Temp(format!("not a reply: {line:?}")))?;
-            let sep = line.as_bytes().get(3).copied();
-            lines.push(line.get(4..).unwrap_or("").to_owned());
-            match sep {
-                Some(b'-') if lines.len() < MAX_REPLY_LINES => {}
-                Some(b'-') => return Err(SendError::Temp("reply has too many lines".into())),
-                _ => return Ok(Reply { code, lines }),
+            if let Some(reply) = reader
+                .line(&buf)
+                .map_err(|e| SendError::Temp(e.to_string()))?
+            {
+                return Ok(reply);
             }
         }
     }
