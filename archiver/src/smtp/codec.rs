@@ -550,21 +550,7 @@ fn parse_mail(arg: &[u8]) -> Result<Command, CommandError> {
     }
     // smtp-proto validates the path and the parameters we kept (not XCOFFER, whose value
     // it would drop and whose length it would refuse).
-    let mut canon = Vec::with_capacity(16 + path.len() + params.len() * 16);
-    canon.extend_from_slice(b"MAIL FROM:<");
-    canon.extend_from_slice(path);
-    canon.push(b'>');
-    for p in &kept {
-        canon.push(b' ');
-        canon.extend_from_slice(p);
-    }
-    canon.extend_from_slice(b"\r\n");
-    let mut it = canon.iter();
-    match Request::parse(&mut it) {
-        Ok(Request::Mail { .. }) => {}
-        Ok(_) => return Err(CommandError::Syntax(MAIL_SYNTAX)),
-        Err(e) => return Err(map_proto_error(e, CommandError::BadSender, MAIL_SYNTAX)),
-    }
+    validate_with_smtp_proto(Verb::Mail, path, &kept)?;
     Ok(Command::Mail(MailFrom {
         address: String::from_utf8_lossy(path).into_owned(),
         params: kept
@@ -588,16 +574,7 @@ fn parse_rcpt(arg: &[u8]) -> Result<Command, CommandError> {
     for p in &params {
         check_known(param_key(p), RCPT_PARAMS)?;
     }
-    let mut canon = Vec::with_capacity(12 + path.len());
-    canon.extend_from_slice(b"RCPT TO:<");
-    canon.extend_from_slice(path);
-    canon.extend_from_slice(b">\r\n");
-    let mut it = canon.iter();
-    match Request::parse(&mut it) {
-        Ok(Request::Rcpt { .. }) => {}
-        Ok(_) => return Err(CommandError::Syntax(RCPT_SYNTAX)),
-        Err(e) => return Err(map_proto_error(e, CommandError::BadRecipient, RCPT_SYNTAX)),
-    }
+    validate_with_smtp_proto(Verb::Rcpt, path, &[])?;
     Ok(Command::Rcpt(RcptTo {
         address: String::from_utf8_lossy(path).into_owned(),
         params: params
@@ -605,6 +582,37 @@ fn parse_rcpt(arg: &[u8]) -> Result<Command, CommandError> {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .collect(),
     }))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Mail,
+    Rcpt,
+}
+
+/// Rebuilds `MAIL FROM:<path> params` or `RCPT TO:<path>` as a canonical line and lets
+/// smtp-proto check it (address syntax, the values of the parameters it knows).
+fn validate_with_smtp_proto(verb: Verb, path: &[u8], params: &[&[u8]]) -> Result<(), CommandError> {
+    let (prefix, bad_address, syntax): (&[u8], _, _) = match verb {
+        Verb::Mail => (b"MAIL FROM:<", CommandError::BadSender, MAIL_SYNTAX),
+        Verb::Rcpt => (b"RCPT TO:<", CommandError::BadRecipient, RCPT_SYNTAX),
+    };
+    let mut canon = Vec::with_capacity(
+        prefix.len() + path.len() + 3 + params.iter().map(|p| p.len() + 1).sum::<usize>(),
+    );
+    canon.extend_from_slice(prefix);
+    canon.extend_from_slice(path);
+    canon.push(b'>');
+    for p in params {
+        canon.push(b' ');
+        canon.extend_from_slice(p);
+    }
+    canon.extend_from_slice(b"\r\n");
+    match (verb, Request::parse(&mut canon.iter())) {
+        (Verb::Mail, Ok(Request::Mail { .. })) | (Verb::Rcpt, Ok(Request::Rcpt { .. })) => Ok(()),
+        (_, Ok(_)) => Err(CommandError::Syntax(syntax)),
+        (_, Err(e)) => Err(map_proto_error(e, bad_address, syntax)),
+    }
 }
 
 fn map_proto_error(
