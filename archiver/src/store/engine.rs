@@ -148,7 +148,6 @@ impl Engine {
         };
 
         let txn = db.begin_write().map_err(idx_err)?;
-        index::create_tables(&txn).map_err(idx_err)?;
         let stored_epoch: Option<[u8; 16]> = {
             let meta = txn.open_table(META).map_err(idx_err)?;
             let format = meta

@@ -129,23 +129,6 @@ pub fn get_u64(txn: &WriteTransaction, key: &str) -> Result<u64, redb::Error> {
         .map_or(0, u64::from_le_bytes))
 }
 
-/// Creates every table so read-only opens find them.
-pub fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
-    txn.open_table(META)?;
-    txn.open_table(MESSAGES)?;
-    txn.open_table(SUMMARIES)?;
-    txn.open_table(ARRIVALS)?;
-    txn.open_table(ARRIVAL_IDS)?;
-    txn.open_table(ARRIVAL_KEYS)?;
-    txn.open_multimap_table(BY_MESSAGE)?;
-    txn.open_table(BY_TIME)?;
-    txn.open_multimap_table(ADDRS)?;
-    txn.open_multimap_table(MSGIDS)?;
-    txn.open_table(CURSORS)?;
-    txn.open_table(PARKED)?;
-    Ok(())
-}
-
 /// The counters kept in META, read once per transaction and written back once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -245,14 +228,6 @@ impl<'t> Tables<'t> {
             self.meta.insert(*key, slot.to_le_bytes().as_slice())?;
         }
         Ok(counters)
-    }
-
-    /// Whether the message's blob is already indexed.
-    ///
-    /// # Errors
-    /// redb errors.
-    pub fn has_message(&self, id: &MessageId) -> Result<bool, redb::Error> {
-        Ok(self.messages.get(id.0)?.is_some())
     }
 
     fn index_address(

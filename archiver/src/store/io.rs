@@ -9,7 +9,7 @@ use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One open file. Positional reads and writes only: the log is append-only and each
 /// writer knows its offsets.
@@ -141,11 +141,6 @@ impl Vfs for RealVfs {
     fn index_backend(&self, _path: &Path) -> io::Result<Option<Box<dyn redb::StorageBackend>>> {
         Ok(None)
     }
-}
-
-/// Joins a store-relative name onto the data directory.
-pub fn data_path(data_dir: &Path, name: &str) -> PathBuf {
-    data_dir.join(name)
 }
 
 /// A boxed redb backend, as redb wants a sized one.
