@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::{bin, lossy, run, wait_until, CmdOutput, CLI_DEADLINE, START_DEADLINE};
+use crate::{bin, lossy, wait_until, CofferCli, START_DEADLINE};
 
 /// Where the daemon is known to be up: it greets with 220 there.
 #[derive(Clone, Debug)]
@@ -192,50 +192,6 @@ impl Daemon {
         }
     }
 
-    /// Runs `coffer --config <this daemon's file> ARGS` with a deadline.
-    ///
-    /// # Panics
-    /// The CLI could not be spawned or ran past [`CLI_DEADLINE`].
-    pub fn coffer(&self, args: &[&str]) -> CmdOutput {
-        let mut cmd = Command::new(bin("coffer"));
-        cmd.arg("--config").arg(&self.config_path).args(args);
-        cmd.current_dir(self.dir()).env_remove("COFFER_CONFIG");
-        run(cmd, CLI_DEADLINE).unwrap_or_else(|e| panic!("coffer {args:?}: {e:#}"))
-    }
-
-    /// `coffer ARGS`, expecting exit 0.
-    ///
-    /// # Panics
-    /// Any other exit.
-    pub fn coffer_ok(&self, args: &[&str]) -> CmdOutput {
-        let out = self.coffer(args);
-        assert_eq!(
-            out.code,
-            Some(0),
-            "coffer {args:?} failed:\n{out}\n{}",
-            self.log_tail()
-        );
-        out
-    }
-
-    /// `coffer get ID`: the archived bytes.
-    pub fn get(&self, id: &str) -> Vec<u8> {
-        self.coffer_ok(&["get", id]).stdout
-    }
-
-    /// `coffer get ID --envelope`: the arrival list.
-    pub fn arrivals(&self, id: &str) -> Vec<serde_json::Value> {
-        match self.coffer_ok(&["get", id, "--envelope"]).json() {
-            serde_json::Value::Array(a) => a,
-            other => panic!("get --envelope is not a JSON array: {other}"),
-        }
-    }
-
-    /// `coffer status --json`.
-    pub fn status(&self) -> serde_json::Value {
-        self.coffer_ok(&["status", "--json"]).json()
-    }
-
     /// `(messages, arrivals)` from `coffer status --json`.
     pub fn counts(&self) -> (u64, u64) {
         let s = self.status();
@@ -389,5 +345,17 @@ from = ["journal"]
         daemon,
         smtp: picked.0,
         console: picked.1,
+    }
+}
+
+impl CofferCli for Daemon {
+    fn cli_config(&self) -> &Path {
+        &self.config_path
+    }
+    fn cli_dir(&self) -> &Path {
+        self.dir()
+    }
+    fn cli_log_tail(&self) -> String {
+        self.log_tail()
     }
 }

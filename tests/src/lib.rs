@@ -393,62 +393,6 @@ forward = []
         acc
     }
 
-    /// Runs `coffer --config <this node's file> ARGS` with a deadline.
-    ///
-    /// # Panics
-    /// The CLI could not be spawned or exceeded [`CLI_DEADLINE`].
-    pub fn coffer(&self, args: &[&str]) -> CmdOutput {
-        let mut cmd = Command::new(bin("coffer"));
-        cmd.arg("--config").arg(&self.config_path).args(args);
-        cmd.current_dir(self.dir()).env_remove("COFFER_CONFIG");
-        run(cmd, CLI_DEADLINE).unwrap_or_else(|e| panic!("coffer {args:?}: {e:#}"))
-    }
-
-    /// Runs `coffer ARGS` and expects exit 0.
-    ///
-    /// # Panics
-    /// Any other exit.
-    pub fn coffer_ok(&self, args: &[&str]) -> CmdOutput {
-        let out = self.coffer(args);
-        assert_eq!(
-            out.code,
-            Some(0),
-            "coffer {args:?} failed:\n{out}\n{}",
-            self.log_tail()
-        );
-        out
-    }
-
-    /// `coffer get ID`: the archived bytes.
-    pub fn get(&self, id: &str) -> Vec<u8> {
-        self.coffer_ok(&["get", id]).stdout
-    }
-
-    /// `coffer get ID --envelope`: the arrival list.
-    pub fn arrivals(&self, id: &str) -> Vec<serde_json::Value> {
-        let out = self.coffer_ok(&["get", id, "--envelope"]);
-        match out.json() {
-            serde_json::Value::Array(a) => a,
-            other => panic!("get --envelope is not a JSON array: {other}"),
-        }
-    }
-
-    /// `coffer status --json`.
-    pub fn status(&self) -> serde_json::Value {
-        self.coffer_ok(&["status", "--json"]).json()
-    }
-
-    /// `coffer search ARGS --json --limit 0`: the matching message records.
-    pub fn search(&self, args: &[&str]) -> Vec<serde_json::Value> {
-        let mut a: Vec<&str> = vec!["search"];
-        a.extend_from_slice(args);
-        a.extend(["--limit", "0", "--json"]);
-        match self.coffer_ok(&a).json() {
-            serde_json::Value::Array(v) => v,
-            other => panic!("search --json is not a JSON array: {other}"),
-        }
-    }
-
     /// The last 60 lines of the daemon's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let Ok(f) = File::open(&self.log_path) else {
@@ -542,4 +486,82 @@ pub fn require_tool(tool: &str, package: &str) -> Option<PathBuf> {
          this test fails instead of skipping when CI is set"
     );
     None
+}
+
+/// The `coffer` commands, run against one daemon's configuration with a deadline.
+/// Implemented by [`Node`] and [`daemon::Daemon`]; bring it into scope to call them.
+pub trait CofferCli {
+    /// The daemon's `coffer.toml`.
+    fn cli_config(&self) -> &Path;
+    /// The working directory for the CLI (the daemon's folder).
+    fn cli_dir(&self) -> &Path;
+    /// The daemon's recent log lines, for failure messages.
+    fn cli_log_tail(&self) -> String;
+
+    /// Runs `coffer --config <the daemon's file> ARGS` with a deadline.
+    ///
+    /// # Panics
+    /// The CLI could not be spawned or ran past [`CLI_DEADLINE`].
+    fn coffer(&self, args: &[&str]) -> CmdOutput {
+        let mut cmd = Command::new(bin("coffer"));
+        cmd.arg("--config").arg(self.cli_config()).args(args);
+        cmd.current_dir(self.cli_dir()).env_remove("COFFER_CONFIG");
+        run(cmd, CLI_DEADLINE).unwrap_or_else(|e| panic!("coffer {args:?}: {e:#}"))
+    }
+
+    /// Runs `coffer ARGS` and expects exit 0.
+    ///
+    /// # Panics
+    /// Any other exit.
+    fn coffer_ok(&self, args: &[&str]) -> CmdOutput {
+        let out = self.coffer(args);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "coffer {args:?} failed:\n{out}\n{}",
+            self.cli_log_tail()
+        );
+        out
+    }
+
+    /// `coffer get ID`: the archived bytes.
+    fn get(&self, id: &str) -> Vec<u8> {
+        self.coffer_ok(&["get", id]).stdout
+    }
+
+    /// `coffer get ID --envelope`: the arrival list.
+    fn arrivals(&self, id: &str) -> Vec<serde_json::Value> {
+        match self.coffer_ok(&["get", id, "--envelope"]).json() {
+            serde_json::Value::Array(a) => a,
+            other => panic!("get --envelope is not a JSON array: {other}"),
+        }
+    }
+
+    /// `coffer status --json`.
+    fn status(&self) -> serde_json::Value {
+        self.coffer_ok(&["status", "--json"]).json()
+    }
+
+    /// `coffer search ARGS --json --limit 0`: the matching message records.
+    fn search(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut a: Vec<&str> = vec!["search"];
+        a.extend_from_slice(args);
+        a.extend(["--limit", "0", "--json"]);
+        match self.coffer_ok(&a).json() {
+            serde_json::Value::Array(v) => v,
+            other => panic!("search --json is not a JSON array: {other}"),
+        }
+    }
+}
+
+impl CofferCli for Node {
+    fn cli_config(&self) -> &Path {
+        &self.config_path
+    }
+    fn cli_dir(&self) -> &Path {
+        self.dir()
+    }
+    fn cli_log_tail(&self) -> String {
+        self.log_tail()
+    }
 }

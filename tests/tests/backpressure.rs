@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use coffer_e2e::daemon::{free_addr, http_get, metric, smtp_daemon, Daemon, Launched, Probe};
 use coffer_e2e::smtp::{dot_stuff, Reply};
 use coffer_e2e::wire::Wire;
+use coffer_e2e::CofferCli;
 use coffer_e2e::{archived_form, lossy, run, sha256_hex, wait_until, Accepted};
 use rand::{Rng, SeedableRng};
 

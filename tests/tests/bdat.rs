@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use coffer_e2e::daemon::{smtp_daemon, Launched};
 use coffer_e2e::wire::Wire;
+use coffer_e2e::CofferCli;
 use coffer_e2e::{sha256_hex, Accepted};
 
 fn session(addr: SocketAddr) -> Wire {

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use coffer_e2e::CofferCli;
 use coffer_e2e::{bin, run, CmdOutput, Node, CLI_DEADLINE};
 
 fn exec(binary: &str, args: &[&str], cwd: &Path) -> CmdOutput {

@@ -9,6 +9,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use coffer_e2e::CofferCli;
 use coffer_e2e::{archived_form, fixtures_dir, sha256_hex, Node};
 
 fn corpus() -> Vec<(String, Vec<u8>)> {

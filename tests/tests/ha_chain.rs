@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use coffer_e2e::{free_port, wait_until, Node, NodeOptions};
+use coffer_e2e::{free_port, wait_until, CofferCli, Node, NodeOptions};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use coffer_e2e::{free_port, wait_until, Node, NodeOptions};
+use coffer_e2e::{free_port, wait_until, CofferCli, Node, NodeOptions};
 
 /// How long convergence may take (catch-up starts within `probe_interval`, 1 s here).
 const CONVERGE: Duration = Duration::from_secs(120);

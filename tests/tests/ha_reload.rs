@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use coffer_e2e::{free_port, wait_until, Node, NodeOptions};
+use coffer_e2e::{free_port, wait_until, CofferCli, Node, NodeOptions};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 

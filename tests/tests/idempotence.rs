@@ -3,6 +3,7 @@
 //! 250), not a new arrival; a new envelope is a new arrival of the same message; nothing
 //! is ever deduplicated by Message-ID.
 
+use coffer_e2e::CofferCli;
 use coffer_e2e::{sha256_hex, Node};
 use serde_json::Value;
 

@@ -2,6 +2,7 @@
 //! SHA-256 is the message id), `search` finds the message by From, To (headers and
 //! envelope) and Subject, and `get --envelope` shows the envelope.
 
+use coffer_e2e::CofferCli;
 use coffer_e2e::{sha256_hex, Node};
 use serde_json::Value;
 

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use coffer_e2e::CofferCli;
 use coffer_e2e::{archived_form, sha256_hex, wait_until, Node, SmtpClient};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use coffer_e2e::daemon::{Daemon, Probe};
 use coffer_e2e::wire::Wire;
+use coffer_e2e::CofferCli;
 use coffer_e2e::{archived_form, require_tool, run, sha256_hex, smtp::dot_stuff, Accepted};
 
 const TOOL_DEADLINE: Duration = Duration::from_secs(120);

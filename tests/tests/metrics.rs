@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use coffer_e2e::daemon::{http_get, metric, smtp_daemon, Launched};
+use coffer_e2e::CofferCli;
 use coffer_e2e::{archived_form, wait_until, SmtpClient};
 
 const DISTINCT: usize = 12;

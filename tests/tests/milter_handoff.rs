@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use coffer_e2e::milter::MilterNode;
 use coffer_e2e::sha256_hex;
+use coffer_e2e::CofferCli;
 use indymilter_test::{MacroStage, Status, TestConnection};
 
 /// One message as the MTA hands it over.

@@ -18,6 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use coffer_e2e::milter::MilterNode;
+use coffer_e2e::CofferCli;
 use coffer_e2e::{fixtures_dir, require_tool, run, sha256_hex, CmdOutput};
 
 /// Runs the transaction script against the milter with `-D` variables.

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use coffer_e2e::milter::MilterNode;
 use coffer_e2e::postfix::Postfix;
+use coffer_e2e::CofferCli;
 use coffer_e2e::{require_tool, run, sha256_hex, CmdOutput};
 
 fn tools_present() -> bool {

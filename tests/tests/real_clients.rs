@@ -8,6 +8,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use coffer_e2e::CofferCli;
 use coffer_e2e::{require_tool, run, sha256_hex, Node};
 
 const TOOL_DEADLINE: Duration = Duration::from_secs(180);

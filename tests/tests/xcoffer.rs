@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use coffer_e2e::daemon::{free_addr, Daemon, Probe};
 use coffer_e2e::wire::Wire;
+use coffer_e2e::CofferCli;
 use coffer_e2e::{archived_form, sha256_hex, smtp::dot_stuff, Accepted};
 use coffer_proto::xcoffer::{encode, Xcoffer};
 
