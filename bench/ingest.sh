@@ -34,11 +34,8 @@ SMTP_SOURCE=/usr/sbin/smtp-source
 SMTP_SINK=/usr/sbin/smtp-sink
 POSTFIX=/usr/sbin/postfix
 
-say() { printf '==> %s\n' "$*" >&2; }
-die() {
-    printf 'bench: %s\n' "$*" >&2
-    exit 1
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 for tool in "$SMTP_SOURCE" "$SMTP_SINK" "$POSTFIX"; do
     [ -x "$tool" ] || die "$tool missing: install the Debian package postfix (see .ci/run)"
@@ -50,37 +47,11 @@ COFFERD_PID=""
 POSTFIX_DIR=""
 POSTFIX_STARTED=0
 
-# Stops a process we started: SIGTERM, wait (bounded), then SIGKILL.
-stop_pid() {
-    local pid="$1" name="$2" i
-    [ -n "$pid" ] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    say "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 300; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        say "$name did not stop in 30 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     set +e
     stop_pid "$SINK_PID" smtp-sink
     stop_pid "$COFFERD_PID" cofferd
-    if [ "$POSTFIX_STARTED" = 1 ]; then
-        local master_pid=""
-        [ -f "$POSTFIX_DIR/spool/pid/master.pid" ] &&
-            master_pid="$(tr -dc 0-9 <"$POSTFIX_DIR/spool/pid/master.pid")"
-        say "stopping the bench Postfix instance"
-        "$POSTFIX" -c "$POSTFIX_DIR/etc" stop >/dev/null 2>&1
-        # `postfix stop` signals master and returns: wait for it, by PID.
-        stop_pid "$master_pid" "postfix master"
-    fi
+    stop_postfix
     if [ "${BENCH_KEEP:-}" = 1 ]; then
         say "kept $TMP"
     else
@@ -89,42 +60,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# A port that nothing answers on at $1, picked at random (bounded tries). The service
-# that binds it afterwards fails loudly if another process took it meanwhile.
-free_port() {
-    local ip="$1" port i
-    for ((i = 0; i < 100; i++)); do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/$ip/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    die "no free port found on $ip"
-}
-
-# Waits (bounded by START_DEADLINE) until $1:$2 greets with 220; $3 is a PID that must
-# stay alive meanwhile (empty: none).
-wait_smtp() {
-    local ip="$1" port="$2" pid="$3" end line l
-    end=$((SECONDS + START_DEADLINE))
-    while ((SECONDS < end)); do
-        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-            return 1
-        fi
-        # In a subshell: a failed `exec` redirection would end this shell.
-        line="$( (
-            exec 3<>"/dev/tcp/$ip/$port" || exit 1
-            read -r -t 5 l <&3 || true
-            printf 'QUIT\r\n' >&3 || true
-            printf '%s' "$l"
-        ) 2>/dev/null || true)"
-        case "$line" in 220*) return 0 ;; esac
-        sleep 0.1
-    done
-    return 1
-}
 
 # --- build ------------------------------------------------------------------------------
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
@@ -148,79 +83,16 @@ start_sink() {
 
 # --- a throwaway Postfix ------------------------------------------------------------------
 start_postfix() {
-    local port d
+    local port
     port="$(free_port 127.0.0.2)"
-    d="$TMP/postfix"
-    POSTFIX_DIR="$d"
-    mkdir -p "$d/etc" "$d/spool" "$d/data"
-    # Postfix runs its daemons as the postfix user; the temp dir must let them in.
-    chmod 755 "$TMP"
-    chown postfix: "$d/data"
-    cat >"$d/etc/main.cf" <<EOF_MAIN
-# Throwaway instance for bench/ingest.sh: accept into the queue, then discard.
-compatibility_level = 3.6
-queue_directory = $d/spool
-data_directory = $d/data
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = $d/maillog
-maillog_file_prefixes = $d
-myhostname = bench.invalid
-mydomain = bench.invalid
-myorigin = bench.invalid
-# 127.0.0.2 is not an interface address of its own (lo holds 127.0.0.1/8): listen
-# on loopback, the smtpd service line below binds 127.0.0.2 explicitly.
-inet_interfaces = loopback-only
-proxy_interfaces = 127.0.0.2
-inet_protocols = ipv4
-mydestination =
-mynetworks = 127.0.0.0/8
-relay_domains =
-local_recipient_maps =
-alias_maps =
-alias_database =
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_recipient_restrictions = permit_mynetworks, reject
-default_transport = discard:bench
-local_transport = discard:bench
-relay_transport = discard:bench
-virtual_transport = discard:bench
-biff = no
-smtputf8_enable = no
-EOF_MAIN
-    cat >"$d/etc/master.cf" <<EOF_MASTER
-# service type  private unpriv  chroot  wakeup  maxproc command
-127.0.0.2:$port inet n  -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-EOF_MASTER
-    say "postfix -c $d/etc check / start (smtpd on 127.0.0.2:$port)"
-    "$POSTFIX" -c "$d/etc" check >"$TMP/postfix-start.log" 2>&1 ||
-        die "postfix check failed: $(cat "$TMP/postfix-start.log")"
-    POSTFIX_STARTED=1
-    "$POSTFIX" -c "$d/etc" start >>"$TMP/postfix-start.log" 2>&1 ||
-        die "postfix start failed: $(cat "$TMP/postfix-start.log")"
+    POSTFIX_DIR="$TMP/postfix"
+    say "postfix -c $POSTFIX_DIR/etc start (smtpd on 127.0.0.2:$port)"
+    # 127.0.0.2 is not an interface address of its own (lo holds 127.0.0.1/8): listen
+    # on loopback, and the smtpd service line binds 127.0.0.2 explicitly.
+    write_postfix "proxy_interfaces = 127.0.0.2" \
+        "127.0.0.2:$port inet n  -       n       -       -       smtpd"
     wait_smtp 127.0.0.2 "$port" "" ||
-        die "Postfix did not greet: $(cat "$TMP/postfix-start.log" "$d/maillog" 2>/dev/null | tail -20)"
+        die "Postfix did not greet: $(cat "$TMP/postfix-start.log" "$POSTFIX_DIR/maillog" 2>/dev/null | tail -20)"
     ADDR[postfix]="127.0.0.2:$port"
 }
 
@@ -275,16 +147,7 @@ FAILED=0
 # cache holds no dirty data of the previous run, so no target pays for another's
 # leftovers (Postfix keeps delivering its queue, and writeback goes on, after a run).
 settle() {
-    local end
-    if [ -n "$POSTFIX_DIR" ]; then
-        end=$((SECONDS + 120))
-        while ((SECONDS < end)); do
-            [ "$(find "$POSTFIX_DIR/spool/incoming" "$POSTFIX_DIR/spool/active" \
-                "$POSTFIX_DIR/spool/deferred" "$POSTFIX_DIR/spool/maildrop" -type f 2>/dev/null |
-                wc -l)" -eq 0 ] && break
-            sleep 0.2
-        done
-    fi
+    [ -z "$POSTFIX_DIR" ] || drain 120
     sync
 }
 

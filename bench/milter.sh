@@ -57,11 +57,8 @@ RUN_DEADLINE=1800  # seconds one smtp-source run may take
 SMTP_SOURCE=/usr/sbin/smtp-source
 POSTFIX=/usr/sbin/postfix
 
-say() { printf '==> %s\n' "$*" >&2; }
-die() {
-    printf 'bench: %s\n' "$*" >&2
-    exit 1
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 for tool in "$SMTP_SOURCE" "$POSTFIX"; do
     [ -x "$tool" ] || die "$tool missing: install the Debian package postfix (see .ci/run)"
@@ -79,36 +76,6 @@ PROBE_PID=""
 POSTFIX_DIR="$TMP/postfix"
 POSTFIX_STARTED=0
 
-# Stops a process we started: SIGTERM, wait (bounded), then SIGKILL.
-stop_pid() {
-    local pid="$1" name="$2" i
-    [ -n "$pid" ] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    say "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 300; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        say "$name did not stop in 30 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-stop_postfix() {
-    [ "$POSTFIX_STARTED" = 1 ] || return 0
-    POSTFIX_STARTED=0
-    local master_pid=""
-    [ -f "$POSTFIX_DIR/spool/pid/master.pid" ] &&
-        master_pid="$(tr -dc 0-9 <"$POSTFIX_DIR/spool/pid/master.pid")"
-    say "stopping the bench Postfix instance"
-    "$POSTFIX" -c "$POSTFIX_DIR/etc" stop >/dev/null 2>&1
-    # `postfix stop` signals master and returns: wait for it, by PID.
-    stop_pid "$master_pid" "postfix master"
-}
-
 cleanup() {
     set +e
     stop_pid "$PROBE_PID" "fsync probe"
@@ -123,36 +90,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# A port that nothing answers on at 127.0.0.1, picked at random (bounded tries).
-free_port() {
-    local port i
-    for ((i = 0; i < 100; i++)); do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
-
-# Waits (bounded) until 127.0.0.1:$1 greets with 220.
-wait_smtp() {
-    local port="$1" end line l
-    end=$((SECONDS + START_DEADLINE))
-    while ((SECONDS < end)); do
-        line="$( (
-            exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 1
-            read -r -t 5 l <&3 || true
-            printf 'QUIT\r\n' >&3 || true
-            printf '%s' "$l"
-        ) 2>/dev/null || true)"
-        case "$line" in 220*) return 0 ;; esac
-        sleep 0.1
-    done
-    return 1
-}
 
 # Waits (bounded) until socket $1 exists while PID $2 lives.
 wait_socket() {
@@ -220,105 +157,27 @@ wait_socket "$C/milter.sock" "$MILTER_PID" ||
 say "cofferd (pid $COFFERD_PID) and coffer-milter (pid $MILTER_PID) up in $C"
 
 # --- the throwaway Postfix --------------------------------------------------------------
-PLAIN_PORT="$(free_port)"
-MILTER_PORT="$(free_port)"
+PLAIN_PORT="$(free_port 127.0.0.1)"
+MILTER_PORT="$(free_port 127.0.0.1)"
 [ "$PLAIN_PORT" != "$MILTER_PORT" ] || die "port clash, run again"
 d="$POSTFIX_DIR"
-mkdir -p "$d/etc" "$d/spool" "$d/data"
-chown postfix: "$d/data"
-cat >"$d/etc/main.cf" <<EOF_MAIN
-# Throwaway instance for bench/milter.sh: accept into the queue, then discard.
-compatibility_level = 3.6
-queue_directory = $d/spool
-data_directory = $d/data
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = $d/maillog
-maillog_file_prefixes = $d
-myhostname = bench.invalid
-mydomain = bench.invalid
-myorigin = bench.invalid
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mydestination =
-mynetworks = 127.0.0.0/8
-relay_domains =
-local_recipient_maps =
-alias_maps =
-alias_database =
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_recipient_restrictions = permit_mynetworks, reject
-default_transport = discard:bench
-local_transport = discard:bench
-relay_transport = discard:bench
-virtual_transport = discard:bench
-biff = no
-smtputf8_enable = no
+say "postfix -c $d/etc start (plain smtpd on :$PLAIN_PORT, with milter on :$MILTER_PORT)"
 # coffer-milter as in production (docs/milter.md), failing closed; the plain smtpd
-# service below turns it off with -o smtpd_milters=.
-milter_protocol = 6
+# service turns it off with -o smtpd_milters=.
+write_postfix "milter_protocol = 6
 smtpd_milters = { unix:$C/milter.sock, default_action=tempfail }
 non_smtpd_milters =
 milter_connect_timeout = 30s
 milter_command_timeout = 30s
-milter_content_timeout = 300s
-EOF_MAIN
-cat >"$d/etc/master.cf" <<EOF_MASTER
-# service type  private unpriv  chroot  wakeup  maxproc command
-127.0.0.1:$PLAIN_PORT inet n  -       n       -       -       smtpd -o smtpd_milters=
-127.0.0.1:$MILTER_PORT inet n -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-EOF_MASTER
-say "postfix -c $d/etc check / start (plain smtpd on :$PLAIN_PORT, with milter on :$MILTER_PORT)"
-"$POSTFIX" -c "$d/etc" check >"$TMP/postfix-start.log" 2>&1 ||
-    die "postfix check failed: $(cat "$TMP/postfix-start.log")"
-POSTFIX_STARTED=1
-"$POSTFIX" -c "$d/etc" start >>"$TMP/postfix-start.log" 2>&1 ||
-    die "postfix start failed: $(cat "$TMP/postfix-start.log")"
+milter_content_timeout = 300s" \
+    "127.0.0.1:$PLAIN_PORT inet n  -       n       -       -       smtpd -o smtpd_milters=
+127.0.0.1:$MILTER_PORT inet n -       n       -       -       smtpd"
 for p in "$PLAIN_PORT" "$MILTER_PORT"; do
-    wait_smtp "$p" || die "Postfix did not greet on $p: $(tail -20 "$d/maillog" 2>/dev/null)"
+    wait_smtp 127.0.0.1 "$p" "" || die "Postfix did not greet on $p: $(tail -20 "$d/maillog" 2>/dev/null)"
 done
 
 declare -A PORT=([plain]="$PLAIN_PORT" [milter]="$MILTER_PORT")
 declare -A LABEL=([plain]="postfix alone" [milter]="postfix + coffer-milter")
-
-# Messages still in the queue (incoming, active, deferred, maildrop).
-queued() {
-    find "$d/spool/incoming" "$d/spool/active" "$d/spool/deferred" "$d/spool/maildrop" \
-        -type f 2>/dev/null | wc -l
-}
-
-# Waits (bounded) until Postfix has delivered (discarded) everything queued.
-drain() {
-    local end n
-    end=$((SECONDS + DRAIN_DEADLINE))
-    while ((SECONDS < end)); do
-        n="$(queued)"
-        [ "$n" -eq 0 ] && return 0
-        sleep 0.2
-    done
-    say "the queue still holds $(queued) messages after ${DRAIN_DEADLINE}s; going on"
-}
 
 # --- 1. capacity ------------------------------------------------------------------------
 declare -A RESULTS=()
@@ -326,7 +185,7 @@ MILTER_SENT=0
 FAILED=0
 run_one() {
     local t="$1" start end ms rate
-    drain
+    drain "$DRAIN_DEADLINE"
     start="${EPOCHREALTIME/./}"
     if ! timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" \
         -f bench@example.org -t archive@example.net "127.0.0.1:${PORT[$t]}" >"$TMP/run.log" 2>&1; then
@@ -445,7 +304,7 @@ FSYNC_LINE=""
 if [[ "$MILTER_MED" =~ ^[0-9]+$ ]] && [ "$MILTER_MED" -gt 0 ]; then
     target_rate="$(awk -v r="$MILTER_MED" -v f="$HALF_FRACTION" 'BEGIN { printf "%.0f", r * f }')"
     ((target_rate > 0)) || target_rate=1
-    drain
+    drain "$DRAIN_DEADLINE"
     say "half load: $target_rate msg/s offered for ${HALF_SECONDS}s (ticks of ${TICK_MS} ms)"
     milter_report >/dev/null # starts a new latency window
     start_probe "$((HALF_SECONDS + 30))"
@@ -508,7 +367,7 @@ fi
 hwm() { awk '/^VmHWM:/ { print $2, $3 }' "/proc/$1/status" 2>/dev/null || echo "unknown"; }
 MILTER_HWM="$(hwm "$MILTER_PID")"
 COFFERD_HWM="$(hwm "$COFFERD_PID")"
-drain
+drain "$DRAIN_DEADLINE"
 ARRIVALS="$("$BIN/coffer" --config "$C/coffer.toml" status --json 2>/dev/null |
     sed -n 's/^ *"arrivals": \([0-9]*\).*/\1/p' | head -1)"
 
