@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The package test (docs/install.md "Building the packages"), run by .ci/run as root
+# The package test (docs/install.md "The package test"), run by .ci/run as root
 # after the project's test command. On this machine, and undone at the end:
 #
 #   1. builds `coffer` and `coffer-milter` (scripts/package.sh), and a second pair with
 #      a higher version for the upgrade;
 #   2. checks their file lists, conffiles, control fields and maintainer scripts, the
 #      man pages' coverage of every config key, and lintian (no errors, no warnings);
-#   3. starts the system Postfix (a mail host before Coffer: loopback only, relaying to
-#      an smtp-sink on a loopback port), then installs both packages with dpkg and
+#   3. starts the system Postfix (a mail host before Coffer: loopback only, relaying
+#      to an smtp-sink on a loopback port), then installs both packages with dpkg and
 #      checks what the maintainer scripts did (user, group, directories, postfix in
-#      group coffer, the file trigger); runs `systemd-analyze verify` and `security
-#      --offline=true` on the installed units (exposure must be <= 2.0);
+#      group coffer, the file trigger, dpkg-reconfigure); runs `systemd-analyze
+#      verify` and `security --offline=true` on the installed units (exposure must be
+#      <= 2.0);
 #   4. runs ExecStartPre/ExecStart of both units, parsed from the installed unit
 #      files, the way systemd would without PID 1 (setpriv to the unit's User= and
 #      Group=, its capabilities as ambient and bounding set, no_new_privs, UMask=,
@@ -18,13 +19,15 @@
 #      then does what docs/install.md tells an administrator: applies the installed
 #      Postfix snippet's commands, `postfix reload`, sends mail with swaks to Postfix
 #      on 127.0.0.1:25 and finds it with `coffer search`/`coffer get` (queue id and
-#      recipients in the arrival), and sees Postfix deliver it to the sink; runs both
-#      units' ExecReload; stops the milter and sees Postfix tempfail (451); stops
-#      Postfix and both daemons by their PIDs and restores Postfix's main.cf and
-#      master.cf byte for byte;
-#   5. reinstalls (changes nothing); upgrades with an edited config (kept); removes
-#      (archive, with the mail above, and config kept); purges (config gone, archive
-#      kept, and the purge says so).
+#      recipients in the arrival), and sees Postfix deliver it to the sink; the same
+#      for a mail submitted with sendmail (non_smtpd_milters); runs both units'
+#      ExecReload; stops the milter and sees Postfix tempfail (451); stops Postfix
+#      and both daemons by their PIDs;
+#   5. reinstalls (changes nothing); upgrades with an edited config while the
+#      packaged one changed too (yours kept, the new one as .dpkg-dist); removes
+#      (archive, with the mail above, and config kept; a warning that main.cf still
+#      names the milter); restores Postfix's main.cf and master.cf byte for byte;
+#      purges (config gone, archive kept, and the purge says so).
 #
 # It holds /run/lock/coffer-package-test.lock while it runs (a package test for another
 # format takes the same lock: they install the same paths). A trap stops what the test
@@ -364,6 +367,13 @@ dpkg-trigger --no-await /var/spool/postfix
 dpkg --triggers-only coffer-milter </dev/null >"$work/trigger2.log" 2>&1
 check "the trigger again (all in place) changes nothing and says nothing about it" bash -c \
     "! grep -q 'created\|added user' '$work/trigger2.log'"
+rmdir /var/spool/postfix/coffer
+gpasswd -d postfix coffer >/dev/null
+dpkg-reconfigure coffer-milter </dev/null >"$work/reconfigure.log" 2>&1 ||
+    { cat "$work/reconfigure.log"; fail "dpkg-reconfigure coffer-milter"; }
+check "dpkg-reconfigure coffer-milter (install.md's other way) does the same" bash -c \
+    "[ \"\$(stat -c '%U:%G %a' /var/spool/postfix/coffer 2>/dev/null)\" = 'coffer:coffer 750' ] &&
+     id -Gn postfix | tr ' ' '\n' | grep -qx coffer"
 chown root:root /var/spool/postfix/coffer
 chmod 0755 /var/spool/postfix/coffer
 dpkg-trigger --no-await /var/spool/postfix
@@ -641,6 +651,20 @@ check "coffer search as root (beside the daemon) finds it too" \
 wait_until "Postfix delivering $qid to the sink" \
     grep -q "$qid: to=<${rcpts[1]}>, relay=127.0.0.1\[127.0.0.1\]:$sink_port, .* status=sent" "$work/postfix.log"
 ok "Postfix then delivered it to the sink: $(grep -o "$qid: to=<${rcpts[0]}>.*status=sent" "$work/postfix.log" | head -1)"
+
+say "mail submitted on the host (sendmail, through pickup and cleanup: non_smtpd_milters)"
+local_subject="coffer package test $$ through sendmail"
+printf 'From: pkgtest@example.org\nTo: %s\nSubject: %s\n\nSubmitted with sendmail(1).\n' \
+    "${rcpts[0]}" "$local_subject" | /usr/sbin/sendmail -f pkgtest@example.org "${rcpts[0]}"
+has_local() { [ "$(search_json --subject "$local_subject" | jq -r '.[0].arrivals[0].listener // empty')" = milter ]; }
+wait_until "the sendmail-submitted mail in the archive" has_local
+local_qid="$(search_json --subject "$local_subject" | jq -r '.[0].arrivals[0].queue_id')"
+check "found, through the milter, with its queue id ($local_qid) and recipient" test \
+    "$(search_json --subject "$local_subject" | jq -c '.[0].arrivals[0] | [.queue_id, .rcpt_to]')" = \
+    "[\"$local_qid\",[\"${rcpts[0]}\"]]"
+wait_until "Postfix delivering $local_qid to the sink" \
+    grep -q "$local_qid: to=<${rcpts[0]}>, relay=127.0.0.1\[127.0.0.1\]:$sink_port, .* status=sent" "$work/postfix.log"
+ok "and Postfix delivered it to the sink"
 
 say "ExecReload of both units (check-config, then SIGHUP)"
 exec_reload cofferd "$cofferd_pid"
