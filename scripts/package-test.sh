@@ -276,11 +276,11 @@ ok "lintian: no errors, no warnings (overrides in packaging/deb/lintian/, each w
 # local, everything relayed to an smtp-sink on a loopback port (it stores nothing).
 # These settings are the test's, not Coffer's; the snippet comes in step 4.
 say "the system Postfix, as on a mail host before Coffer"
-free_port() {
+free_port() { # a loopback port nothing listens on (refused connection)
     local p
     while :; do
         p=$((20000 + RANDOM % 40000))
-        [ -z "$(ss -Htln "sport = :$p")" ] && echo "$p" && return
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p" && return; }
     done
 }
 greets() ( # greets PORT: an SMTP server on 127.0.0.1:PORT answers 220 (in a subshell)
@@ -405,7 +405,7 @@ else
     if grep -E '^/usr/lib/systemd/system/coffer' <<<"$verify_out" | grep -qv 'postfix'; then
         fail "systemd-analyze verify reports a problem in our units"
     fi
-    echo "    systemd-analyze verify could not complete here (no systemd as PID 1: $(ps -p 1 -o comm=)); continuing"
+    echo "    systemd-analyze verify could not complete here (no systemd as PID 1: $(cat /proc/1/comm)); continuing"
 fi
 
 say "systemd-analyze security --offline=true"
