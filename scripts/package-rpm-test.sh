@@ -43,7 +43,7 @@ fi
 # One package test at a time: the .deb and .rpm tests install the same paths and user.
 exec 9>/run/lock/coffer-package-test.lock
 flock -n 9 || fail "another package test is running (/run/lock/coffer-package-test.lock)"
-for tool in rpm rpm2cpio cpio; do
+for tool in rpm rpm2cpio cpio postconf; do
     command -v "$tool" >/dev/null 2>&1 || fail "$tool is missing (.ci/run installs rpm)"
 done
 if dpkg-query -W -f='${Status}' coffer 2>/dev/null | grep -q "installed" ||
@@ -141,8 +141,25 @@ modes="$(rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FI
 for bin in /usr/sbin/cofferd /usr/bin/coffer /usr/sbin/coffer-milter; do
     check "$bin is -rwxr-xr-x root:root" grep -q "^-rwxr-xr-x root:root $bin\$" <<<"$modes"
 done
-check "the milter's Postfix snippet names the absolute socket path" \
-    grep -q 'unix:/var/spool/postfix/coffer/milter.sock' packaging/rpm/main.cf.snippet
+say "the RPM's Postfix snippet, applied to a scratch main.cf (MAIL_CONFIG)"
+snippet="$work/root-snippet"
+rpm2cpio "$milter" >"$work/milter.cpio" || true # see "the payload" below
+mkdir -p "$snippet" && (cd "$snippet" && cpio -idm --quiet <"$work/milter.cpio")
+snippet="$snippet/usr/share/coffer/postfix/main.cf.snippet"
+mkdir -p "$work/pf"
+printf 'smtpd_milters = inet:127.0.0.1:8891\n' >"$work/pf/main.cf"
+: >"$work/pf/master.cf"
+for round in 1 2; do
+    sed -n 's/^#: //p' "$snippet" | MAIL_CONFIG="$work/pf" sh -e ||
+        fail "the snippet's commands failed (round $round)"
+done
+want='inet:127.0.0.1:8891, { unix:/var/spool/postfix/coffer/milter.sock, default_action=tempfail }'
+check "smtpd_milters: coffer-milter appended last, once, by its absolute path" \
+    test "$(postconf -c "$work/pf" -h smtpd_milters)" = "$want"
+check "non_smtpd_milters: coffer-milter alone" \
+    test "$(postconf -c "$work/pf" -h non_smtpd_milters)" = \
+    '{ unix:/var/spool/postfix/coffer/milter.sock, default_action=tempfail }'
+check "milter_protocol = 6" test "$(postconf -c "$work/pf" -h milter_protocol)" = 6
 
 say "scriptlets (rpm -qp --scripts)"
 rpm -qp --scripts "$core" >"$work/core.scripts"
@@ -179,8 +196,8 @@ check "both require shadow-utils (useradd, usermod)" grep -qx 'shadow-utils' "$w
 # --- 3. the payload runs ------------------------------------------------------------------
 say "the packaged binaries run"
 mkdir -p "$work/root"
-# Debian 12's rpm2cpio writes the whole archive of a zstd payload and then exits 1;
-# cpio's own status, and the files it unpacked, are what count here.
+# "The payload": Debian 12's rpm2cpio writes the whole archive of a zstd payload and
+# then exits 1; cpio's own status, and the files it unpacked, are what count here.
 for rpmf in "$core" "$milter"; do
     rpm2cpio "$rpmf" >"$work/payload.cpio" || true
     (cd "$work/root" && cpio -idm --quiet <"$work/payload.cpio") ||
@@ -220,8 +237,8 @@ if getent passwd postfix >/dev/null; then
     check "postfix is in group coffer" bash -c "id -Gn postfix | tr ' ' '\n' | grep -qx coffer"
 fi
 check "/usr/sbin/cofferd installed and runs" /usr/sbin/cofferd --version
-check "the archive is usable by user coffer" \
-    runuser -u coffer -- /usr/bin/coffer status --config /etc/coffer/coffer.toml
+check "user coffer can read the installed configuration" \
+    runuser -u coffer -- /usr/sbin/cofferd check-config --config /etc/coffer/coffer.toml
 
 say "rpm -U to release 2 with an edited coffer.toml"
 echo '# edited by the administrator' >>/etc/coffer/coffer.toml
