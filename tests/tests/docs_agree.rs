@@ -1,6 +1,7 @@
 //! The documents agree with the product:
 //! - every key of the reference configuration in docs/interfaces.md (the one
-//!   interfaces.md fixes) is described in the man page coffer.toml(5);
+//!   interfaces.md fixes) is described in the man page coffer.toml(5), and every key
+//!   of its "Every key" tables has an entry of its own there;
 //! - every metric docs/operations.md tells administrators to alert on exists on a
 //!   running daemon's `/metrics` — one with a connection, so the per-connection
 //!   replication metrics are there too.
@@ -91,6 +92,34 @@ fn every_reference_key_is_in_the_man_page() {
     assert!(
         missing.is_empty(),
         "keys of docs/interfaces.md not described in packaging/man/coffer.toml.5: {missing:?}"
+    );
+}
+
+/// The keys of the "Every key" tables of docs/interfaces.md, each of which coffer.toml(5)
+/// describes under a `.B KEY` tag of its own.
+#[test]
+fn every_key_of_the_key_tables_has_its_own_man_entry() {
+    let doc = read("docs/interfaces.md");
+    let start = doc.find("### Every key").expect("an \"Every key\" section");
+    let end = doc[start..]
+        .find("### The embedded default")
+        .map_or(doc.len(), |n| start + n);
+    let table_keys: BTreeSet<&str> = doc[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once("` |").map(|(k, _)| k))
+        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    assert!(table_keys.len() >= 30, "found only {table_keys:?}");
+    let man = read("packaging/man/coffer.toml.5");
+    let entries: BTreeSet<&str> = man.lines().filter_map(|l| l.strip_prefix(".B ")).collect();
+    let missing: Vec<&&str> = table_keys
+        .iter()
+        .filter(|k| !entries.contains(**k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys of docs/interfaces.md without a `.B KEY` entry in coffer.toml(5): {missing:?}"
     );
 }
 
