@@ -4,8 +4,8 @@
 #
 #   1. builds `coffer` and `coffer-milter` (scripts/package.sh), and a second pair with
 #      a higher version for the upgrade;
-#   2. checks their file lists, conffiles, control fields and maintainer scripts, the
-#      and lintian (no errors, no warnings);
+#   2. checks their file lists, conffiles, control fields and maintainer scripts, and
+#      lintian (no errors, no warnings);
 #   3. starts the system Postfix (a mail host before Coffer: loopback only, relaying
 #      to an smtp-sink on a loopback port), then installs both packages with dpkg and
 #      checks what the maintainer scripts did (user, group, directories, postfix in
