@@ -401,6 +401,8 @@ fn validation_errors() {
         (connection("queue_limit = 0\n"), 14, &["`queue_limit` must not be 0"]),
         (connection("probe_interval = \"0ms\"\n"), 14, &["`probe_interval` must not be 0"]),
         (connection("tls = { cert = \"c\" }\n"), 11, &["`cert` and `key`"]),
+        (connection("tls = { cert = \"c\", key = \"k\" }\n"), 11, &["connection `c`", "`ca`"]),
+        (connection("tls = { ca = \"ca\" }\n").replace("\"p\"", "\"10.0.0.2\""), 12, &["`peer`", "DNS name"]),
         (format!("{BASE}[[route]]\nfrom = [\"journal\", \"nope\"]\n"), 11, &["listener `nope`", "not defined"]),
         (format!("{BASE}forward = [\"nowhere\"]\n"), 10, &["connection `nowhere`", "not defined"]),
         (format!("{BASE}[[route]]\nfrom = []\n"), 11, &["at least one listener"]),
