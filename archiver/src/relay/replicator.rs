@@ -384,13 +384,23 @@ impl Replicator {
             }
             Err(e) => {
                 let kind = e.kind();
+                let why = e.to_string();
+                let new_error = self
+                    .status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .last_error
+                    .as_ref()
+                    != Some(&why);
                 self.set_status(|s| {
                     *s.failures.entry(kind.into()).or_default() += 1;
-                    s.last_error = Some(e.to_string());
+                    s.last_error = Some(why);
                 });
                 match &e {
                     SendError::Connect(_) | SendError::WrongPeer(_) => {
-                        if self.down_until.is_none() {
+                        // Once per outage, and again when the reason changes (a peer
+                        // down from the start, a TLS failure after a reload).
+                        if self.down_until.is_none() || new_error {
                             warn!(connection = %self.cfg.name, error = %e,
                                 "peer unreachable; probing every {:?}", self.cfg.probe_interval);
                         }
