@@ -542,6 +542,7 @@ fn relative_paths_resolve_against_the_file_folder() {
 #[test]
 fn embedded_default_parses_from_default_toml() {
     let c = Config::embedded();
+    assert!(check(&c).is_empty(), "{:?}", check(&c));
     assert_eq!(c.source, ConfigSource::Embedded);
     assert_eq!(c.source_name(), "<embedded default>");
     assert_eq!(c.node.name, host_name().unwrap_or_else(|| "coffer".into()));

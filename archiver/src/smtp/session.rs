@@ -155,7 +155,13 @@ where
     let bad_commands = session.bad_commands;
     let stream = session.io;
     let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
-    let stream = match tokio::time::timeout(config.idle_timeout, handshake).await {
+    let handshake = tokio::time::timeout(config.idle_timeout, handshake);
+    let mut stop = shutdown.clone();
+    let handshake = tokio::select! {
+        done = handshake => done,
+        _ = stop.wait_for(|stop| *stop) => return Ok(()), // shutting down: nothing to finish
+    };
+    let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(listener = %config.listener, client = %client_addr, error = %e,
@@ -177,6 +183,8 @@ where
     session.tls = Some(info);
     session.bad_commands = bad_commands;
     session.run(shutdown).await?;
+    // close_notify, so the client sees a clean end (bounded: it may not read).
+    let _ = tokio::time::timeout(Duration::from_secs(5), session.io.shutdown()).await;
     Ok(())
 }
 
