@@ -56,6 +56,10 @@ pub struct SessionInfo {
     /// session saw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xcoffer: Option<coffer_proto::Xcoffer>,
+    /// The session's TLS (STARTTLS on this listener): version, cipher, the client
+    /// certificate's subject and issuer. `None` in the clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<coffer_proto::TlsInfo>,
 }
 
 #[cfg(test)]

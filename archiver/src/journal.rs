@@ -1020,6 +1020,7 @@ mod tests {
                 helo: Some("EX01.contoso.com".into()),
                 queue_id: None,
                 xcoffer: None,
+                tls: None,
             },
         };
         let o = original_arrival(&report).unwrap().unwrap();

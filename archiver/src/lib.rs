@@ -14,6 +14,7 @@
 //! - [`control`]: the control socket in `data_dir` for the CLI's daemon commands.
 //! - [`route`]: the router: which connections an arrival goes to (pure).
 //! - [`relay`]: replication: one replicator per connection, an SMTP client, backoff.
+//! - [`tls`]: rustls configurations from the TLS files, and the TLS facts of a session.
 //! - [`server`]: wires listeners to the store and runs until shutdown.
 //! - [`cli`]: the `coffer` subcommands.
 
@@ -32,3 +33,4 @@ pub mod route;
 pub mod server;
 pub mod smtp;
 pub mod store;
+pub mod tls;

@@ -203,31 +203,69 @@ struct Replicators {
     router: crate::route::SharedRouter,
     /// What the control socket and `/metrics` see.
     shared: Arc<crate::relay::Replication>,
-    /// connection name → (its settings, the stop switch of its replicator)
-    running:
-        std::collections::BTreeMap<String, (crate::config::ConnectionConfig, watch::Sender<bool>)>,
+    /// connection name → its replicator
+    running: std::collections::BTreeMap<String, Running>,
+}
+
+/// One running replicator: its settings, its stop switch, its TLS client configuration.
+struct Running {
+    config: crate::config::ConnectionConfig,
+    stop: watch::Sender<bool>,
+    tls: Option<crate::tls::Shared<rustls::ClientConfig>>,
+}
+
+type ClientTls = Option<Arc<rustls::ClientConfig>>;
+
+/// The TLS client configuration of `c`, read from its files now; `Err` is logged.
+fn load_client_tls(c: &crate::config::ConnectionConfig) -> Result<ClientTls, ()> {
+    let Some(t) = &c.tls else {
+        return Ok(None);
+    };
+    crate::tls::client_config(t).map(Some).map_err(|e| {
+        error!(connection = %c.name, error = %e, "TLS files cannot be used");
+    })
 }
 
 impl Replicators {
+    /// Starts the replicator of `c`; not when its TLS files cannot be used (logged).
     fn start(&mut self, c: &crate::config::ConnectionConfig, tasks: &mut tokio::task::JoinSet<()>) {
+        let Ok(tls) = load_client_tls(c) else {
+            error!(connection = %c.name, "replicator not started: fix the TLS files and reload");
+            return;
+        };
+        self.start_with(c, tls, tasks);
+    }
+
+    fn start_with(
+        &mut self,
+        c: &crate::config::ConnectionConfig,
+        tls: ClientTls,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) {
+        let tls = tls.map(crate::tls::Shared::new);
         let (r, h) = crate::relay::Replicator::new(
             c.clone(),
             self.node.clone(),
             self.store.clone(),
             self.router.clone(),
+            tls.clone(),
         );
-        if c.tls.is_some() {
-            warn!(connection = %c.name, "tls on connections is not implemented yet: this connection sends in the clear");
-        }
         let (stop_tx, stop_rx) = watch::channel(false);
         tasks.spawn(r.run(stop_rx));
         self.shared.upsert(h);
-        self.running.insert(c.name.clone(), (c.clone(), stop_tx));
+        self.running.insert(
+            c.name.clone(),
+            Running {
+                config: c.clone(),
+                stop: stop_tx,
+                tls,
+            },
+        );
     }
 
     fn stop(&mut self, name: &str) {
-        if let Some((_, stop)) = self.running.remove(name) {
-            let _ = stop.send(true);
+        if let Some(r) = self.running.remove(name) {
+            let _ = r.stop.send(true);
         }
     }
 
@@ -240,7 +278,10 @@ impl Replicators {
 
     /// Makes the running replicators match `new`'s connections (removed ones stop,
     /// changed ones restart with their new settings from their durable cursor, new ones
-    /// start) and swaps in `new`'s routes.
+    /// start), reads the TLS files of every connection with `tls` again (new sessions use
+    /// them), and swaps in `new`'s routes. TLS files that cannot be used are logged and
+    /// change nothing: an unchanged or changed connection keeps running as it was, a new
+    /// one does not start.
     fn apply(&mut self, new: &Config, tasks: &mut tokio::task::JoinSet<()>) {
         let gone: Vec<String> = self
             .running
@@ -256,16 +297,26 @@ impl Replicators {
         self.router
             .replace(crate::route::Router::new(&new.routes, &new.connections));
         for c in &new.connections {
+            let Ok(tls) = load_client_tls(c) else {
+                warn!(connection = %c.name,
+                    "reload: connection left as it was (its TLS files cannot be used)");
+                continue;
+            };
             match self.running.get(&c.name) {
-                Some((old, _)) if format!("{old:?}") == format!("{c:?}") => {}
+                Some(old) if format!("{:?}", old.config) == format!("{c:?}") => {
+                    if let (Some(shared), Some(tls)) = (&old.tls, tls) {
+                        shared.set(tls);
+                        info!(connection = %c.name, "reload: TLS files read again");
+                    }
+                }
                 Some(_) => {
                     info!(connection = %c.name, "reload: connection changed; its replicator restarts");
                     self.stop(&c.name);
-                    self.start(c, tasks);
+                    self.start_with(c, tls, tasks);
                 }
                 None => {
                     info!(connection = %c.name, "reload: connection added; its replicator starts");
-                    self.start(c, tasks);
+                    self.start_with(c, tls, tasks);
                 }
             }
         }
@@ -324,6 +375,7 @@ fn reload(
 /// in `new` (`allow`, `trusted_proxies`, `proxy_protocol`, `max_message_size`,
 /// `max_recipients`, `max_connections`, `idle_timeout`, `trust_xcoffer`, `tls`) for the
 /// connections it accepts from then on; sessions already running keep theirs. A listener
+/// with `tls` reads its TLS files again, changed or not ([`Reloader::apply`]). A listener
 /// whose `bind` or `protocol` changed keeps its socket and protocol and takes the rest.
 ///
 /// Not applied (returned): [`config::reload_diff`] (`[node]`, listeners added, removed or
@@ -352,7 +404,8 @@ pub fn apply_reload(running: &Config, new: &Config, listeners: &[Reloader]) -> V
             continue; // removed: reload_diff says so
         };
         let changed = live_changes(&current, wanted);
-        if changed.is_empty() {
+        // A listener with TLS takes its files again even when its settings are the same.
+        if changed.is_empty() && wanted.tls.is_none() {
             continue;
         }
         // The socket stays as bound: bind and protocol changes are in reload_diff.
@@ -364,6 +417,8 @@ pub fn apply_reload(running: &Config, new: &Config, listeners: &[Reloader]) -> V
             ..wanted.clone()
         };
         match reloader.apply(Arc::new(next)) {
+            Ok(_) if changed.is_empty() => info!(listener = %current.name,
+                "reload: TLS files read again for new connections"),
             Ok(_) => info!(listener = %current.name, changed = %changed.join(", "),
                 "reload: new settings apply to new connections"),
             Err(e) => error!("reload: {e}"),

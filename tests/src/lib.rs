@@ -10,6 +10,7 @@
 //!   SIGKILLed on drop and can be killed, terminated and restarted on the same store.
 //! - [`smtp`]: a tiny blocking SMTP client (EHLO/MAIL/RCPT/DATA with dot-stuffing).
 //! - [`run`]: running a process with a deadline and capturing its output.
+//! - [`tls`]: throwaway certificates (rcgen) and a blocking STARTTLS client.
 //! - [`wait_until`]: the only way tests wait — for a condition, with a deadline.
 //!
 //! # Rules (docs/testing.md)
@@ -21,6 +22,7 @@ pub mod milter;
 pub mod postfix;
 pub mod run;
 pub mod smtp;
+pub mod tls;
 pub mod wire;
 
 use std::fs::{self, File};

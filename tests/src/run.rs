@@ -29,6 +29,10 @@ impl CmdOutput {
     pub fn stdout_str(&self) -> String {
         lossy(&self.stdout)
     }
+
+    pub fn stderr_str(&self) -> String {
+        lossy(&self.stderr)
+    }
 }
 
 impl fmt::Display for CmdOutput {

@@ -57,6 +57,9 @@ fn check_config(explicit: Option<&std::path::Path>, strict: bool) -> ExitCode {
     if config.source == ConfigSource::Embedded {
         eprintln!("note: no configuration file found; checking the embedded default");
     }
+    if !tls_files_ok(&config) {
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let warnings = config::check(&config);
     for w in &warnings {
         eprintln!("warning: {w}");
@@ -84,6 +87,9 @@ fn run(explicit: Option<&std::path::Path>) -> ExitCode {
         }
     };
     log_config(&config);
+    if !tls_files_ok(&config) {
+        return ExitCode::from(EXIT_CONFIG);
+    }
     match coffer_archiver::server::run_blocking(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -91,6 +97,17 @@ fn run(explicit: Option<&std::path::Path>) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// Loads every TLS file the configuration names; prints each problem as an error naming
+/// the configuration file, the listener or connection, the key and the TLS file.
+fn tls_files_ok(config: &Config) -> bool {
+    let errors = coffer_archiver::tls::check_files(config);
+    let name = config.source_name();
+    for e in &errors {
+        eprintln!("error: {name}: {e}");
+    }
+    errors.is_empty()
 }
 
 /// Says which configuration is in use, loudly when it is the embedded default, and logs

@@ -62,6 +62,7 @@ impl Item {
                 helo: None,
                 queue_id: Some(self.position),
                 xcoffer: None,
+                tls: None,
             },
         }
     }

@@ -401,6 +401,8 @@ fn validation_errors() {
         (connection("queue_limit = 0\n"), 14, &["`queue_limit` must not be 0"]),
         (connection("probe_interval = \"0ms\"\n"), 14, &["`probe_interval` must not be 0"]),
         (connection("tls = { cert = \"c\" }\n"), 11, &["`cert` and `key`"]),
+        (connection("tls = { cert = \"c\", key = \"k\" }\n"), 11, &["connection `c`", "`ca`"]),
+        (connection("tls = { ca = \"ca\" }\n").replace("\"p\"", "\"10.0.0.2\""), 12, &["`peer`", "DNS name"]),
         (format!("{BASE}[[route]]\nfrom = [\"journal\", \"nope\"]\n"), 11, &["listener `nope`", "not defined"]),
         (format!("{BASE}forward = [\"nowhere\"]\n"), 10, &["connection `nowhere`", "not defined"]),
         (format!("{BASE}[[route]]\nfrom = []\n"), 11, &["at least one listener"]),
@@ -540,6 +542,7 @@ fn relative_paths_resolve_against_the_file_folder() {
 #[test]
 fn embedded_default_parses_from_default_toml() {
     let c = Config::embedded();
+    assert!(check(&c).is_empty(), "{:?}", check(&c));
     assert_eq!(c.source, ConfigSource::Embedded);
     assert_eq!(c.source_name(), "<embedded default>");
     assert_eq!(c.node.name, host_name().unwrap_or_else(|| "coffer".into()));

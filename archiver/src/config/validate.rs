@@ -178,6 +178,28 @@ pub(crate) fn validate(
                         ),
                     ));
                 }
+                if ca.is_none() {
+                    return Err(v.at(
+                        &c.name,
+                        "ca",
+                        format!(
+                            "connection `{}`: tls needs `ca`, the CA that signs the peers' \
+                             certificates",
+                            c.name.get_ref()
+                        ),
+                    ));
+                }
+                if let Err(why) = crate::tls::server_name(c.peer.get_ref()) {
+                    return Err(v.at(
+                        &c.peer,
+                        "peer",
+                        format!(
+                            "connection `{}` has tls: {why} (its certificate must carry \
+                             `peer` as a DNS name)",
+                            c.name.get_ref()
+                        ),
+                    ));
+                }
                 Some(ConnectionTls { ca, cert, key })
             }
         };

@@ -2,11 +2,20 @@
 //! peer offers it), `RCPT TO`, then the content with `BDAT ... LAST` (or DATA when the
 //! bytes are DATA-safe and the peer lacks CHUNKING). Every wait is bounded by a timeout,
 //! every reply in line length and line count.
+//!
+//! With [`TlsTo`] (a connection's `tls`), the session goes to TLS right after the first
+//! EHLO: `STARTTLS`, the handshake (the peer's certificate must chain to the connection's
+//! `ca` and name its `peer`; ours is presented when configured), then EHLO again, and only
+//! the capabilities of that second EHLO count (`XCOFFER NODE EPOCH` included). A peer that
+//! does not offer STARTTLS, refuses it, or fails the handshake is a connect failure: the
+//! session never goes on in the clear.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{BufReader, BufWriter};
 use tokio::net::TcpStream;
 
 pub use coffer_proto::reply::Reply;
@@ -64,6 +73,7 @@ pub struct Caps {
     pub eight_bit: bool,
     pub binarymime: bool,
     pub smtputf8: bool,
+    pub starttls: bool,
     /// `XCOFFER NODE EPOCH`; `None` means plain mode.
     pub xcoffer: Option<(String, String)>,
 }
@@ -123,23 +133,40 @@ pub fn data_safe(b: &[u8]) -> bool {
     true
 }
 
+/// The byte stream under a session: plain TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type Buffered = BufReader<BufWriter<Box<dyn Io>>>;
+
+/// STARTTLS to a peer: the client configuration (trusted CA, our certificate) and the
+/// name the peer's certificate must carry.
+#[derive(Clone, Debug)]
+pub struct TlsTo {
+    pub config: Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
 /// One SMTP session to a peer, greeted.
 pub struct SmtpConn {
-    io: BufStream<TcpStream>,
+    io: Buffered,
     pub caps: Caps,
     timeout: Duration,
 }
 
 impl SmtpConn {
-    /// Connects to `target` (from `source` when set), reads the greeting, sends EHLO.
+    /// Connects to `target` (from `source` when set), reads the greeting, sends EHLO; with
+    /// `tls`, then STARTTLS, the handshake, and EHLO again.
     ///
     /// # Errors
-    /// [`SendError::Connect`] when no session could be set up.
+    /// [`SendError::Connect`] when no session could be set up, TLS included.
     pub async fn connect(
         target: &str,
         source: Option<&str>,
         helo: &str,
         timeout: Duration,
+        tls: Option<&TlsTo>,
     ) -> Result<SmtpConn, SendError> {
         let fail = |e: String| SendError::Connect(format!("{target}: {e}"));
         let stream = tokio::time::timeout(timeout, open(target, source))
@@ -147,22 +174,67 @@ impl SmtpConn {
             .map_err(|_| fail("connect timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let mut conn = SmtpConn {
-            io: BufStream::new(stream),
-            caps: Caps::default(),
-            timeout,
-        };
+        let mut conn = SmtpConn::over(Box::new(stream), timeout);
         let greeting = conn.read_reply().await.map_err(|e| fail(e.to_string()))?;
         if greeting.code != 220 {
             return Err(fail(format!("greeting {greeting}")));
         }
-        conn.line(&format!("EHLO {helo}"))
+        conn.ehlo(helo).await.map_err(|e| fail(e.to_string()))?;
+        let Some(tls) = tls else {
+            return Ok(conn);
+        };
+        if !conn.caps.starttls {
+            return Err(fail(
+                "the peer does not offer STARTTLS, and this connection has `tls`: \
+                 nothing is sent in the clear"
+                    .into(),
+            ));
+        }
+        conn.line("STARTTLS")
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let ehlo = conn.read_reply().await.map_err(|e| fail(e.to_string()))?;
-        if ehlo.code != 250 {
-            return Err(fail(format!("EHLO {ehlo}")));
+        let r = conn.read_reply().await.map_err(|e| fail(e.to_string()))?;
+        if r.code != 220 {
+            return Err(fail(format!("STARTTLS {r}")));
         }
+        if !conn.io.buffer().is_empty() {
+            // Sent in the clear after the 220: an injection, never read as a reply.
+            return Err(fail("the peer sent more after its STARTTLS reply".into()));
+        }
+        let plain = conn.io.into_inner().into_inner();
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        let handshake = connector.connect(tls.name.clone(), plain);
+        let stream = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| fail("TLS handshake timed out".into()))?
+            .map_err(|e| {
+                fail(format!(
+                    "TLS handshake with `{}` failed: {e}",
+                    tls.name.to_str()
+                ))
+            })?;
+        let mut conn = SmtpConn::over(Box::new(stream), timeout);
+        conn.ehlo(helo).await.map_err(|e| fail(e.to_string()))?;
+        Ok(conn)
+    }
+
+    fn over(stream: Box<dyn Io>, timeout: Duration) -> SmtpConn {
+        SmtpConn {
+            io: BufReader::new(BufWriter::new(stream)),
+            caps: Caps::default(),
+            timeout,
+        }
+    }
+
+    /// Sends EHLO and learns the peer's capabilities from its reply.
+    async fn ehlo(&mut self, helo: &str) -> Result<(), SendError> {
+        self.line(&format!("EHLO {helo}")).await?;
+        let ehlo = self.read_reply().await?;
+        if ehlo.code != 250 {
+            return Err(SendError::Temp(format!("EHLO {ehlo}")));
+        }
+        let conn = self;
+        conn.caps = Caps::default();
         for line in ehlo.lines.iter().skip(1) {
             let mut words = line.split_ascii_whitespace();
             match words.next().map(str::to_ascii_uppercase).as_deref() {
@@ -171,6 +243,7 @@ impl SmtpConn {
                 Some("8BITMIME") => conn.caps.eight_bit = true,
                 Some("BINARYMIME") => conn.caps.binarymime = true,
                 Some("SMTPUTF8") => conn.caps.smtputf8 = true,
+                Some("STARTTLS") => conn.caps.starttls = true,
                 Some("XCOFFER") => {
                     let node = words.next().unwrap_or_default().to_owned();
                     let epoch = words.next().unwrap_or_default().to_owned();
@@ -179,7 +252,7 @@ impl SmtpConn {
                 _ => {}
             }
         }
-        Ok(conn)
+        Ok(())
     }
 
     async fn line(&mut self, line: &str) -> Result<(), SendError> {
@@ -426,5 +499,138 @@ mod tests {
     #[test]
     fn dot_stuffing() {
         assert_eq!(dot_stuff(b".a\r\n..b\r\nc.\r\n"), b"..a\r\n...b\r\nc.\r\n");
+    }
+
+    mod tls {
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        use tokio::sync::watch;
+
+        use super::super::*;
+        use crate::config::{BindAddr, ListenerConfig, ListenerTls, Protocol};
+        use crate::smtp::session::tests::FakeSink;
+        use crate::smtp::{Listener, Sink};
+        use crate::tls::testing::TestCa;
+
+        /// A listener on 127.0.0.1 with `tls` (client certificates from `peers` required),
+        /// serving until the returned sender is dropped.
+        fn listen(
+            tls: Option<(&TestCa, &TestCa)>,
+        ) -> (
+            String,
+            Arc<FakeSink>,
+            watch::Sender<bool>,
+            tempfile::TempDir,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let tls = tls.map(|(ca, peers)| {
+                let (_, cert, key) = ca.write(dir.path(), "b", "archive-b");
+                let client_ca = dir.path().join("peers.pem");
+                std::fs::write(&client_ca, peers.pem()).unwrap();
+                ListenerTls {
+                    cert,
+                    key,
+                    required: true,
+                    require_client_cert: true,
+                    client_ca: Some(client_ca),
+                }
+            });
+            let config = ListenerConfig {
+                name: "ha".into(),
+                protocol: Protocol::Smtp,
+                bind: BindAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+                allow: vec!["127.0.0.0/8".parse().unwrap()],
+                proxy_protocol: false,
+                trusted_proxies: vec![],
+                max_message_size: 1000,
+                max_recipients: 10,
+                max_connections: 4,
+                idle_timeout: Duration::from_secs(10),
+                trust_xcoffer: true,
+                socket_mode: None,
+                socket_group: None,
+                tls,
+            };
+            let l = Listener::bind(Arc::new(config)).unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let sink = Arc::new(FakeSink::default());
+            let dyn_sink: Arc<dyn Sink> = sink.clone();
+            let (stop, rx) = watch::channel(false);
+            tokio::spawn(l.serve(dyn_sink, "archive-b".into(), rx));
+            (addr, sink, stop, dir)
+        }
+
+        fn to(config: Arc<rustls::ClientConfig>, name: &str) -> TlsTo {
+            TlsTo {
+                config,
+                name: crate::tls::server_name(name).unwrap(),
+            }
+        }
+
+        const T: Duration = Duration::from_secs(20);
+
+        #[tokio::test]
+        async fn ships_over_tls_with_a_client_certificate() {
+            let (ca, peers) = (TestCa::new("Nodes CA"), TestCa::new("Peers CA"));
+            let (addr, sink, _stop, _dir) = listen(Some((&ca, &peers)));
+            let tls = to(ca.client(Some((&peers, "archive-a"))), "archive-b");
+            let mut c = SmtpConn::connect(&addr, None, "archive-a", T, Some(&tls))
+                .await
+                .unwrap();
+            // Learned from the EHLO after the handshake.
+            assert!(!c.caps.starttls);
+            assert_eq!(c.caps.xcoffer.as_ref().unwrap().0, "archive-a");
+            c.send("s@example.org", &["r@example.net".into()], b"hi\r\n", None)
+                .await
+                .unwrap();
+            c.quit().await;
+            let got = sink.got.lock().unwrap();
+            let info = got[0].session.tls.as_ref().unwrap();
+            assert_eq!(info.peer_issuer.as_deref(), Some("CN=Peers CA"));
+            assert!(info
+                .peer_subject
+                .as_deref()
+                .unwrap()
+                .ends_with("CN=archive-a"));
+        }
+
+        #[tokio::test]
+        async fn never_falls_back_to_the_clear_or_a_wrong_certificate() {
+            let (ca, peers) = (TestCa::new("Nodes CA"), TestCa::new("Peers CA"));
+            let other = TestCa::new("Other CA");
+            let (addr, sink, _stop, _dir) = listen(Some((&ca, &peers)));
+            let (plain, plain_sink, _stop2, _dir2) = listen(None);
+            let cases = [
+                (
+                    &plain,
+                    to(ca.client(Some((&peers, "a"))), "archive-b"),
+                    "does not offer STARTTLS",
+                ),
+                (
+                    &addr,
+                    to(ca.client(Some((&peers, "a"))), "archive-c"),
+                    "TLS handshake with `archive-c` failed",
+                ),
+                (
+                    &addr,
+                    to(other.client(Some((&peers, "a"))), "archive-b"),
+                    "TLS handshake with `archive-b` failed",
+                ),
+                // The listener refuses a client without a certificate of its CA.
+                (&addr, to(ca.client(None), "archive-b"), ""),
+                (&addr, to(ca.client(Some((&other, "a"))), "archive-b"), ""),
+            ];
+            for (target, tls, why) in cases {
+                let e = match SmtpConn::connect(target, None, "a", T, Some(&tls)).await {
+                    Ok(_) => panic!("{target} {why}: connected"),
+                    Err(e) => e,
+                };
+                assert!(matches!(e, SendError::Connect(_)), "{e:?}");
+                assert!(e.to_string().contains(why), "{e}");
+            }
+            assert!(sink.got.lock().unwrap().is_empty());
+            assert!(plain_sink.got.lock().unwrap().is_empty());
+        }
     }
 }

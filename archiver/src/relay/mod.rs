@@ -11,8 +11,8 @@
 //! parked or not for this connection) and writes its cursor and parked arrivals through
 //! the store's index stage, the only writer of the index.
 //!
-//! TLS on connections (`[[connection]] tls`) is not implemented yet: sessions are plain
-//! TCP. Keep HA traffic on a trusted network or a tunnel until it lands.
+//! A connection with `tls` goes to TLS with STARTTLS before anything else
+//! ([`client::TlsTo`]); it never ships in the clear.
 
 pub mod backoff;
 pub mod client;
@@ -126,7 +126,7 @@ impl Replication {
 }
 
 /// The `XCOFFER=` object that ships `a` from node `node`: the origin's id, time, listener
-/// and envelope facts, the client facts it was received with, the trace (who holds it,
+/// and envelope facts, the client facts it was received with (TLS included), the trace (who holds it,
 /// this node included) and the hop count.
 pub fn xcoffer_for(a: &Arrival, node: &str) -> coffer_proto::Xcoffer {
     let mut x = a.xcoffer.clone().unwrap_or_default();
@@ -147,6 +147,9 @@ pub fn xcoffer_for(a: &Arrival, node: &str) -> coffer_proto::Xcoffer {
         }
         if x.helo.is_none() {
             x.helo.clone_from(&a.helo);
+        }
+        if x.tls.is_none() {
+            x.tls.clone_from(&a.tls);
         }
     }
     if x.queue_id.is_none() {
@@ -186,6 +189,7 @@ mod tests {
             xcoffer: None,
             trace: vec!["a".into()],
             via: None,
+            tls: None,
         }
     }
 
@@ -204,6 +208,17 @@ mod tests {
         assert_eq!(x.helo.as_deref(), Some("mx.example.org"));
         assert_eq!(x.trace, vec!["a".to_owned()]);
         assert_eq!(x.hops, 0);
+        assert_eq!(x.tls, None);
+        // The original client's TLS travels with it; a replica's own hop TLS does not.
+        let mut a = arrival();
+        let tls = coffer_proto::TlsInfo {
+            version: Some("TLSv1.3".into()),
+            ..coffer_proto::TlsInfo::default()
+        };
+        a.tls = Some(tls.clone());
+        assert_eq!(xcoffer_for(&a, "a").tls, Some(tls));
+        a.via = Some("ha".into());
+        assert_eq!(xcoffer_for(&a, "a").tls, None);
         assert_eq!(coffer_proto::decode(&coffer_proto::encode(&x)), Ok(x));
     }
 

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::backoff;
-use super::client::{SendError, SmtpConn};
+use super::client::{SendError, SmtpConn, TlsTo};
 use super::{xcoffer_for, Command, ConnHandle, ConnStatus};
 use crate::config::ConnectionConfig;
 use crate::ids::MessageId;
@@ -58,6 +58,9 @@ pub struct Replicator {
     router: SharedRouter,
     status: Arc<Mutex<ConnStatus>>,
     commands: mpsc::Receiver<Command>,
+    /// The connection's TLS client configuration, when it has `tls`; a reload may
+    /// replace it (new sessions use the new one).
+    tls: Option<crate::tls::Shared<rustls::ClientConfig>>,
     // Loop state.
     st: CursorState,
     persisted: CursorState,
@@ -72,11 +75,13 @@ pub struct Replicator {
 }
 
 impl Replicator {
+    /// `tls` must be set when `cfg` has `tls` (loaded by the caller, which reloads it).
     pub fn new(
         cfg: ConnectionConfig,
         node: String,
         store: StoreHandle,
         router: SharedRouter,
+        tls: Option<crate::tls::Shared<rustls::ClientConfig>>,
     ) -> (Replicator, ConnHandle) {
         let (tx, rx) = mpsc::channel(64);
         let status = Arc::new(Mutex::new(ConnStatus {
@@ -98,6 +103,7 @@ impl Replicator {
             router,
             status,
             commands: rx,
+            tls,
             st: CursorState::default(),
             persisted: CursorState::default(),
             last_persist: Instant::now(),
@@ -345,6 +351,7 @@ impl Replicator {
             cfg: self.cfg.clone(),
             node: self.node.clone(),
             store: self.store.clone(),
+            tls: self.tls.as_ref().map(crate::tls::Shared::get),
         }
     }
 
@@ -377,13 +384,23 @@ impl Replicator {
             }
             Err(e) => {
                 let kind = e.kind();
+                let why = e.to_string();
+                let new_error = self
+                    .status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .last_error
+                    .as_ref()
+                    != Some(&why);
                 self.set_status(|s| {
                     *s.failures.entry(kind.into()).or_default() += 1;
-                    s.last_error = Some(e.to_string());
+                    s.last_error = Some(why);
                 });
                 match &e {
                     SendError::Connect(_) | SendError::WrongPeer(_) => {
-                        if self.down_until.is_none() {
+                        // Once per outage, and again when the reason changes (a peer
+                        // down from the start, a TLS failure after a reload).
+                        if self.down_until.is_none() || new_error {
                             warn!(connection = %self.cfg.name, error = %e,
                                 "peer unreachable; probing every {:?}", self.cfg.probe_interval);
                         }
@@ -573,6 +590,24 @@ struct ShipCtx {
     cfg: Arc<ConnectionConfig>,
     node: String,
     store: StoreHandle,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl ShipCtx {
+    /// STARTTLS to the peer, when the connection has `tls` (or `tls` without a loaded
+    /// configuration, which never sends in the clear either).
+    fn tls(&self) -> Result<Option<TlsTo>, SendError> {
+        if self.cfg.tls.is_none() {
+            return Ok(None);
+        }
+        let Some(config) = self.tls.clone() else {
+            return Err(SendError::Connect(
+                "the connection's TLS files are not loaded; nothing is sent in the clear".into(),
+            ));
+        };
+        let name = crate::tls::server_name(&self.cfg.peer).map_err(SendError::Connect)?;
+        Ok(Some(TlsTo { config, name }))
+    }
 }
 
 /// Ships one arrival (or, with `job` `None`, only opens a session: a probe).
@@ -582,13 +617,19 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
     let mut conn = match conn {
         Some(c) => c,
         None => {
-            let c = SmtpConn::connect(
-                &ctx.cfg.target,
-                ctx.cfg.source.as_deref(),
-                &ctx.node,
-                TIMEOUT,
-            )
-            .await;
+            let c = match ctx.tls() {
+                Ok(tls) => {
+                    SmtpConn::connect(
+                        &ctx.cfg.target,
+                        ctx.cfg.source.as_deref(),
+                        &ctx.node,
+                        TIMEOUT,
+                        tls.as_ref(),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             match c {
                 Ok(c) => {
                     if let Some((node, _)) = &c.caps.xcoffer {

@@ -17,6 +17,13 @@
 //! running session is cut. `name`, `bind` and `protocol` cannot change (the socket is
 //! bound once).
 //!
+//! # TLS
+//! A TCP listener with `tls` offers STARTTLS ([`session`]). Its certificate, key and
+//! client CA are read when it is bound ([`Listener::bind`] fails on a bad file) and again
+//! on every [`Reloader::apply`], so new handshakes use the files as they are then. A file
+//! that cannot be used on reload is logged, and the listener keeps the TLS settings and
+//! files it had (the other settings still change).
+//!
 //! # PROXY protocol
 //! On a TCP listener with `proxy_protocol = true`, a connection whose peer is in
 //! `trusted_proxies` must start with a PROXY v1 or v2 header ([`super::proxy`]) within
@@ -62,15 +69,34 @@ pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A bound listener socket, not yet accepting.
 #[derive(Debug)]
 pub struct Listener {
-    settings: Arc<watch::Sender<Arc<ListenerConfig>>>,
+    settings: Arc<watch::Sender<Arc<Settings>>>,
     socket: Socket,
+}
+
+/// What new connections of a listener get: its configuration and, for `tls`, the
+/// configuration loaded from its files.
+#[derive(Debug)]
+struct Settings {
+    config: Arc<ListenerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Settings {
+    /// Reads the TLS files of `config` (TCP listeners only).
+    fn load(config: Arc<ListenerConfig>) -> Result<Settings, crate::tls::TlsFileError> {
+        let tls = match (&config.tls, &config.bind) {
+            (Some(t), BindAddr::Tcp(_)) => Some(crate::tls::server_config(t)?),
+            _ => None,
+        };
+        Ok(Settings { config, tls })
+    }
 }
 
 /// Replaces the settings of a bound or running [`Listener`] for the connections it
 /// accepts from then on. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Reloader {
-    settings: Arc<watch::Sender<Arc<ListenerConfig>>>,
+    settings: Arc<watch::Sender<Arc<Settings>>>,
 }
 
 /// A new configuration for a listener changes what only a restart can change.
@@ -85,16 +111,19 @@ pub struct ReloadError {
 impl Reloader {
     /// The settings new connections get now.
     pub fn current(&self) -> Arc<ListenerConfig> {
-        self.settings.borrow().clone()
+        self.settings.borrow().config.clone()
     }
 
     /// Makes `config` the settings for connections accepted from now on, and returns the
-    /// ones it replaces. Sessions already running keep theirs.
+    /// ones it replaces. Sessions already running keep theirs. The TLS files `config`
+    /// names are read again (new handshakes use them); if one cannot be used, that is
+    /// logged and the previous `tls` settings and files stay.
     ///
     /// # Errors
     /// `config` differs in `name`, `bind` or `protocol`: nothing is changed.
     pub fn apply(&self, config: Arc<ListenerConfig>) -> Result<Arc<ListenerConfig>, ReloadError> {
-        let old = self.current();
+        let previous = self.settings.borrow().clone();
+        let old = previous.config.clone();
         let what = if config.name != old.name {
             Some("name")
         } else if config.bind != old.bind {
@@ -110,7 +139,24 @@ impl Reloader {
                 what,
             });
         }
-        Ok(self.settings.send_replace(config))
+        let settings = match Settings::load(config.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(listener = %config.name, error = %e,
+                    "reload: TLS not reloaded; new connections keep the previous TLS settings and files");
+                let mut keep = (*config).clone();
+                keep.tls.clone_from(&old.tls);
+                Settings {
+                    config: Arc::new(keep),
+                    tls: previous.tls.clone(),
+                }
+            }
+        };
+        Ok(self
+            .settings
+            .send_replace(Arc::new(settings))
+            .config
+            .clone())
     }
 }
 
@@ -149,8 +195,15 @@ impl Listener {
     ///
     /// # Errors
     /// The address is taken, PATH is something other than a stale socket, or the mode or
-    /// group could not be applied. The error names the listener and its address.
+    /// group could not be applied. The error names the listener and its address. Or a TLS
+    /// file cannot be used: the error names the listener, the key and the file.
     pub fn bind(config: Arc<ListenerConfig>) -> io::Result<Listener> {
+        let settings = Settings::load(config.clone()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("listener {}: {e}", config.name),
+            )
+        })?;
         let socket = match &config.bind {
             BindAddr::Tcp(addr) => {
                 let listener = std::net::TcpListener::bind(addr)
@@ -161,7 +214,7 @@ impl Listener {
             BindAddr::Unix(path) => bind_unix(&config, path)
                 .map_err(|e| context(e, &config.name, &format!("unix:{}", path.display())))?,
         };
-        let (settings, _) = watch::channel(config);
+        let (settings, _) = watch::channel(Arc::new(settings));
         Ok(Listener {
             settings: Arc::new(settings),
             socket,
@@ -178,7 +231,7 @@ impl Listener {
 
     /// The current settings.
     pub fn config(&self) -> Arc<ListenerConfig> {
-        self.settings.borrow().clone()
+        self.settings.borrow().config.clone()
     }
 
     /// A handle that changes the settings, before or while the listener serves.
@@ -211,9 +264,8 @@ impl Listener {
         // `settings` lives as long as this loop, so `updates` never reports a closed
         // channel while we serve.
         let mut updates = settings.subscribe();
-        let mut config = updates.borrow_and_update().clone();
+        let (mut config, mut session_config) = reload(&mut updates, &hostname);
         let name = config.name.clone();
-        let mut session_config = Arc::new(SessionConfig::from_listener(&config, &hostname));
         let (accepter, unix_path) = match socket {
             Socket::Tcp(l) => (Accepter::Tcp(tokio::net::TcpListener::from_std(l)?), None),
             Socket::Unix { listener, path, id } => (
@@ -282,11 +334,16 @@ impl Listener {
 
 /// The latest settings from `updates`, and the session settings made from them.
 fn reload(
-    updates: &mut watch::Receiver<Arc<ListenerConfig>>,
+    updates: &mut watch::Receiver<Arc<Settings>>,
     hostname: &str,
 ) -> (Arc<ListenerConfig>, Arc<SessionConfig>) {
-    let config = updates.borrow_and_update().clone();
-    let session_config = Arc::new(SessionConfig::from_listener(&config, hostname));
+    let settings = updates.borrow_and_update().clone();
+    let config = settings.config.clone();
+    let session_config = Arc::new(SessionConfig::from_listener(
+        &config,
+        hostname,
+        settings.tls.clone(),
+    ));
     tracing::debug!(listener = %config.name, "new settings apply to new connections");
     (config, session_config)
 }
@@ -1261,5 +1318,64 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         r.stop().await;
+    }
+
+    /// STARTTLS on `addr` trusting what `client` trusts; Ok once EHLO is answered over TLS.
+    async fn starttls(addr: SocketAddr, client: Arc<rustls::ClientConfig>) -> io::Result<()> {
+        use crate::smtp::session::tests::raw_reply;
+        let mut s = TcpStream::connect(addr).await?;
+        raw_reply(&mut s).await;
+        s.write_all(b"EHLO me\r\nSTARTTLS\r\n").await?;
+        raw_reply(&mut s).await;
+        assert_eq!(raw_reply(&mut s).await, "220 2.0.0 Ready to start TLS\r\n");
+        let name = rustls::pki_types::ServerName::try_from("mx.test").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(client)
+            .connect(name, s)
+            .await?;
+        tls.write_all(b"EHLO me\r\n").await?;
+        let reply = raw_reply(&mut tls).await;
+        assert!(reply.starts_with("250-mx.test"), "{reply}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn reload_reads_the_tls_files_again() {
+        use crate::tls::testing::TestCa;
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (TestCa::new("CA one"), TestCa::new("CA two"));
+        let (_, cert, key) = one.write(dir.path(), "server", "mx.test");
+        let mut config = tcp_config();
+        config.tls = Some(crate::config::ListenerTls {
+            cert: cert.clone(),
+            key,
+            required: true,
+            require_client_cert: false,
+            client_ca: None,
+        });
+        let r = run(config.clone());
+        let addr = r.addr.unwrap();
+        starttls(addr, one.client(None)).await.unwrap();
+        assert!(starttls(addr, two.client(None)).await.is_err());
+
+        // New files, same paths: new handshakes use them after a reload.
+        two.write(dir.path(), "server", "mx.test");
+        r.reloader.apply(Arc::new(config.clone())).unwrap();
+        starttls(addr, two.client(None)).await.unwrap();
+        assert!(starttls(addr, one.client(None)).await.is_err());
+
+        // A bad file on reload keeps the previous ones; other settings still change.
+        std::fs::write(&cert, "garbage\n").unwrap();
+        config.max_recipients = 7;
+        r.reloader.apply(Arc::new(config.clone())).unwrap();
+        assert_eq!(r.reloader.current().max_recipients, 7);
+        starttls(addr, two.client(None)).await.unwrap();
+        r.stop().await;
+
+        // At bind, a bad file is an error naming the listener, the key and the file.
+        let err = Listener::bind(Arc::new(config)).unwrap_err().to_string();
+        assert!(
+            err.contains("journal") && err.contains("`tls.cert`") && err.contains("server.crt"),
+            "{err}"
+        );
     }
 }

@@ -15,6 +15,14 @@
 //! - XCOFFER only where [`SessionConfig::trust_xcoffer`] is set: advertised as
 //!   `XCOFFER NODE EPOCH` (from [`Sink::node`] and [`Sink::epoch`]), MAIL lines up to
 //!   16 KiB, and the decoded value kept with the arrival. Elsewhere it is refused with 555.
+//! - STARTTLS (RFC 3207) where [`SessionConfig::tls`] is set, until the session is in
+//!   TLS. After `220 2.0.0 Ready to start TLS` whatever the client pipelined behind the
+//!   command is dropped unread (it came in the clear, so it may be an attacker's
+//!   injection: CVE-2011-0411), the handshake runs, and a new session starts over the TLS
+//!   stream with the same codec rules and limits: no greeting, nothing remembered (EHLO
+//!   again). With [`SessionConfig::tls_required`], MAIL before STARTTLS gets
+//!   `530 5.7.0 Must issue a STARTTLS command first`. The TLS facts (version, cipher,
+//!   client certificate) go with every arrival of the TLS session.
 
 use std::io;
 use std::sync::Arc;
@@ -23,7 +31,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use coffer_proto::Xcoffer;
+use coffer_proto::{TlsInfo, Xcoffer};
 
 use super::codec::{
     Codec, Command, CommandError, Event, Limits, MailFrom, RcptTo, MAX_LINE, MAX_XCOFFER_MAIL_LINE,
@@ -63,10 +71,22 @@ pub struct SessionConfig {
     /// the milter's LMTP socket and HA listeners: an XCOFFER client can set arrival ids
     /// and traces.
     pub trust_xcoffer: bool,
+    /// STARTTLS is offered with this server configuration (TCP listeners with `tls`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `tls.required`: no MAIL before STARTTLS.
+    pub tls_required: bool,
 }
 
 impl SessionConfig {
-    pub fn from_listener(config: &ListenerConfig, hostname: &str) -> Self {
+    /// The session settings of `config`; `tls` is its loaded TLS configuration (ignored on
+    /// Unix sockets).
+    pub fn from_listener(
+        config: &ListenerConfig,
+        hostname: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
+        let tcp = matches!(config.bind, crate::config::BindAddr::Tcp(_));
+        let tls = tls.filter(|_| tcp && config.tls.is_some());
         Self {
             listener: config.name.clone(),
             protocol: config.protocol.clone(),
@@ -75,6 +95,8 @@ impl SessionConfig {
             max_recipients: config.max_recipients,
             idle_timeout: config.idle_timeout,
             trust_xcoffer: config.trust_xcoffer,
+            tls_required: tls.is_some() && config.tls.as_ref().is_some_and(|t| t.required),
+            tls,
         }
     }
 
@@ -101,6 +123,10 @@ impl SessionConfig {
 /// command answers `421 4.3.2` and closes; a session receiving DATA finishes the
 /// message (the sink answers) first, then closes the same way.
 ///
+/// # STARTTLS
+/// Where `config.tls` is set, a client may switch to TLS ([module docs](self)). A failed
+/// or timed-out handshake ends the session (logged); nothing more is said in the clear.
+///
 /// # Errors
 /// I/O errors on the stream. Protocol errors are answered on the wire, not returned.
 pub async fn serve<S>(
@@ -113,20 +139,53 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut session = Session {
-        io: stream,
-        codec: Codec::new(config.limits()),
-        config,
-        client_addr,
-        sink,
-        out: Vec::with_capacity(512),
-        helo: None,
-        protocol: None,
-        tx: None,
-        chunk: None,
-        bad_commands: 0,
+    let mut session = Session::new(stream, config.clone(), client_addr.clone(), sink.clone());
+    let kind = match config.protocol {
+        Protocol::Smtp => "ESMTP",
+        Protocol::Lmtp => "LMTP",
     };
-    session.run(shutdown).await
+    let greeting = format!("220 {} {kind} Coffer", config.hostname);
+    session.reply(&greeting);
+    if session.run(shutdown.clone()).await? == End::Closed {
+        return Ok(());
+    }
+    let Some(tls) = config.tls.clone() else {
+        return Ok(()); // STARTTLS is only accepted where it is offered
+    };
+    let bad_commands = session.bad_commands;
+    let stream = session.io;
+    let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+    let handshake = tokio::time::timeout(config.idle_timeout, handshake);
+    let mut stop = shutdown.clone();
+    let handshake = tokio::select! {
+        done = handshake => done,
+        _ = stop.wait_for(|stop| *stop) => return Ok(()), // shutting down: nothing to finish
+    };
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(listener = %config.listener, client = %client_addr, error = %e,
+                "TLS handshake failed");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::info!(listener = %config.listener, client = %client_addr,
+                "TLS handshake timed out");
+            return Ok(());
+        }
+    };
+    let info = crate::tls::session_info(stream.get_ref().1);
+    tracing::debug!(listener = %config.listener, client = %client_addr,
+        version = info.version.as_deref().unwrap_or("-"),
+        cipher = info.cipher.as_deref().unwrap_or("-"),
+        peer = info.peer_subject.as_deref().unwrap_or("-"), "TLS established");
+    let mut session = Session::new(stream, config, client_addr, sink);
+    session.tls = Some(info);
+    session.bad_commands = bad_commands;
+    session.run(shutdown).await?;
+    // close_notify, so the client sees a clean end (bounded: it may not read).
+    let _ = tokio::time::timeout(Duration::from_secs(5), session.io.shutdown()).await;
+    Ok(())
 }
 
 /// Whether the session goes on after a command.
@@ -134,6 +193,16 @@ where
 enum Flow {
     Continue,
     Close,
+    /// `220 Ready to start TLS` was queued: flush it, drop the rest of the input, hand
+    /// the stream over to the handshake.
+    StartTls,
+}
+
+/// How [`Session::run`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Closed,
+    StartTls,
 }
 
 struct Session<S> {
@@ -153,6 +222,8 @@ struct Session<S> {
     /// What to do with the BDAT chunk the codec is reading.
     chunk: Option<ChunkPlan>,
     bad_commands: u32,
+    /// Set once the session runs over TLS: what the handshake established.
+    tls: Option<TlsInfo>,
 }
 
 /// One mail transaction, from MAIL on.
@@ -182,13 +253,25 @@ enum ChunkPlan {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> io::Result<()> {
-        let kind = match self.config.protocol {
-            Protocol::Smtp => "ESMTP",
-            Protocol::Lmtp => "LMTP",
-        };
-        let greeting = format!("220 {} {kind} Coffer", self.config.hostname);
-        self.reply(&greeting);
+    fn new(io: S, config: Arc<SessionConfig>, client_addr: String, sink: Arc<dyn Sink>) -> Self {
+        Session {
+            io,
+            codec: Codec::new(config.limits()),
+            config,
+            client_addr,
+            sink,
+            out: Vec::with_capacity(512),
+            helo: None,
+            protocol: None,
+            tx: None,
+            chunk: None,
+            bad_commands: 0,
+            tls: None,
+        }
+    }
+
+    /// Serves commands until the session closes, or STARTTLS hands the stream over.
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> io::Result<End> {
         let mut stopping = *shutdown.borrow();
         let mut buf = vec![0u8; READ_BUF];
         let (mut pos, mut end) = (0, 0);
@@ -204,8 +287,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Event::TooBig { size } => self.too_big(size),
                     Event::Chunk(bytes) => self.chunk_read(bytes).await?,
                 };
-                if flow == Flow::Close {
-                    return self.flush().await;
+                match flow {
+                    Flow::Continue => {}
+                    Flow::Close => return self.flush().await.map(|()| End::Closed),
+                    Flow::StartTls => {
+                        self.flush().await?;
+                        if pos < end {
+                            // Sent in the clear behind STARTTLS: never taken as commands.
+                            tracing::info!(listener = %self.config.listener,
+                                client = %self.client_addr, bytes = end - pos,
+                                "dropped input pipelined after STARTTLS");
+                        }
+                        return Ok(End::StartTls);
+                    }
                 }
                 if self.out.len() > MAX_PENDING_REPLIES {
                     self.flush().await?;
@@ -213,7 +307,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             self.flush().await?;
             if stopping && !self.codec.in_data() {
-                return self.close_shutting_down().await;
+                return self.close_shutting_down().await.map(|()| End::Closed);
             }
             let in_data = self.codec.in_data();
             tokio::select! {
@@ -225,7 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 client = %self.client_addr,
                                 "client closed during message content; nothing stored");
                         }
-                        return Ok(());
+                        return Ok(End::Closed);
                     }
                     (pos, end) = (0, n);
                 }
@@ -237,7 +331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         client = %self.client_addr, "idle timeout");
                     let line = format!("421 4.4.2 {} idle timeout", self.config.hostname);
                     self.reply(&line);
-                    return self.flush().await;
+                    return self.flush().await.map(|()| End::Closed);
                 }
             }
         }
@@ -366,12 +460,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.reply("214 2.0.0 Coffer archive: see RFC 5321");
                 Flow::Continue
             }
-            Command::StartTls => self.bad("502 5.5.1 STARTTLS not offered"),
+            Command::StartTls => self.starttls(),
             Command::NotImplemented(name) => {
                 let line = format!("502 5.5.1 {name} not implemented");
                 self.bad(&line)
             }
         }
+    }
+
+    /// `STARTTLS`: where offered and not yet in TLS, `220` and the switch (the session
+    /// state is dropped with the plain-text session).
+    fn starttls(&mut self) -> Flow {
+        if self.tls.is_some() {
+            return self.bad("503 5.5.1 TLS already active");
+        }
+        if self.config.tls.is_none() {
+            return self.bad("502 5.5.1 STARTTLS not offered");
+        }
+        self.reply("220 2.0.0 Ready to start TLS");
+        Flow::StartTls
     }
 
     fn greeted(&mut self, name: String, protocol: &'static str) {
@@ -390,8 +497,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "BINARYMIME".to_owned(),
             "CHUNKING".to_owned(),
             "SMTPUTF8".to_owned(),
-            "ENHANCEDSTATUSCODES".to_owned(),
         ];
+        if self.config.tls.is_some() && self.tls.is_none() {
+            caps.push("STARTTLS".to_owned());
+        }
+        caps.push("ENHANCEDSTATUSCODES".to_owned());
         if self.config.trust_xcoffer {
             caps.push(format!(
                 "XCOFFER {} {}",
@@ -411,6 +521,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn mail(&mut self, mail: MailFrom) -> Flow {
         if self.helo.is_none() {
             return self.bad("503 5.5.1 Send EHLO first");
+        }
+        if self.config.tls_required && self.tls.is_none() {
+            return self.bad("530 5.7.0 Must issue a STARTTLS command first");
         }
         if self.tx.is_some() {
             return self.bad("503 5.5.1 Nested MAIL command");
@@ -576,6 +689,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 helo: self.helo.clone(),
                 queue_id: tx.xcoffer.as_ref().and_then(|x| x.queue_id.clone()),
                 xcoffer: tx.xcoffer,
+                tls: self.tls.clone(),
             },
         };
         // Whatever is pending (the 354 at least) goes out before we wait on the store.
@@ -702,6 +816,8 @@ pub(crate) mod tests {
             max_recipients: 3,
             idle_timeout: Duration::from_secs(10),
             trust_xcoffer: false,
+            tls: None,
+            tls_required: false,
         }
     }
 
@@ -838,6 +954,7 @@ pub(crate) mod tests {
                 helo: Some("client.test".into()),
                 queue_id: None,
                 xcoffer: None,
+                tls: None,
             }
         );
     }
@@ -1457,5 +1574,235 @@ pub(crate) mod tests {
         let got = h.sink.got.lock().unwrap();
         assert_eq!(got[0].session.xcoffer.as_ref(), Some(&x));
         assert_eq!(got[0].session.protocol, "LMTP");
+    }
+
+    /// Reads one reply a byte at a time, so nothing past it is consumed (before TLS).
+    pub(crate) async fn raw_reply<S: AsyncRead + Unpin>(s: &mut S) -> String {
+        let mut all = Vec::new();
+        let mut line_start = 0;
+        loop {
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut b))
+                .await
+                .expect("reply in time")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            all.push(b[0]);
+            if b[0] == b'\n' {
+                if all.get(line_start + 3) != Some(&b'-') {
+                    break;
+                }
+                line_start = all.len();
+            }
+        }
+        String::from_utf8(all).unwrap()
+    }
+
+    fn tls_config(
+        ca: &crate::tls::testing::TestCa,
+        clients: Option<&crate::tls::testing::TestCa>,
+        required: bool,
+    ) -> SessionConfig {
+        SessionConfig {
+            tls: Some(ca.server("mx.test", clients, clients.is_some())),
+            tls_required: required,
+            ..config()
+        }
+    }
+
+    /// A session over a duplex pipe, its client end whole (for TLS).
+    fn start_raw(
+        config: SessionConfig,
+    ) -> (DuplexStream, Arc<FakeSink>, JoinHandle<io::Result<()>>) {
+        let (client, server) = tokio::io::duplex(256 * 1024);
+        let (_tx, rx) = watch::channel(false);
+        let sink = Arc::new(FakeSink::default());
+        let dyn_sink: Arc<dyn Sink> = sink.clone();
+        let task = tokio::spawn(async move {
+            let _keep = _tx;
+            serve(
+                server,
+                Arc::new(config),
+                "192.0.2.1:40000".into(),
+                dyn_sink,
+                rx,
+            )
+            .await
+        });
+        (client, sink, task)
+    }
+
+    async fn handshake(
+        stream: DuplexStream,
+        client: Arc<rustls::ClientConfig>,
+    ) -> io::Result<Client<ReadHalf<tokio_rustls::client::TlsStream<DuplexStream>>>> {
+        let name = rustls::pki_types::ServerName::try_from("mx.test").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(client)
+            .connect(name, stream)
+            .await?;
+        let (r, w) = tokio::io::split(tls);
+        Ok(Client {
+            reader: BufReader::new(r),
+            writer: Box::new(w),
+        })
+    }
+
+    #[tokio::test]
+    async fn starttls_is_offered_required_and_resets_the_session() {
+        let ca = crate::tls::testing::TestCa::new("Test CA");
+        let (mut raw, sink, task) = start_raw(tls_config(&ca, None, true));
+        assert!(raw_reply(&mut raw).await.starts_with("220 mx.test ESMTP"));
+        raw.write_all(b"EHLO client.test\r\n").await.unwrap();
+        let caps = raw_reply(&mut raw).await;
+        assert!(caps.contains("250-STARTTLS\r\n"), "{caps}");
+        raw.write_all(b"MAIL FROM:<a@b.test>\r\n").await.unwrap();
+        assert_eq!(
+            raw_reply(&mut raw).await,
+            "530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
+        raw.write_all(b"STARTTLS\r\n").await.unwrap();
+        assert_eq!(
+            raw_reply(&mut raw).await,
+            "220 2.0.0 Ready to start TLS\r\n"
+        );
+        let mut c = handshake(raw, ca.client(None)).await.unwrap();
+        // A new session: EHLO first, no STARTTLS offered again.
+        c.cmd("MAIL FROM:<a@b.test>", "503 5.5.1 Send EHLO first")
+            .await;
+        let caps = c.cmd("EHLO client.test", "250-mx.test").await;
+        assert!(!caps.contains("STARTTLS"), "{caps}");
+        c.cmd("STARTTLS", "503 5.5.1 TLS already active").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 2.1.0").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.cmd("DATA", "354 ").await;
+        c.send("over tls\r\n.\r\n").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        c.cmd("QUIT", "221 ").await;
+        task.await.unwrap().unwrap();
+        let got = sink.got.lock().unwrap();
+        let tls = got[0].session.tls.as_ref().expect("TLS recorded");
+        assert_eq!(tls.version.as_deref(), Some("TLSv1.3"));
+        assert!(
+            tls.cipher.as_deref().unwrap().starts_with("TLS13_"),
+            "{tls:?}"
+        );
+        assert!(tls.bits.is_some());
+        assert_eq!(tls.peer_subject, None);
+        assert_eq!(tls.peer_verified, None);
+        assert_eq!(got[0].session.helo.as_deref(), Some("client.test"));
+    }
+
+    #[tokio::test]
+    async fn commands_pipelined_after_starttls_are_dropped() {
+        let ca = crate::tls::testing::TestCa::new("Test CA");
+        let (mut raw, sink, task) = start_raw(tls_config(&ca, None, false));
+        raw_reply(&mut raw).await;
+        raw.write_all(b"EHLO client.test\r\n").await.unwrap();
+        raw_reply(&mut raw).await;
+        // An attacker in the path appends commands to the client's STARTTLS.
+        raw.write_all(
+            b"STARTTLS\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@x.test>\r\nNOOP\r\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            raw_reply(&mut raw).await,
+            "220 2.0.0 Ready to start TLS\r\n"
+        );
+        // Nothing else came in the clear: the handshake reads only TLS records.
+        let mut c = handshake(raw, ca.client(None)).await.unwrap();
+        c.cmd("EHLO client.test", "250-mx.test").await;
+        // The injected MAIL opened no transaction.
+        c.cmd("RCPT TO:<victim@x.test>", "503 5.5.1 Need MAIL command")
+            .await;
+        c.cmd("NOOP", "250 2.0.0 Ok").await;
+        c.cmd("QUIT", "221 ").await;
+        task.await.unwrap().unwrap();
+        assert!(sink.got.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn client_certificates_are_verified_and_recorded() {
+        let ca = crate::tls::testing::TestCa::new("Server CA");
+        let peers = crate::tls::testing::TestCa::new("Peers CA");
+        let other = crate::tls::testing::TestCa::new("Other CA");
+        let session = |client: Arc<rustls::ClientConfig>| {
+            let (mut raw, sink, task) = start_raw(tls_config(&ca, Some(&peers), true));
+            async move {
+                raw_reply(&mut raw).await;
+                raw.write_all(b"EHLO a\r\nSTARTTLS\r\n").await.unwrap();
+                raw_reply(&mut raw).await;
+                assert!(raw_reply(&mut raw).await.starts_with("220 2.0.0"));
+                (handshake(raw, client).await, sink, task)
+            }
+        };
+        // A certificate from the peers' CA.
+        let (c, sink, task) = session(ca.client(Some((&peers, "archive-a")))).await;
+        let mut c = c.unwrap();
+        c.cmd("EHLO archive-a", "250-").await;
+        c.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        c.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        c.send("BDAT 2 LAST\r\nok").await;
+        c.expect("250 2.0.0 Ok: ").await;
+        c.cmd("QUIT", "221 ").await;
+        task.await.unwrap().unwrap();
+        let tls = sink.got.lock().unwrap()[0].session.tls.clone().unwrap();
+        assert_eq!(
+            tls.peer_subject.as_deref(),
+            Some("O=Coffer\\, tests,CN=archive-a")
+        );
+        assert_eq!(tls.peer_issuer.as_deref(), Some("CN=Peers CA"));
+        assert_eq!(tls.peer_verified, Some(true));
+
+        // No certificate, or one from another CA: no session over TLS.
+        for client in [ca.client(None), ca.client(Some((&other, "archive-a")))] {
+            let (c, sink, task) = session(client).await;
+            if let Ok(mut c) = c {
+                // TLS 1.3: the server's refusal may come with the first read.
+                c.send("EHLO x\r\n").await;
+                let mut line = String::new();
+                let read = c.reader.read_line(&mut line).await;
+                assert!(read.is_err() || line.is_empty(), "{line}");
+            }
+            task.await.unwrap().unwrap();
+            assert!(sink.got.lock().unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn tls_is_ignored_on_unix_sockets() {
+        let ca = crate::tls::testing::TestCa::new("Test CA");
+        let dir = tempfile::tempdir().unwrap();
+        let (_, cert, key) = ca.write(dir.path(), "s", "mx.test");
+        let mut l = crate::config::ListenerConfig {
+            name: "l".into(),
+            protocol: Protocol::Lmtp,
+            bind: crate::config::BindAddr::Unix("/x.sock".into()),
+            allow: vec![],
+            proxy_protocol: false,
+            trusted_proxies: vec![],
+            max_message_size: 1,
+            max_recipients: 1,
+            max_connections: 1,
+            idle_timeout: Duration::from_secs(1),
+            trust_xcoffer: true,
+            socket_mode: None,
+            socket_group: None,
+            tls: Some(crate::config::ListenerTls {
+                cert,
+                key,
+                required: true,
+                require_client_cert: false,
+                client_ca: None,
+            }),
+        };
+        let server = Some(ca.server("mx.test", None, false));
+        let unix = SessionConfig::from_listener(&l, "h", server.clone());
+        assert!(unix.tls.is_none() && !unix.tls_required);
+        l.bind = crate::config::BindAddr::Tcp("127.0.0.1:0".parse().unwrap());
+        let tcp = SessionConfig::from_listener(&l, "h", server);
+        assert!(tcp.tls.is_some() && tcp.tls_required);
     }
 }

@@ -115,6 +115,10 @@ pub struct Arrival {
     /// origin's). Routes match on this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// The TLS of the session that delivered it here (like `client_addr`, what this node
+    /// saw; the original client's TLS of a replicated arrival is in `xcoffer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<coffer_proto::TlsInfo>,
 }
 
 impl Arrival {

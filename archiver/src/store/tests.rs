@@ -32,6 +32,7 @@ fn msg(bytes: &[u8], from: &str, to: &[&str]) -> Incoming {
             helo: Some("client".into()),
             queue_id: None,
             xcoffer: None,
+            tls: None,
         },
     }
 }

@@ -39,6 +39,7 @@ fn msg(i: usize, from: &str) -> Incoming {
             helo: Some("c".into()),
             queue_id: None,
             xcoffer: None,
+            tls: None,
         },
     }
 }
