@@ -23,7 +23,7 @@ use super::{Arrival, LookupError, MessageRecord, Query, StoreError, StoreStatus,
 use crate::ids::MessageId;
 
 /// Longest a reader waits for the daemon's index to catch up with its log.
-const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 enum Db {
     /// No daemon: this process holds the store (recovered on open).
@@ -108,6 +108,11 @@ impl StoreReader {
     /// called. The daemon acknowledges a message once it is in the log and indexes it a
     /// few milliseconds later; waiting for the index to reach the log end seen now makes
     /// every message acknowledged before this call visible to it.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the index does not catch up within
+    /// [`CATCH_UP_WAIT`] (its commits are failing, e.g. on a full disk): an older
+    /// snapshot could answer "not found" for a message that was acknowledged.
     fn caught_up(&self, db: &redb::ReadOnlyDatabase) -> Result<ReadTransaction, StoreError> {
         let mut target = self.log_end()?;
         let deadline = std::time::Instant::now() + CATCH_UP_WAIT;
@@ -118,8 +123,22 @@ impl StoreReader {
                 let seg = u32::try_from(index::meta_u64(&meta, index::K_TAIL_SEG)).unwrap_or(0);
                 (seg, index::meta_u64(&meta, index::K_TAIL_OFF))
             };
-            if tail >= target || std::time::Instant::now() >= deadline {
+            if tail >= target {
                 return Ok(txn);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "the daemon's index has not caught up with its log for {} s (indexed \
+                     to segment {} offset {}, the log ends at segment {} offset {}): its \
+                     index commits are failing or stalled (is the disk full? see its log). \
+                     Nothing acknowledged is lost: it is all in the log; try again once \
+                     the daemon can write.",
+                    CATCH_UP_WAIT.as_secs(),
+                    tail.0,
+                    tail.1,
+                    target.0,
+                    target.1
+                )));
             }
             drop(txn);
             // A failed append is truncated away: never wait for bytes that are gone.

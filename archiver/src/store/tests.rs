@@ -314,6 +314,32 @@ fn second_writer_is_refused_and_reader_follows_the_daemon() {
     assert_eq!(reader.status().unwrap().arrivals, 2);
 }
 
+/// A reader beside the daemon never answers from an index that is behind the log it
+/// saw (the daemon's index commits failing, e.g. on a full disk): "not found" for an
+/// acknowledged message would be a lie. It says the daemon cannot serve instead.
+#[test]
+fn reader_refuses_an_index_that_stays_behind_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(opts(dir.path())).unwrap();
+    let a = store
+        .handle()
+        .ingest_blocking(msg(M1, "a@x", &["b@y"]))
+        .unwrap();
+    // Log bytes the index will never reach, as after an acknowledged batch whose index
+    // commit keeps failing.
+    let segs = log::list_segments(&io::RealVfs, &dir.path().join("log")).unwrap();
+    let last = log::segment_path(&dir.path().join("log"), *segs.last().unwrap());
+    let mut f = std::fs::OpenOptions::new().append(true).open(last).unwrap();
+    std::io::Write::write_all(&mut f, &[0u8; 64]).unwrap();
+    let reader = StoreReader::open(dir.path()).unwrap();
+    assert!(reader.daemon_running());
+    match reader.read_message(&a.message_id) {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("not caught up"), "{why}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    drop(store);
+}
+
 #[test]
 fn segments_rotate_and_reopen_keeps_sequence() {
     let dir = tempfile::tempdir().unwrap();
