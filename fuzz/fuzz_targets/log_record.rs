@@ -57,7 +57,11 @@ fuzz_target!(|data: &[u8]| {
                 encode_record(&mut again, &h, payload);
                 // Byte 7 is reserved: the decoder ignores it (segments carry a format
                 // version), the encoder writes 0. Everything else must match.
-                assert_eq!(again[..7], record[..7], "a valid record re-encodes to itself");
+                assert_eq!(
+                    again[..7],
+                    record[..7],
+                    "a valid record re-encodes to itself"
+                );
                 assert_eq!(again[8..total - 4], record[8..total - 4]);
                 // Bound what a hostile raw length may make the decoder allocate.
                 if h.raw_len <= 1 << 20 {

@@ -29,7 +29,12 @@ fuzz_target!(|data: &[u8]| {
         .filter(|&(i, &b)| b == b'\n' && (i == 0 || value[i - 1] != b'\r'))
         .count();
     assert_eq!(got.len(), value.len() + bare_lf);
-    let no_cr = |s: &[u8]| s.iter().copied().filter(|&b| b != b'\r').collect::<Vec<u8>>();
+    let no_cr = |s: &[u8]| {
+        s.iter()
+            .copied()
+            .filter(|&b| b != b'\r')
+            .collect::<Vec<u8>>()
+    };
     assert_eq!(no_cr(got), no_cr(value));
     for (i, &b) in got.iter().enumerate() {
         if b == b'\n' {
