@@ -13,13 +13,15 @@ use tracing::warn;
 
 use crate::journal;
 use crate::metrics::Metrics;
-use crate::smtp::Sink;
+use crate::smtp::{Budget, Sink};
 use crate::store::{Incoming, IngestError, Receipt, StoreHandle};
 
 /// The listeners' [`Sink`]: the store's handle, with counting and journal unwrapping.
 pub struct ListenerSink {
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
+    /// What sessions claim message buffers from: `[store] max_pending` bytes.
+    pub budget: Arc<Budget>,
 }
 
 impl ListenerSink {
@@ -52,6 +54,14 @@ impl Sink for ListenerSink {
 
     fn epoch(&self) -> &str {
         self.store.epoch()
+    }
+
+    fn budget(&self) -> Option<Arc<Budget>> {
+        Some(self.budget.clone())
+    }
+
+    fn refused(&self, listener: &str, error: &IngestError) {
+        self.metrics.refusal(listener, error);
     }
 
     fn ingest(
@@ -116,6 +126,7 @@ mod tests {
         let sink = ListenerSink {
             store: store.handle(),
             metrics: Arc::new(Metrics::new(["journal"])),
+            budget: Budget::new(1 << 24),
         };
         let report = fixture("m365-to-cc-bcc.eml");
         let incoming = Incoming {

@@ -115,6 +115,14 @@ impl Metrics {
         }
     }
 
+    /// Counts a message refused before it reached the store (a session over the memory
+    /// budget).
+    pub fn refusal(&self, listener: &str, e: &IngestError) {
+        if let Some(c) = self.listeners.get(listener) {
+            c.refusals[Refusal::of(e) as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self, store: &StoreHandle) -> String {
         let mut out = String::with_capacity(4096);
@@ -434,6 +442,7 @@ mod tests {
         let sink = ListenerSink {
             store: store.handle(),
             metrics: metrics.clone(),
+            budget: crate::smtp::Budget::new(1 << 20),
         };
         sink.ingest(incoming(b"Subject: 1\r\n\r\nx\r\n"))
             .await

@@ -108,9 +108,11 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(
         config.listeners.iter().map(|l| l.name.as_str()),
     ));
+    let budget = crate::smtp::Budget::new(config.store.max_pending);
     let sink: Arc<dyn Sink> = Arc::new(ListenerSink {
         store: handle.clone(),
         metrics: metrics.clone(),
+        budget: budget.clone(),
     });
     let hostname = config.node.name.clone();
     let mut tasks = tokio::task::JoinSet::new();
@@ -176,10 +178,10 @@ async fn serve(config: Config, handle: StoreHandle) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(&config, &reloaders, &handle, &mut replicators, &mut tasks),
+            _ = hup.recv() => reload(&config, &reloaders, &handle, &budget, &mut replicators, &mut tasks),
             Some(()) = reload_rx.recv() => {
                 info!("reload requested on the control socket");
-                reload(&config, &reloaders, &handle, &mut replicators, &mut tasks);
+                reload(&config, &reloaders, &handle, &budget, &mut replicators, &mut tasks);
             }
             Some(_) = tasks.join_next() => {
                 if tasks.is_empty() {
@@ -341,6 +343,7 @@ fn reload(
     running: &Config,
     listeners: &[Reloader],
     store: &StoreHandle,
+    budget: &crate::smtp::Budget,
     replicators: &mut Replicators,
     tasks: &mut tokio::task::JoinSet<()>,
 ) {
@@ -361,6 +364,7 @@ fn reload(
         warn!("configuration: {w}");
     }
     store.set_limits(new.store.max_pending, new.store.min_free_disk);
+    budget.set_max(new.store.max_pending);
     replicators.apply(&new, tasks);
     for change in apply_reload(running, &new, listeners) {
         warn!("reload: {change}: needs a restart");

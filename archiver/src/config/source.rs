@@ -92,9 +92,13 @@ impl SourceText<'_> {
         let before = &self.text[line_start..offset];
         let eq = before.rfind('=')?;
         let word = before[..eq].trim_end();
+        // Past the last character that cannot be in a bare key (which may be several
+        // bytes long: slicing one byte past its start would panic).
         let start = word
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.'))
-            .map_or(0, |i| i + 1);
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.'))
+            .map_or(0, |(i, c)| i + c.len_utf8());
         let key = &word[start..];
         is_bare_key(key).then(|| key.to_owned())
     }

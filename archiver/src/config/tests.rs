@@ -701,3 +701,18 @@ fn reload_diff_lists_what_needs_a_restart() {
             && back.contains("[console] removed")
     );
 }
+
+/// Found by fuzzing (fuzz/corpus/config): a multi-byte character before the `=` of a
+/// broken line made the error reporter slice inside it and panic.
+#[test]
+fn a_multibyte_character_before_a_broken_key_is_an_error_not_a_panic() {
+    for text in [
+        "'# Coffer \u{2014}  \u{2014}cnd = \"707.0.0list[ener.1:8093\"\n",
+        "[node]\nn\u{e9}me = \"x\"\n",
+        "\u{2014}= 1\n",
+        "a\u{2014}b = [\n",
+    ] {
+        let e = from_toml(text, ConfigSource::Embedded).expect_err(text);
+        assert!(e.line.is_some(), "{text:?}: {e}");
+    }
+}

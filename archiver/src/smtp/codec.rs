@@ -19,6 +19,15 @@
 //! - Past the size cap the codec stops buffering, keeps consuming to the terminator,
 //!   then reports [`Event::TooBig`].
 //!
+//! # Memory
+//! Command lines are held up to their cap (never past it: a longer line is discarded as
+//! it arrives). Message content is buffered up to the size cap, and every byte of buffer
+//! capacity is first claimed from the [`Budget`] given with [`Codec::set_budget`]; when
+//! the budget refuses, the content is read and dropped, and the end of the message is
+//! reported as [`Event::OverBudget`] (DATA) or an empty [`Event::Chunk`] (BDAT). The
+//! session gives the claim back with [`Codec::release_budget`] once it is done with the
+//! message.
+//!
 //! # BDAT rules (RFC 3030)
 //! - `BDAT <size> [LAST]`: `size` is 1*DIGIT and fits a `u64`; `LAST` in any case. Anything
 //!   else is [`CommandError::BadBdat`]: the chunk's length is unknown, so the stream can
@@ -32,6 +41,8 @@
 use std::borrow::Cow;
 
 use smtp_proto::Request;
+
+use super::budget::{Budget, Claim};
 
 /// Longest command line accepted, CRLF included. RFC 5321 asks for at least 512; this is
 /// what smtp-proto's own receiver allows and leaves room for long parameter lists.
@@ -71,12 +82,17 @@ pub enum Event {
     /// DATA ended, but its content was larger than the cap: `size` bytes (after
     /// unstuffing) were received and dropped.
     TooBig { size: u64 },
+    /// DATA ended, but the memory budget could not hold its content: `size` bytes were
+    /// received and dropped. A temporary condition: the client may retry.
+    OverBudget { size: u64 },
     /// A BDAT chunk was read whole: the message so far with the chunk appended, or `None`
-    /// when the chunk was to be dropped.
+    /// when the chunk was to be dropped (or was dropped because the memory budget could
+    /// not hold it).
     Chunk(Option<Vec<u8>>),
 }
 
-/// A parsed command. Strings are as the client sent them (invalid UTF-8 replaced).
+/// A parsed command. Strings are exactly as the client sent them: a line with a NUL byte
+/// or invalid UTF-8 is refused ([`CommandError::BadBytes`]), never altered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     /// `HELO arg`: the raw argument.
@@ -147,6 +163,11 @@ pub enum CommandError {
     /// A `BDAT` line whose chunk size cannot be read: the stream is out of step.
     #[error("syntax: BDAT chunk-size [LAST]")]
     BadBdat,
+    /// A known command whose line holds a NUL byte or is not UTF-8. Refused rather than
+    /// recorded altered: the envelope and the HELO name are kept as text, and a
+    /// replacement character would not be what the client sent.
+    #[error("{0} in command line")]
+    BadBytes(&'static str),
 }
 
 const MAIL_SYNTAX: &str = "MAIL FROM:<reverse-path> [parameters]";
@@ -162,6 +183,8 @@ const RCPT_PARAMS: &[&str] = &[];
 pub struct Codec {
     limits: Limits,
     mode: Mode,
+    /// Covers the capacity of the content buffers (DATA, and the BDAT message so far).
+    claim: Claim,
 }
 
 #[derive(Debug)]
@@ -189,7 +212,13 @@ struct DataState {
     size: u64,
     max: u64,
     pos: LinePos,
+    /// The budget refused more buffer: content is counted, not kept.
+    over_budget: bool,
 }
+
+/// The smallest content buffer allocated; it then grows by doubling, never past the
+/// size cap.
+const MIN_CONTENT_ALLOC: usize = 4096;
 
 /// Where the data decoder is relative to CRLF line starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,7 +242,26 @@ impl Codec {
                 line: Vec::new(),
                 discarding: false,
             },
+            claim: Claim::default(),
         }
+    }
+
+    /// Claims content buffers from `budget` from now on (without one, nothing limits
+    /// them but the size caps).
+    pub fn set_budget(&mut self, budget: std::sync::Arc<Budget>) {
+        self.claim.release();
+        self.claim = Claim::on(budget);
+    }
+
+    /// Gives back the budget claimed for content buffers: call once the message they held
+    /// has been handed over and answered, or dropped.
+    pub fn release_budget(&mut self) {
+        self.claim.release();
+    }
+
+    /// Bytes of budget claimed now.
+    pub fn claimed(&self) -> u64 {
+        self.claim.held()
     }
 
     /// Changes the line caps (e.g. allows a long MAIL line once XCOFFER is trusted).
@@ -248,6 +296,7 @@ impl Codec {
             size: 0,
             max: max_size,
             pos: LinePos::LineStart,
+            over_budget: false,
         });
     }
 
@@ -259,10 +308,12 @@ impl Codec {
             Mode::Command { line, discarding } => {
                 let Some(lf) = input.iter().position(|&b| b == b'\n') else {
                     if !*discarding {
-                        line.extend_from_slice(input);
-                        if line.len() > line_cap(line, &self.limits) {
+                        // Checked before copying: the partial line never passes its cap.
+                        if line.len() + input.len() > line_cap_of(line, input, &self.limits) {
                             *discarding = true;
-                            line.clear();
+                            *line = Vec::new();
+                        } else {
+                            line.extend_from_slice(input);
                         }
                     }
                     return (input.len(), Event::NeedMore);
@@ -289,14 +340,25 @@ impl Codec {
                 let take = usize::try_from(*remaining).map_or(input.len(), |r| r.min(input.len()));
                 if let Some(buf) = into {
                     // Grow by doubling, but never past this chunk's end: the caller's
-                    // size cap bounds the allocation, not just the content.
+                    // size cap bounds the allocation, not just the content. The budget
+                    // is claimed first; when it refuses, the chunk is read and dropped.
                     let need = buf.len() + take;
+                    let mut keep = true;
                     if need > buf.capacity() {
                         let end = buf.len() as u64 + *remaining;
-                        let want = (buf.capacity() * 2).max(need) as u64;
-                        buf.reserve_exact(want.min(end) as usize - buf.len());
+                        let want = (buf.capacity() * 2).max(need).max(MIN_CONTENT_ALLOC) as u64;
+                        let want = want.min(end);
+                        if self.claim.grow_to(want) {
+                            buf.reserve_exact(want as usize - buf.len());
+                        } else {
+                            keep = false;
+                        }
                     }
-                    buf.extend_from_slice(&input[..take]);
+                    if keep {
+                        buf.extend_from_slice(&input[..take]);
+                    } else {
+                        *into = None;
+                    }
                 }
                 *remaining -= take as u64;
                 if *remaining > 0 {
@@ -314,7 +376,7 @@ impl Codec {
                 (take, Event::Chunk(into))
             }
             Mode::Data(state) => {
-                let (consumed, done) = state.ingest(input);
+                let (consumed, done) = state.ingest(input, &mut self.claim);
                 if !done {
                     return (consumed, Event::NeedMore);
                 }
@@ -329,6 +391,8 @@ impl Codec {
                 };
                 let event = if state.size > state.max {
                     Event::TooBig { size: state.size }
+                } else if state.over_budget {
+                    Event::OverBudget { size: state.size }
                 } else {
                     Event::Message(state.buf)
                 };
@@ -336,6 +400,16 @@ impl Codec {
             }
         }
     }
+}
+
+/// The cap for the line that `line` followed by `more` starts.
+fn line_cap_of(line: &[u8], more: &[u8], limits: &Limits) -> usize {
+    let mut head = [0u8; 5];
+    let n = line.len().min(5);
+    head[..n].copy_from_slice(&line[..n]);
+    let m = more.len().min(5 - n);
+    head[n..n + m].copy_from_slice(&more[..m]);
+    line_cap(&head[..n + m], limits)
 }
 
 /// The cap for a line starting with `start`: longer for MAIL.
@@ -348,18 +422,35 @@ fn line_cap(start: &[u8], limits: &Limits) -> usize {
 }
 
 impl DataState {
-    fn push(&mut self, bytes: &[u8]) {
+    fn push(&mut self, bytes: &[u8], claim: &mut Claim) {
         self.size += bytes.len() as u64;
-        if self.size <= self.max {
-            self.buf.extend_from_slice(bytes);
-        } else if !self.buf.is_empty() {
-            // Over the cap: free what we held, keep counting.
-            self.buf = Vec::new();
+        if self.size > self.max || self.over_budget {
+            // Over the cap or the budget: free what we held, keep counting.
+            if self.buf.capacity() > 0 {
+                self.buf = Vec::new();
+            }
+            return;
         }
+        let need = self.buf.len() + bytes.len();
+        if need > self.buf.capacity() {
+            // Doubling, from a small start, never past the size cap (`need` is within it).
+            let cap = usize::try_from(self.max).unwrap_or(usize::MAX);
+            let want = (self.buf.capacity() * 2)
+                .max(MIN_CONTENT_ALLOC)
+                .min(cap)
+                .max(need);
+            if !claim.grow_to(want as u64) {
+                self.over_budget = true;
+                self.buf = Vec::new();
+                return;
+            }
+            self.buf.reserve_exact(want - self.buf.len());
+        }
+        self.buf.extend_from_slice(bytes);
     }
 
     /// Consumes content; returns (bytes consumed, whether the terminator was seen).
-    fn ingest(&mut self, input: &[u8]) -> (usize, bool) {
+    fn ingest(&mut self, input: &[u8], claim: &mut Claim) -> (usize, bool) {
         let mut i = 0;
         while i < input.len() {
             match self.pos {
@@ -368,7 +459,7 @@ impl DataState {
                     let rest = &input[i..];
                     match rest.iter().position(|&b| b == b'\n') {
                         None => {
-                            self.push(rest);
+                            self.push(rest, claim);
                             self.pos = LinePos::Mid {
                                 cr: rest.last() == Some(&b'\r'),
                             };
@@ -376,7 +467,7 @@ impl DataState {
                         }
                         Some(lf) => {
                             let before_cr = if lf == 0 { cr } else { rest[lf - 1] == b'\r' };
-                            self.push(&rest[..=lf]);
+                            self.push(&rest[..=lf], claim);
                             self.pos = if before_cr {
                                 LinePos::LineStart
                             } else {
@@ -408,7 +499,7 @@ impl DataState {
                         return (i + 1, true);
                     }
                     // `.` CR then something else: the dot was stuffing, the CR is content.
-                    self.push(b"\r");
+                    self.push(b"\r", claim);
                     self.pos = LinePos::Mid { cr: true };
                 }
             }
@@ -416,6 +507,12 @@ impl DataState {
         (input.len(), false)
     }
 }
+
+/// Every verb [`parse_line`] knows, BDAT aside.
+const KNOWN_VERBS: &[&str] = &[
+    "MAIL", "RCPT", "HELO", "EHLO", "LHLO", "DATA", "RSET", "QUIT", "STARTTLS", "NOOP", "HELP",
+    "VRFY", "EXPN", "AUTH", "ETRN", "ATRN", "BURL",
+];
 
 /// Parses one complete command line (ending in LF).
 fn parse_line(line: &[u8]) -> Result<Command, CommandError> {
@@ -425,6 +522,20 @@ fn parse_line(line: &[u8]) -> Result<Command, CommandError> {
     let arg = trim_start(&body[verb_end..]);
     let is = |name: &str| verb.eq_ignore_ascii_case(name.as_bytes());
 
+    if is("BDAT") {
+        // Before the byte check: a BDAT line that cannot be read must close the session
+        // (its chunk would otherwise be taken for commands), and the strict syntax
+        // refuses any odd byte anyway.
+        return parse_bdat(trim_end(arg));
+    }
+    if KNOWN_VERBS.iter().any(|v| is(v)) {
+        if body.contains(&0) {
+            return Err(CommandError::BadBytes("NUL byte"));
+        }
+        if std::str::from_utf8(body).is_err() {
+            return Err(CommandError::BadBytes("invalid UTF-8"));
+        }
+    }
     if is("MAIL") {
         return parse_mail(arg);
     }
@@ -485,9 +596,6 @@ fn parse_line(line: &[u8]) -> Result<Command, CommandError> {
         } else {
             Ok(Command::Vrfy)
         };
-    }
-    if is("BDAT") {
-        return parse_bdat(trim_end(arg));
     }
     for name in ["EXPN", "AUTH", "ETRN", "ATRN", "BURL"] {
         if is(name) {
@@ -913,6 +1021,62 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_line_never_grows_past_its_cap() {
+        let mut codec = Codec::new(Limits::default());
+        let block = vec![b'x'; 3000];
+        for _ in 0..400 {
+            assert_eq!(codec.decode(&block), (3000, Event::NeedMore));
+            let Mode::Command { line, .. } = &codec.mode else {
+                panic!()
+            };
+            assert!(line.capacity() <= 2 * MAX_LINE, "{}", line.capacity());
+        }
+        assert_eq!(
+            codec.decode(b"\r\nNOOP\r\n").1,
+            Event::Command(Err(CommandError::LineTooLong))
+        );
+    }
+
+    #[test]
+    fn content_buffers_are_claimed_from_the_budget() {
+        let budget = Budget::new(10_000);
+        // Another session holds part of the budget.
+        let mut other = Claim::on(budget.clone());
+        assert!(other.grow_to(1));
+        let mut codec = Codec::new(Limits::default());
+        codec.set_budget(budget.clone());
+        codec.start_data(1 << 20);
+        let line = [b'y'; 100];
+        let mut sent = 0u64;
+        for _ in 0..150 {
+            codec.decode(&line);
+            sent += 100;
+            assert!(codec.claimed() <= 10_000);
+            let Mode::Data(state) = &codec.mode else {
+                panic!()
+            };
+            assert!(state.buf.capacity() as u64 <= codec.claimed().max(1));
+        }
+        // 8 KiB fitted; 16 KiB did not: the rest was dropped, and the end says so.
+        assert_eq!(
+            codec.decode(b"\r\n.\r\n").1,
+            Event::OverBudget { size: sent + 2 }
+        );
+        assert_eq!(codec.claimed(), 8192);
+        codec.release_budget();
+        assert_eq!(budget.held(), 1);
+        // A BDAT chunk the budget cannot hold comes back empty, read whole.
+        codec.start_chunk(20_000, Some(Vec::new()));
+        for _ in 0..199 {
+            assert_eq!(codec.decode(&line), (100, Event::NeedMore));
+        }
+        assert_eq!(codec.decode(&line), (100, Event::Chunk(None)));
+        codec.release_budget();
+        drop(other);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
     fn long_lines_are_refused_and_resynced() {
         let limits = Limits {
             max_line: 16,
@@ -1102,6 +1266,26 @@ mod tests {
             ("FOO", Err(E::Unknown)),
             ("", Err(E::Unknown)),
             ("\0\0", Err(E::Unknown)),
+            ("HELO a\0b", Err(E::BadBytes("NUL byte"))),
+            ("NOOP \0", Err(E::BadBytes("NUL byte"))),
+            ("MAIL FROM:<a\0@b.example>", Err(E::BadBytes("NUL byte"))),
+            ("RCPT TO:<c@d.example>\0", Err(E::BadBytes("NUL byte"))),
+            ("BDAT 1\0", Err(E::BadBdat)),
+            (
+                "MAIL FROM:<\u{e9}@b.example> SMTPUTF8",
+                mail("\u{e9}@b.example", &["SMTPUTF8"], None, None),
+            ),
+            (
+                "MAIL FROM:<\u{e9}@b.example>",
+                mail("\u{e9}@b.example", &[], None, None),
+            ),
+            (
+                "RCPT TO:<\u{e9}@d.example>",
+                Ok(Command::Rcpt(RcptTo {
+                    address: "\u{e9}@d.example".into(),
+                    params: vec![],
+                })),
+            ),
         ];
         for (line, want) in cases {
             for eol in ["\r\n", "\n"] {
@@ -1109,6 +1293,34 @@ mod tests {
                 let got = run(&[wire.as_bytes()], Limits::default(), MAX);
                 assert_eq!(got, vec![Event::Command(want.clone())], "{line:?}{eol:?}");
             }
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_command_is_refused_not_altered() {
+        use CommandError as E;
+        let cases: &[(&[u8], Result<Command, CommandError>)] = &[
+            (
+                b"MAIL FROM:<a\xff@b.example>",
+                Err(E::BadBytes("invalid UTF-8")),
+            ),
+            (
+                b"MAIL FROM:<a\xff@b.example> SMTPUTF8",
+                Err(E::BadBytes("invalid UTF-8")),
+            ),
+            (
+                b"RCPT TO:<\xc3@d.example>",
+                Err(E::BadBytes("invalid UTF-8")),
+            ),
+            (b"EHLO h\xe9llo", Err(E::BadBytes("invalid UTF-8"))),
+            (b"\xff\xfe", Err(E::Unknown)),
+            (b"BDAT \xff", Err(E::BadBdat)),
+        ];
+        for (line, want) in cases {
+            let mut wire = line.to_vec();
+            wire.extend_from_slice(b"\r\n");
+            let got = run(&[&wire], Limits::default(), MAX);
+            assert_eq!(got, vec![Event::Command(want.clone())], "{line:?}");
         }
     }
 

@@ -10,6 +10,7 @@
 //! The session talks to the store only through [`Sink`], so it can be tested with a
 //! fake and the store's handle implements it elsewhere.
 
+pub mod budget;
 pub mod codec;
 pub mod listener;
 pub mod proxy;
@@ -20,6 +21,9 @@ pub use session::SessionConfig;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+
+pub use budget::Budget;
 
 use crate::store::{Incoming, IngestError, Receipt};
 
@@ -37,4 +41,14 @@ pub trait Sink: Send + Sync + 'static {
     /// The store epoch (a UUID), advertised beside the node name: a peer that sees it
     /// change knows the store was rebuilt.
     fn epoch(&self) -> &str;
+
+    /// The memory budget every session claims message buffers from (`max_pending`);
+    /// `None` leaves them bounded by the size caps only.
+    fn budget(&self) -> Option<Arc<Budget>> {
+        None
+    }
+
+    /// Counts a message a session refused itself, before handing it over (the memory
+    /// budget was exhausted while it arrived).
+    fn refused(&self, _listener: &str, _error: &IngestError) {}
 }

@@ -254,9 +254,13 @@ enum ChunkPlan {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn new(io: S, config: Arc<SessionConfig>, client_addr: String, sink: Arc<dyn Sink>) -> Self {
+        let mut codec = Codec::new(config.limits());
+        if let Some(budget) = sink.budget() {
+            codec.set_budget(budget);
+        }
         Session {
             io,
-            codec: Codec::new(config.limits()),
+            codec,
             config,
             client_addr,
             sink,
@@ -285,6 +289,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Event::Command(cmd) => self.command(cmd),
                     Event::Message(bytes) => self.deliver(bytes).await?,
                     Event::TooBig { size } => self.too_big(size),
+                    Event::OverBudget { size } => self.over_budget(size),
                     Event::Chunk(bytes) => self.chunk_read(bytes).await?,
                 };
                 match flow {
@@ -397,6 +402,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         "501 5.1.3 Bad recipient address syntax".to_owned()
                     }
                     CommandError::InvalidParam(p) => format!("501 5.5.4 Invalid value for {p}"),
+                    CommandError::BadBytes(what) => {
+                        format!("501 5.5.2 Syntax error: {what} in command line")
+                    }
                     CommandError::UnsupportedParam(p) => {
                         format!("555 5.5.4 Unsupported parameter {p}")
                     }
@@ -405,7 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         // from commands, so the session ends here.
                         tracing::info!(listener = %self.config.listener,
                             client = %self.client_addr, "BDAT without a readable size");
-                        self.tx = None;
+                        self.end_tx();
                         self.reply("501 5.5.4 Syntax: BDAT chunk-size [LAST]");
                         let line = format!(
                             "421 4.7.0 {} closing: lost track of BDAT",
@@ -440,7 +448,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
-                self.tx = None;
+                self.end_tx();
                 self.reply("250 2.0.0 Ok");
                 Flow::Continue
             }
@@ -484,7 +492,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn greeted(&mut self, name: String, protocol: &'static str) {
         self.helo = Some(name);
         self.protocol = Some(protocol);
-        self.tx = None;
+        self.end_tx();
     }
 
     /// The EHLO/LHLO capability list; XCOFFER only where it is trusted.
@@ -649,7 +657,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             (ChunkPlan::Refuse(line), _) => self.bad(line),
             (ChunkPlan::TooBig { total, last }, _) => {
-                let recipients = self.tx.take().map_or(0, |tx| tx.envelope.rcpt_to.len());
+                let recipients = self.end_tx().map_or(0, |tx| tx.envelope.rcpt_to.len());
                 tracing::info!(listener = %self.config.listener, client = %self.client_addr,
                     size = total, max = self.config.max_message_size,
                     "BDAT message over the size limit");
@@ -661,12 +669,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Flow::Continue
             }
-            (ChunkPlan::Append { .. }, None) => unreachable!("a kept chunk comes back"),
+            (ChunkPlan::Append { size, last }, None) => {
+                // The memory budget could not hold the chunk: it was read and dropped.
+                let so_far = self
+                    .tx
+                    .as_ref()
+                    .and_then(|tx| tx.chunks.as_ref())
+                    .map_or(0, Vec::len) as u64;
+                self.refuse_over_budget(so_far + size, last)
+            }
         })
     }
 
+    /// Ends the transaction, and gives back the memory budget its content held.
+    fn end_tx(&mut self) -> Option<Transaction> {
+        self.codec.release_budget();
+        self.tx.take()
+    }
+
+    /// DATA content the memory budget could not hold (`max_pending`): read, dropped, and
+    /// answered 451 like a busy store, so the client retries.
+    fn over_budget(&mut self, size: u64) -> Flow {
+        self.refuse_over_budget(size, true)
+    }
+
+    fn refuse_over_budget(&mut self, size: u64, last: bool) -> Flow {
+        let recipients = self.end_tx().map_or(0, |tx| tx.envelope.rcpt_to.len());
+        tracing::warn!(listener = %self.config.listener, client = %self.client_addr,
+            size, "message not stored: max_pending reached while receiving; client told to retry");
+        self.sink.refused(&self.config.listener, &IngestError::Busy);
+        let line = "451 4.3.2 Archive busy, try again later";
+        if last {
+            self.reply_per_recipient(line, recipients);
+        } else {
+            self.reply(line);
+        }
+        Flow::Continue
+    }
+
     fn too_big(&mut self, size: u64) -> Flow {
-        let recipients = self.tx.take().map_or(0, |tx| tx.envelope.rcpt_to.len());
+        let recipients = self.end_tx().map_or(0, |tx| tx.envelope.rcpt_to.len());
         tracing::info!(listener = %self.config.listener, client = %self.client_addr,
             size, max = self.config.max_message_size, "message over the size limit");
         self.reply_per_recipient("552 5.3.4 Message size exceeds fixed limit", recipients);
@@ -695,6 +737,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Whatever is pending (the 354 at least) goes out before we wait on the store.
         self.flush().await?;
         let result = self.sink.ingest(incoming).await;
+        // The content is gone (stored or refused): its memory budget is free again.
+        self.codec.release_budget();
         let line = match result {
             Ok(receipt) => {
                 tracing::debug!(listener = %self.config.listener, client = %self.client_addr,
@@ -762,6 +806,8 @@ pub(crate) mod tests {
         pub got: Mutex<Vec<Incoming>>,
         pub fail: Mutex<Option<fn() -> IngestError>>,
         pub gate: Mutex<Option<oneshot::Receiver<()>>>,
+        pub budget: Option<Arc<crate::smtp::Budget>>,
+        pub refusals: Mutex<u32>,
     }
 
     impl Sink for FakeSink {
@@ -800,6 +846,14 @@ pub(crate) mod tests {
 
         fn node(&self) -> &str {
             "archive-a"
+        }
+
+        fn budget(&self) -> Option<Arc<crate::smtp::Budget>> {
+            self.budget.clone()
+        }
+
+        fn refused(&self, _listener: &str, _error: &IngestError) {
+            *self.refusals.lock().unwrap() += 1;
         }
 
         fn epoch(&self) -> &str {
@@ -1538,6 +1592,72 @@ pub(crate) mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].envelope.rcpt_to.len(), 1000);
         assert_eq!(got[1].bytes, b"abc");
+    }
+
+    #[tokio::test]
+    async fn over_the_memory_budget_gets_451_and_gives_it_back() {
+        let budget = crate::smtp::Budget::new(1000);
+        let sink = Arc::new(FakeSink {
+            budget: Some(budget.clone()),
+            ..FakeSink::default()
+        });
+        let cfg = SessionConfig {
+            max_message_size: 1 << 20,
+            ..config()
+        };
+        let open = |sink: &Arc<FakeSink>| {
+            let mut h = start(cfg.clone(), sink.clone());
+            async move {
+                h.client.expect("220 ").await;
+                h.client.cmd("EHLO x", "250-").await;
+                h.client.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+                h.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+                h
+            }
+        };
+        // A holds more than the whole budget (granted: nothing else was held).
+        let mut a = open(&sink).await;
+        a.client.cmd("DATA", "354 ").await;
+        a.client.send(&"a".repeat(5000)).await;
+        for _ in 0..1000 {
+            if budget.held() >= 5000 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let held = budget.held();
+        assert!(held >= 5000, "{held}");
+        // B cannot get any: its DATA is read to the end, dropped, and answered 451.
+        let mut b = open(&sink).await;
+        b.client.cmd("DATA", "354 ").await;
+        b.client
+            .send(&format!("{}\r\n.\r\n", "b".repeat(3000)))
+            .await;
+        b.client.expect("451 4.3.2 ").await;
+        // Nor for a BDAT chunk; the transaction is over, the session goes on.
+        b.client.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        b.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        b.client
+            .send(&format!("BDAT 2000\r\n{}", "c".repeat(2000)))
+            .await;
+        b.client.expect("451 4.3.2 ").await;
+        b.client.cmd("RCPT TO:<c@d.test>", "503 ").await;
+        assert_eq!(budget.held(), held, "B holds nothing");
+        // A ends: stored, and its claim is given back.
+        a.client.send("\r\n.\r\n").await;
+        a.client.expect("250 2.0.0 Ok: ").await;
+        assert_eq!(budget.held(), 0);
+        // Now B's retry fits.
+        b.client.cmd("MAIL FROM:<a@b.test>", "250 ").await;
+        b.client.cmd("RCPT TO:<c@d.test>", "250 ").await;
+        b.client.cmd("DATA", "354 ").await;
+        b.client.send("retry\r\n.\r\n").await;
+        b.client.expect("250 2.0.0 Ok: ").await;
+        assert_eq!(budget.held(), 0);
+        assert_eq!(*sink.refusals.lock().unwrap(), 2);
+        let got = sink.got.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].bytes, b"retry\r\n");
     }
 
     #[tokio::test]
