@@ -273,6 +273,7 @@ pub(crate) mod tests {
             xcoffer: None,
             trace: Vec::new(),
             via: None,
+            received: None,
         }
     }
 

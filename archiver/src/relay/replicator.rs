@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::backoff;
 use super::client::{SendError, SmtpConn};
-use super::{xcoffer_for, Command, ConnHandle, ConnStatus};
+use super::{xcoffer_for, Command, ConnHandle, ConnStatus, Deferred, MAX_DEFERRED_SHOWN};
 use crate::config::ConnectionConfig;
 use crate::ids::MessageId;
 use crate::route::SharedRouter;
@@ -30,6 +30,9 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const PERSIST_EVERY: Duration = Duration::from_millis(250);
 /// Longest sleep of the loop without an event.
 const TICK: Duration = Duration::from_millis(500);
+/// At most one "deferred" log line per connection this often (the rest are counted in
+/// `failures` and listed by `coffer queue`).
+const DEFER_LOG_EVERY: Duration = Duration::from_secs(10);
 
 struct Item {
     arrival: Arrival,
@@ -37,6 +40,7 @@ struct Item {
     attempts: u32,
     not_before: Instant,
     in_flight: bool,
+    last_error: Option<String>,
 }
 
 /// What one shipping task reports.
@@ -68,6 +72,12 @@ pub struct Replicator {
     parked: BTreeSet<u64>,
     pool: Vec<SmtpConn>,
     down_until: Option<Instant>,
+    /// When an idle replicator next opens a fresh session (see [`Replicator::dispatch`]).
+    next_idle_probe: Instant,
+    last_defer_log: Option<Instant>,
+    /// Since when shipping has had trouble (a failure while arrivals waited); cleared,
+    /// with a "caught up" log line, once every arrival is shipped or parked again.
+    behind_since: Option<Instant>,
     last_local: u64,
 }
 
@@ -109,6 +119,9 @@ impl Replicator {
             // Start by probing: a session learns the peer's mode and epoch (a rebuilt
             // peer is resynced even when nothing new waits for it).
             down_until: Some(Instant::now()),
+            next_idle_probe: Instant::now(),
+            last_defer_log: None,
+            behind_since: None,
             last_local: 0,
         };
         (r, handle)
@@ -207,6 +220,8 @@ impl Replicator {
         let mut wake = now + TICK;
         if let Some(d) = self.down_until {
             wake = wake.min(d.max(now));
+        } else if self.window.is_empty() {
+            wake = wake.min(self.next_idle_probe.max(now));
         }
         for item in self.window.values().filter(|i| !i.in_flight) {
             wake = wake.min(item.not_before.max(now));
@@ -277,6 +292,7 @@ impl Replicator {
                     attempts: 0,
                     not_before: Instant::now(),
                     in_flight: false,
+                    last_error: None,
                 },
             );
         }
@@ -318,6 +334,17 @@ impl Replicator {
         if probing && self.window.is_empty() && tasks.is_empty() {
             // Nothing to send: probe with a bare session.
             self.down_until = Some(now + self.cfg.probe_interval);
+            tasks.spawn(ship(self.ctx(), None, None));
+            return;
+        }
+        if !probing && self.window.is_empty() && tasks.is_empty() && now >= self.next_idle_probe {
+            // Idle for a probe_interval: open a fresh session in place of the pooled
+            // ones. It notices a peer that went down (state "down" even when nothing
+            // waits), and reads the peer's epoch, so a peer rebuilt from empty is
+            // resynced without waiting for new mail; pooled sessions the peer dropped
+            // (a restart, its idle timeout) are not used for the next arrival.
+            self.next_idle_probe = now + self.cfg.probe_interval;
+            self.pool.clear();
             tasks.spawn(ship(self.ctx(), None, None));
             return;
         }
@@ -367,6 +394,13 @@ impl Replicator {
         match o.result {
             Ok(()) => {
                 self.down_until = None;
+                self.next_idle_probe = now + self.cfg.probe_interval;
+                let was = self.state();
+                if was == "down" || was == "wrong-peer" {
+                    let lag = self.last_local.saturating_sub(self.st.cursor);
+                    info!(connection = %self.cfg.name, peer = %self.cfg.peer, lag,
+                        "peer reachable again: shipping resumes");
+                }
                 self.set_status(|s| s.state = "up".into());
                 if let Some(local) = o.local {
                     if self.window.remove(&local).is_some() {
@@ -377,6 +411,9 @@ impl Replicator {
             }
             Err(e) => {
                 let kind = e.kind();
+                if self.behind_since.is_none() && self.last_local > self.st.cursor {
+                    self.behind_since = Some(now);
+                }
                 self.set_status(|s| {
                     *s.failures.entry(kind.into()).or_default() += 1;
                     s.last_error = Some(e.to_string());
@@ -406,6 +443,7 @@ impl Replicator {
                         };
                         item.in_flight = false;
                         item.attempts += 1;
+                        item.last_error = Some(why.clone());
                         let max = self.cfg.max_retries;
                         if max > 0 && item.attempts >= max {
                             let reason = format!("{} attempts failed; last: {why}", item.attempts);
@@ -418,6 +456,17 @@ impl Replicator {
                                 cap,
                                 backoff::jitter_seed(),
                             );
+                            let (attempts, wait) = (item.attempts, item.not_before - now);
+                            let arrival = item.arrival.id.to_string();
+                            if self
+                                .last_defer_log
+                                .is_none_or(|t| now.duration_since(t) >= DEFER_LOG_EVERY)
+                            {
+                                self.last_defer_log = Some(now);
+                                warn!(connection = %self.cfg.name, arrival = %arrival, attempts,
+                                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                                    error = %why, "arrival deferred; retrying with backoff");
+                            }
                         }
                     }
                     SendError::Perm(why) => {
@@ -430,6 +479,14 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    fn state(&self) -> String {
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .state
+            .clone()
     }
 
     fn finish(&mut self, local: u64) {
@@ -470,16 +527,19 @@ impl Replicator {
                 self.persist().await;
             }
             Some(known) => {
-                warn!(connection = %self.cfg.name, old = %known, new = %epoch,
-                    "the peer's store epoch changed (rebuilt): resyncing from the start");
+                let old = known.clone();
                 self.st.peer_epoch = Some(epoch.to_owned());
                 self.restart_from_zero();
+                warn!(connection = %self.cfg.name, old = %old, new = %epoch,
+                    resync_until = self.st.resync_until,
+                    "the peer's store epoch changed (rebuilt): resyncing from the start");
                 self.persist().await;
             }
         }
     }
 
     fn restart_from_zero(&mut self) {
+        self.behind_since = Some(Instant::now());
         self.st.cursor = 0;
         self.st.resync_until = self.last_local.max(self.next_scan.saturating_sub(1));
         self.next_scan = 1;
@@ -522,6 +582,7 @@ impl Replicator {
                             attempts: 0,
                             not_before: Instant::now(),
                             in_flight: false,
+                            last_error: None,
                         },
                     );
                     self.down_until = None;
@@ -539,7 +600,7 @@ impl Replicator {
         Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let lag = self.last_local.saturating_sub(self.st.cursor);
         let bytes: u64 = self.window.values().map(|i| i.size).sum();
         let oldest = self.window.values().next().map(|i| {
@@ -548,6 +609,30 @@ impl Replicator {
             u64::try_from((now - t).max(0) / 1_000_000).unwrap_or(0)
         });
         let alarm = lag > self.cfg.queue_limit;
+        if lag == 0 {
+            if let Some(since) = self.behind_since.take() {
+                info!(connection = %self.cfg.name, parked = self.parked.len(),
+                    behind_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "caught up: every arrival is shipped or parked");
+            }
+        }
+        let now = Instant::now();
+        let deferred: Vec<Deferred> = self
+            .window
+            .values()
+            .filter(|i| i.attempts > 0)
+            .take(MAX_DEFERRED_SHOWN)
+            .map(|i| Deferred {
+                arrival: i.arrival.id.to_string(),
+                attempts: i.attempts,
+                next_attempt_ms: u64::try_from(
+                    i.not_before.saturating_duration_since(now).as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+                last_error: i.last_error.clone().unwrap_or_default(),
+            })
+            .collect();
+        let resync_until = (self.st.resync_until > self.st.cursor).then_some(self.st.resync_until);
         let was = self
             .status
             .lock()
@@ -565,6 +650,8 @@ impl Replicator {
             s.cursor = self.st.cursor;
             s.peer_epoch.clone_from(&self.st.peer_epoch);
             s.lag_alarm = alarm;
+            s.resync_until = resync_until;
+            s.deferred = deferred;
         });
     }
 }

@@ -115,6 +115,10 @@ pub struct Arrival {
     /// origin's). Routes match on this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// For a replicated arrival: when this node stored its copy (RFC 3339 UTC); `time`
+    /// is the origin's. The difference is the replication delay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<String>,
 }
 
 impl Arrival {

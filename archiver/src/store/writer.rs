@@ -729,6 +729,7 @@ fn first_arrival(p: &Prepared, id: ArrivalId, node: &str) -> Arrival {
         xcoffer: p.session.xcoffer.clone(),
         trace: vec![node.to_owned()],
         via: None,
+        received: None,
     }
 }
 
@@ -766,6 +767,7 @@ fn replicated_arrival(p: &Prepared, id: ArrivalId, node: &str) -> Arrival {
         xcoffer: Some(x),
         trace,
         via: Some(s.listener.clone()),
+        received: Some(now_rfc3339()),
     }
 }
 
