@@ -18,12 +18,15 @@ use crate::config::ConnectionConfig;
 use crate::ids::MessageId;
 use crate::route::SharedRouter;
 use crate::store::index::{self, CursorState, StateOp};
-use crate::store::{Arrival, StoreError, StoreHandle};
+use crate::store::{Arrival, IngestError, StoreError, StoreHandle};
 
 /// Most arrivals loaded and waiting to be shipped at once.
 const WINDOW: usize = 1024;
 /// Most index entries examined in one scan.
 const SCAN_MAX: usize = 4096;
+/// Most message bytes held by shipping tasks at once (each holds its message whole):
+/// memory stays bounded whatever `sessions` is. One message always goes, however big.
+const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// Longest wait for one reply or write.
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The cursor is written at most this often while shipping (and at once when idle).
@@ -51,6 +54,8 @@ struct Outcome {
     conn: Option<SmtpConn>,
     /// Set when this task opened a new session: what its EHLO said.
     fresh: Option<Option<(String, String)>>,
+    /// A pooled session turned out broken (the peer dropped it): the others are suspect.
+    stale_pool: bool,
 }
 
 /// The replicator of one connection. Build it with [`Replicator::new`], run it with
@@ -66,11 +71,16 @@ pub struct Replicator {
     st: CursorState,
     persisted: CursorState,
     last_persist: Instant,
+    /// The cursor write in flight, if any (at most one). It goes through the store's
+    /// index stage, which under ingest load takes a while: shipping goes on meanwhile.
+    saving: JoinSet<(CursorState, Result<(), IngestError>)>,
     next_scan: u64,
     window: BTreeMap<u64, Item>,
     finished: BTreeSet<u64>,
     parked: BTreeSet<u64>,
     pool: Vec<SmtpConn>,
+    /// Local number → size of each arrival a shipping task holds.
+    in_flight: BTreeMap<u64, u64>,
     down_until: Option<Instant>,
     /// When an idle replicator next opens a fresh session (see [`Replicator::dispatch`]).
     next_idle_probe: Instant,
@@ -111,11 +121,13 @@ impl Replicator {
             st: CursorState::default(),
             persisted: CursorState::default(),
             last_persist: Instant::now(),
+            saving: JoinSet::new(),
             next_scan: 1,
             window: BTreeMap::new(),
             finished: BTreeSet::new(),
             parked: BTreeSet::new(),
             pool: Vec::new(),
+            in_flight: BTreeMap::new(),
             // Start by probing: a session learns the peer's mode and epoch (a rebuilt
             // peer is resynced even when nothing new waits for it).
             down_until: Some(Instant::now()),
@@ -185,7 +197,7 @@ impl Replicator {
             self.advance();
             let idle = tasks.is_empty();
             if self.st != self.persisted && (idle || self.last_persist.elapsed() >= PERSIST_EVERY) {
-                self.persist().await;
+                self.start_persist();
             }
             self.dispatch(&mut tasks);
             self.publish();
@@ -198,6 +210,11 @@ impl Replicator {
                     }
                 }
                 Some(cmd) = self.commands.recv() => self.command(cmd).await,
+                Some(saved) = self.saving.join_next() => {
+                    if let Ok(saved) = saved {
+                        self.saved(saved);
+                    }
+                }
                 _ = commits.changed() => {}
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
@@ -223,8 +240,15 @@ impl Replicator {
         } else if self.window.is_empty() {
             wake = wake.min(self.next_idle_probe.max(now));
         }
-        for item in self.window.values().filter(|i| !i.in_flight) {
-            wake = wake.min(item.not_before.max(now));
+        // Deferred arrivals wake the loop when their backoff ends. Arrivals that are due
+        // already wait for a free session: a finishing task wakes the loop for them
+        // (waking now would spin while every session is busy).
+        for item in self
+            .window
+            .values()
+            .filter(|i| !i.in_flight && i.not_before > now)
+        {
+            wake = wake.min(item.not_before);
         }
         if self.st != self.persisted {
             wake = wake.min(now + PERSIST_EVERY);
@@ -309,6 +333,34 @@ impl Replicator {
         self.finished.retain(|&l| l > cursor);
     }
 
+    /// Starts writing the cursor unless a write is in flight; [`Replicator::saved`] takes
+    /// the result.
+    fn start_persist(&mut self) {
+        if !self.saving.is_empty() {
+            return;
+        }
+        let state = self.st.clone();
+        let op = StateOp::SetCursor {
+            connection: self.cfg.name.clone(),
+            state: state.clone(),
+        };
+        let store = self.store.clone();
+        self.saving
+            .spawn(async move { (state, store.update_state(op).await) });
+        self.last_persist = Instant::now();
+    }
+
+    fn saved(&mut self, (state, result): (CursorState, Result<(), IngestError>)) {
+        match result {
+            Ok(()) => self.persisted = state,
+            Err(e) => {
+                warn!(connection = %self.cfg.name, error = %e, "saving the cursor failed");
+            }
+        }
+    }
+
+    /// Writes the cursor and waits for it (resync, epoch changes, stop). Writes go
+    /// through one channel in order, so a write started earlier never lands after it.
     async fn persist(&mut self) {
         let op = StateOp::SetCursor {
             connection: self.cfg.name.clone(),
@@ -348,6 +400,7 @@ impl Replicator {
             tasks.spawn(ship(self.ctx(), None, None));
             return;
         }
+        let mut bytes: u64 = self.in_flight.values().sum();
         while tasks.len() < limit {
             let Some((&local, item)) = self
                 .window
@@ -356,6 +409,11 @@ impl Replicator {
             else {
                 break;
             };
+            if !self.in_flight.is_empty() && bytes + item.size > MAX_IN_FLIGHT_BYTES {
+                break;
+            }
+            bytes += item.size;
+            self.in_flight.insert(local, item.size);
             item.in_flight = true;
             if probing {
                 // Until it answers, wait for this probe only.
@@ -376,6 +434,12 @@ impl Replicator {
     }
 
     async fn handle(&mut self, o: Outcome) {
+        if let Some(local) = o.local {
+            self.in_flight.remove(&local);
+        }
+        if o.stale_pool {
+            self.pool.clear();
+        }
         if let Some(caps) = &o.fresh {
             match caps {
                 Some((_, epoch)) => {
@@ -662,8 +726,22 @@ struct ShipCtx {
     store: StoreHandle,
 }
 
-/// Ships one arrival (or, with `job` `None`, only opens a session: a probe).
+/// Ships one arrival (or, with `job` `None`, only opens a session: a probe). When a
+/// pooled session breaks under it — the peer restarted or dropped it while it sat in
+/// the pool — that is not the arrival's fault: it goes once more on a fresh session, and
+/// only that attempt counts. (A resend after a lost reply is a repeat at the peer.)
 async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>) -> Outcome {
+    let reused = conn.is_some() && job.is_some();
+    let first = ship_once(&ctx, conn, job.clone()).await;
+    if reused && first.conn.is_none() && matches!(first.result, Err(SendError::Temp(_))) {
+        let mut again = ship_once(&ctx, None, job).await;
+        again.stale_pool = true;
+        return again;
+    }
+    first
+}
+
+async fn ship_once(ctx: &ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>) -> Outcome {
     let local = job.as_ref().map(|(l, _)| *l);
     let mut fresh = None;
     let mut conn = match conn {
@@ -690,6 +768,7 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
                                 result: Err(SendError::WrongPeer(why)),
                                 conn: None,
                                 fresh: None,
+                                stale_pool: false,
                             };
                         }
                     }
@@ -702,6 +781,7 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
                         result: Err(e),
                         conn: None,
                         fresh: None,
+                        stale_pool: false,
                     }
                 }
             }
@@ -713,9 +793,10 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
             result: Ok(()),
             conn: Some(conn),
             fresh,
+            stale_pool: false,
         };
     };
-    let result = send_one(&ctx, &mut conn, &arrival).await;
+    let result = send_one(ctx, &mut conn, &arrival).await;
     let usable = match &result {
         Ok(()) | Err(SendError::Perm(_)) => true,
         // A refusal reply leaves the session in step; I/O trouble does not. The client
@@ -728,6 +809,7 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
         result,
         conn: usable.then_some(conn),
         fresh,
+        stale_pool: false,
     }
 }
 
