@@ -203,7 +203,8 @@ for f in /usr/sbin/cofferd /usr/bin/coffer /etc/coffer/coffer.toml \
     /usr/lib/systemd/system/cofferd.service /usr/share/man/man8/cofferd.8.gz \
     /usr/share/man/man1/coffer.1.gz /usr/share/man/man5/coffer.toml.5.gz \
     /usr/share/doc/coffer/copyright /usr/share/doc/coffer/changelog.Debian.gz \
-    /usr/share/doc/coffer/install.md; do
+    /usr/share/doc/coffer/install.md /usr/share/doc/coffer/high-availability.md \
+    /usr/share/doc/coffer/examples/coffer-smtp.conf; do
     check "coffer contains $f" has_file "$coffer_deb" "$f"
 done
 for f in /usr/sbin/coffer-milter /usr/lib/systemd/system/coffer-milter.service \

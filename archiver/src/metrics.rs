@@ -265,8 +265,16 @@ impl Metrics {
         histogram(
             &mut out,
             "coffer_commit_seconds",
-            "Duration of a group commit (append, fdatasync, index commit).",
+            "Duration of a group commit of the log (append, fdatasync): what a 250 waits for.",
             &s.commit_us,
+            1e6,
+        );
+        histogram(
+            &mut out,
+            "coffer_index_commit_seconds",
+            "Duration of an index transaction (it may cover several log commits); replicators \
+             see an arrival once it is indexed.",
+            &s.index_commit_us,
             1e6,
         );
         histogram(

@@ -18,9 +18,11 @@
 //! (wait for a condition with a deadline), every loop bounded in count and time.
 
 pub mod daemon;
+pub mod ha;
 pub mod milter;
 pub mod postfix;
 pub mod run;
+pub mod sink;
 pub mod smtp;
 pub mod tls;
 pub mod wire;
@@ -170,6 +172,8 @@ pub struct NodeOptions {
     pub extra_toml: String,
     /// The loopback address the `journal` listener binds (`127.0.0.2` for a second node).
     pub ip: String,
+    /// More keys of the `journal` listener (e.g. `proxy_protocol`, `allow`).
+    pub journal_extra: String,
 }
 
 impl Default for NodeOptions {
@@ -178,6 +182,7 @@ impl Default for NodeOptions {
             name: "e2e".into(),
             extra_toml: String::new(),
             ip: "127.0.0.1".into(),
+            journal_extra: String::new(),
         }
     }
 }
@@ -263,6 +268,7 @@ min_free_disk = "16MiB"
 name = "journal"
 protocol = "smtp"
 bind = "{addr}"
+{journal_extra}
 
 [[route]]
 from = ["journal"]
@@ -271,6 +277,7 @@ forward = []
 {extra}"#,
             name = self.opts.name,
             addr = self.addr,
+            journal_extra = self.opts.journal_extra,
             extra = self.opts.extra_toml
         )
     }
@@ -425,7 +432,7 @@ impl Drop for Node {
 }
 
 /// True when `addr` accepts a connection and greets with `220`.
-fn greets(addr: SocketAddr) -> bool {
+pub fn greets(addr: SocketAddr) -> bool {
     let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;
     };

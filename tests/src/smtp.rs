@@ -122,6 +122,15 @@ impl SmtpClient {
     pub fn connect(addr: SocketAddr) -> anyhow::Result<SmtpClient> {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .with_context(|| format!("connect {addr}"))?;
+        Self::over(s)
+    }
+
+    /// Starts a session on a connected stream (e.g. one bound to a chosen source
+    /// address): reads the greeting.
+    ///
+    /// # Errors
+    /// A timeout, or a greeting that is not 220.
+    pub fn over(s: TcpStream) -> anyhow::Result<SmtpClient> {
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         s.set_nodelay(true)?;

@@ -62,6 +62,7 @@ fn start(spec: Spec, extra: String) -> Node {
         name: spec.0.into(),
         ip: spec.1.into(),
         extra_toml: extra,
+        ..NodeOptions::default()
     })
 }
 

@@ -56,11 +56,13 @@ fn start_pair() -> Pair {
         name: "a".into(),
         ip: ip_a.into(),
         extra_toml: ha_toml("a", ip_a, ha_a, "b", ip_b, ha_b),
+        ..NodeOptions::default()
     });
     let b = Node::start_with(NodeOptions {
         name: "b".into(),
         ip: ip_b.into(),
         extra_toml: ha_toml("b", ip_b, ha_b, "a", ip_a, ha_a),
+        ..NodeOptions::default()
     });
     Pair { a, b }
 }

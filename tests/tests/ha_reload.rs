@@ -61,11 +61,13 @@ fn sighup_adds_and_removes_a_replication_connection() {
         name: "a".into(),
         ip: ip_a.into(),
         extra_toml: ha_listener(ip_a, ha_a, ip_b),
+        ..NodeOptions::default()
     });
     let b = Node::start_with(NodeOptions {
         name: "b".into(),
         ip: ip_b.into(),
         extra_toml: ha_listener(ip_b, ha_b, ip_a),
+        ..NodeOptions::default()
     });
     let pid = a.pid();
     a.send("s@example.org", &["r@example.net"], &message(1));

@@ -84,6 +84,7 @@ from = ["ha"]
             p(&b_key),
             p(&ca.path)
         ),
+        ..NodeOptions::default()
     });
     let a = Node::start_with(NodeOptions {
         name: "a".into(),
@@ -106,6 +107,7 @@ forward = ["to-b"]
             p(&a_crt),
             p(&a_key)
         ),
+        ..NodeOptions::default()
     });
     let sent = a.send("s@example.org", &["r@example.net"], &message("tls-1"));
 
@@ -187,6 +189,7 @@ from = ["secure"]
             p(&crt),
             p(&key)
         ),
+        ..NodeOptions::default()
     });
     let secure: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 

@@ -274,6 +274,7 @@ pub(crate) mod tests {
             trace: Vec::new(),
             via: None,
             tls: None,
+            received: None,
         }
     }
 

@@ -134,6 +134,22 @@ fn write_queue_human(out: &mut dyn Write, conns: &Value) -> std::io::Result<()> 
         if let Some(err) = c["last_error"].as_str() {
             writeln!(out, "  last error: {err}")?;
         }
+        if let Some(until) = c["resync_until"].as_u64() {
+            writeln!(
+                out,
+                "  resyncing: every arrival up to local number {until} is sent again"
+            )?;
+        }
+        for d in c["deferred"].as_array().unwrap_or(&empty) {
+            writeln!(
+                out,
+                "  deferred {} after {} attempts, next in {} ms: {}",
+                d["arrival"].as_str().unwrap_or("?"),
+                d["attempts"].as_u64().unwrap_or(0),
+                d["next_attempt_ms"].as_u64().unwrap_or(0),
+                d["last_error"].as_str().unwrap_or("")
+            )?;
+        }
         for p in c["parked_arrivals"].as_array().unwrap_or(&empty) {
             writeln!(
                 out,

@@ -281,7 +281,7 @@ fn defaults() {
     let conn = &c.connections[0];
     assert_eq!(
         (conn.max_retries, conn.queue_limit, conn.sessions),
-        (0, 100_000, 4)
+        (0, 100_000, 32)
     );
     assert_eq!(conn.probe_interval, Duration::from_secs(5));
     assert!(conn.source.is_none() && conn.tls.is_none());

@@ -63,6 +63,26 @@ pub struct ConnStatus {
     pub peer_epoch: Option<String>,
     /// The lag is over `queue_limit` (an alarm; nothing is dropped).
     pub lag_alarm: bool,
+    /// While a rebuilt peer is resynced (or after `coffer resync`): arrivals up to this
+    /// local number are shipped regardless of routes and trace.
+    pub resync_until: Option<u64>,
+    /// Arrivals that failed temporarily and wait for their next attempt (at most
+    /// [`MAX_DEFERRED_SHOWN`], oldest first).
+    pub deferred: Vec<Deferred>,
+}
+
+/// Most deferred arrivals listed in a [`ConnStatus`].
+pub const MAX_DEFERRED_SHOWN: usize = 100;
+
+/// An arrival waiting for its next attempt after a 4xx, a broken or a silent session.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Deferred {
+    pub arrival: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Milliseconds until the next attempt may start (0: due).
+    pub next_attempt_ms: u64,
+    pub last_error: String,
 }
 
 /// The handle of one running replicator.
@@ -190,6 +210,7 @@ mod tests {
             trace: vec!["a".into()],
             via: None,
             tls: None,
+            received: None,
         }
     }
 

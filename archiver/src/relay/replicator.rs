@@ -13,23 +13,29 @@ use tracing::{info, warn};
 
 use super::backoff;
 use super::client::{SendError, SmtpConn, TlsTo};
-use super::{xcoffer_for, Command, ConnHandle, ConnStatus};
+use super::{xcoffer_for, Command, ConnHandle, ConnStatus, Deferred, MAX_DEFERRED_SHOWN};
 use crate::config::ConnectionConfig;
 use crate::ids::MessageId;
 use crate::route::SharedRouter;
 use crate::store::index::{self, CursorState, StateOp};
-use crate::store::{Arrival, StoreError, StoreHandle};
+use crate::store::{Arrival, IngestError, StoreError, StoreHandle};
 
 /// Most arrivals loaded and waiting to be shipped at once.
 const WINDOW: usize = 1024;
 /// Most index entries examined in one scan.
 const SCAN_MAX: usize = 4096;
+/// Most message bytes held by shipping tasks at once (each holds its message whole):
+/// memory stays bounded whatever `sessions` is. One message always goes, however big.
+const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// Longest wait for one reply or write.
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The cursor is written at most this often while shipping (and at once when idle).
 const PERSIST_EVERY: Duration = Duration::from_millis(250);
 /// Longest sleep of the loop without an event.
 const TICK: Duration = Duration::from_millis(500);
+/// At most one "deferred" log line per connection this often (the rest are counted in
+/// `failures` and listed by `coffer queue`).
+const DEFER_LOG_EVERY: Duration = Duration::from_secs(10);
 
 struct Item {
     arrival: Arrival,
@@ -37,6 +43,7 @@ struct Item {
     attempts: u32,
     not_before: Instant,
     in_flight: bool,
+    last_error: Option<String>,
 }
 
 /// What one shipping task reports.
@@ -47,6 +54,8 @@ struct Outcome {
     conn: Option<SmtpConn>,
     /// Set when this task opened a new session: what its EHLO said.
     fresh: Option<Option<(String, String)>>,
+    /// A pooled session turned out broken (the peer dropped it): the others are suspect.
+    stale_pool: bool,
 }
 
 /// The replicator of one connection. Build it with [`Replicator::new`], run it with
@@ -65,12 +74,23 @@ pub struct Replicator {
     st: CursorState,
     persisted: CursorState,
     last_persist: Instant,
+    /// The cursor write in flight, if any (at most one). It goes through the store's
+    /// index stage, which under ingest load takes a while: shipping goes on meanwhile.
+    saving: JoinSet<(CursorState, Result<(), IngestError>)>,
     next_scan: u64,
     window: BTreeMap<u64, Item>,
     finished: BTreeSet<u64>,
     parked: BTreeSet<u64>,
     pool: Vec<SmtpConn>,
+    /// Local number → size of each arrival a shipping task holds.
+    in_flight: BTreeMap<u64, u64>,
     down_until: Option<Instant>,
+    /// When an idle replicator next opens a fresh session (see [`Replicator::dispatch`]).
+    next_idle_probe: Instant,
+    last_defer_log: Option<Instant>,
+    /// Since when shipping has had trouble (a failure while arrivals waited); cleared,
+    /// with a "caught up" log line, once every arrival is shipped or parked again.
+    behind_since: Option<Instant>,
     last_local: u64,
 }
 
@@ -107,14 +127,19 @@ impl Replicator {
             st: CursorState::default(),
             persisted: CursorState::default(),
             last_persist: Instant::now(),
+            saving: JoinSet::new(),
             next_scan: 1,
             window: BTreeMap::new(),
             finished: BTreeSet::new(),
             parked: BTreeSet::new(),
             pool: Vec::new(),
+            in_flight: BTreeMap::new(),
             // Start by probing: a session learns the peer's mode and epoch (a rebuilt
             // peer is resynced even when nothing new waits for it).
             down_until: Some(Instant::now()),
+            next_idle_probe: Instant::now(),
+            last_defer_log: None,
+            behind_since: None,
             last_local: 0,
         };
         (r, handle)
@@ -178,7 +203,7 @@ impl Replicator {
             self.advance();
             let idle = tasks.is_empty();
             if self.st != self.persisted && (idle || self.last_persist.elapsed() >= PERSIST_EVERY) {
-                self.persist().await;
+                self.start_persist();
             }
             self.dispatch(&mut tasks);
             self.publish();
@@ -191,6 +216,11 @@ impl Replicator {
                     }
                 }
                 Some(cmd) = self.commands.recv() => self.command(cmd).await,
+                Some(saved) = self.saving.join_next() => {
+                    if let Ok(saved) = saved {
+                        self.saved(saved);
+                    }
+                }
                 _ = commits.changed() => {}
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
@@ -213,9 +243,18 @@ impl Replicator {
         let mut wake = now + TICK;
         if let Some(d) = self.down_until {
             wake = wake.min(d.max(now));
+        } else if self.window.is_empty() {
+            wake = wake.min(self.next_idle_probe.max(now));
         }
-        for item in self.window.values().filter(|i| !i.in_flight) {
-            wake = wake.min(item.not_before.max(now));
+        // Deferred arrivals wake the loop when their backoff ends. Arrivals that are due
+        // already wait for a free session: a finishing task wakes the loop for them
+        // (waking now would spin while every session is busy).
+        for item in self
+            .window
+            .values()
+            .filter(|i| !i.in_flight && i.not_before > now)
+        {
+            wake = wake.min(item.not_before);
         }
         if self.st != self.persisted {
             wake = wake.min(now + PERSIST_EVERY);
@@ -283,6 +322,7 @@ impl Replicator {
                     attempts: 0,
                     not_before: Instant::now(),
                     in_flight: false,
+                    last_error: None,
                 },
             );
         }
@@ -299,6 +339,34 @@ impl Replicator {
         self.finished.retain(|&l| l > cursor);
     }
 
+    /// Starts writing the cursor unless a write is in flight; [`Replicator::saved`] takes
+    /// the result.
+    fn start_persist(&mut self) {
+        if !self.saving.is_empty() {
+            return;
+        }
+        let state = self.st.clone();
+        let op = StateOp::SetCursor {
+            connection: self.cfg.name.clone(),
+            state: state.clone(),
+        };
+        let store = self.store.clone();
+        self.saving
+            .spawn(async move { (state, store.update_state(op).await) });
+        self.last_persist = Instant::now();
+    }
+
+    fn saved(&mut self, (state, result): (CursorState, Result<(), IngestError>)) {
+        match result {
+            Ok(()) => self.persisted = state,
+            Err(e) => {
+                warn!(connection = %self.cfg.name, error = %e, "saving the cursor failed");
+            }
+        }
+    }
+
+    /// Writes the cursor and waits for it (resync, epoch changes, stop). Writes go
+    /// through one channel in order, so a write started earlier never lands after it.
     async fn persist(&mut self) {
         let op = StateOp::SetCursor {
             connection: self.cfg.name.clone(),
@@ -327,6 +395,18 @@ impl Replicator {
             tasks.spawn(ship(self.ctx(), None, None));
             return;
         }
+        if !probing && self.window.is_empty() && tasks.is_empty() && now >= self.next_idle_probe {
+            // Idle for a probe_interval: open a fresh session in place of the pooled
+            // ones. It notices a peer that went down (state "down" even when nothing
+            // waits), and reads the peer's epoch, so a peer rebuilt from empty is
+            // resynced without waiting for new mail; pooled sessions the peer dropped
+            // (a restart, its idle timeout) are not used for the next arrival.
+            self.next_idle_probe = now + self.cfg.probe_interval;
+            self.pool.clear();
+            tasks.spawn(ship(self.ctx(), None, None));
+            return;
+        }
+        let mut bytes: u64 = self.in_flight.values().sum();
         while tasks.len() < limit {
             let Some((&local, item)) = self
                 .window
@@ -335,6 +415,11 @@ impl Replicator {
             else {
                 break;
             };
+            if !self.in_flight.is_empty() && bytes + item.size > MAX_IN_FLIGHT_BYTES {
+                break;
+            }
+            bytes += item.size;
+            self.in_flight.insert(local, item.size);
             item.in_flight = true;
             if probing {
                 // Until it answers, wait for this probe only.
@@ -356,6 +441,12 @@ impl Replicator {
     }
 
     async fn handle(&mut self, o: Outcome) {
+        if let Some(local) = o.local {
+            self.in_flight.remove(&local);
+        }
+        if o.stale_pool {
+            self.pool.clear();
+        }
         if let Some(caps) = &o.fresh {
             match caps {
                 Some((_, epoch)) => {
@@ -374,6 +465,13 @@ impl Replicator {
         match o.result {
             Ok(()) => {
                 self.down_until = None;
+                self.next_idle_probe = now + self.cfg.probe_interval;
+                let was = self.state();
+                if was == "down" || was == "wrong-peer" {
+                    let lag = self.last_local.saturating_sub(self.st.cursor);
+                    info!(connection = %self.cfg.name, peer = %self.cfg.peer, lag,
+                        "peer reachable again: shipping resumes");
+                }
                 self.set_status(|s| s.state = "up".into());
                 if let Some(local) = o.local {
                     if self.window.remove(&local).is_some() {
@@ -384,6 +482,9 @@ impl Replicator {
             }
             Err(e) => {
                 let kind = e.kind();
+                if self.behind_since.is_none() && self.last_local > self.st.cursor {
+                    self.behind_since = Some(now);
+                }
                 let why = e.to_string();
                 let new_error = self
                     .status
@@ -423,6 +524,7 @@ impl Replicator {
                         };
                         item.in_flight = false;
                         item.attempts += 1;
+                        item.last_error = Some(why.clone());
                         let max = self.cfg.max_retries;
                         if max > 0 && item.attempts >= max {
                             let reason = format!("{} attempts failed; last: {why}", item.attempts);
@@ -435,6 +537,17 @@ impl Replicator {
                                 cap,
                                 backoff::jitter_seed(),
                             );
+                            let (attempts, wait) = (item.attempts, item.not_before - now);
+                            let arrival = item.arrival.id.to_string();
+                            if self
+                                .last_defer_log
+                                .is_none_or(|t| now.duration_since(t) >= DEFER_LOG_EVERY)
+                            {
+                                self.last_defer_log = Some(now);
+                                warn!(connection = %self.cfg.name, arrival = %arrival, attempts,
+                                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                                    error = %why, "arrival deferred; retrying with backoff");
+                            }
                         }
                     }
                     SendError::Perm(why) => {
@@ -447,6 +560,14 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    fn state(&self) -> String {
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .state
+            .clone()
     }
 
     fn finish(&mut self, local: u64) {
@@ -487,16 +608,19 @@ impl Replicator {
                 self.persist().await;
             }
             Some(known) => {
-                warn!(connection = %self.cfg.name, old = %known, new = %epoch,
-                    "the peer's store epoch changed (rebuilt): resyncing from the start");
+                let old = known.clone();
                 self.st.peer_epoch = Some(epoch.to_owned());
                 self.restart_from_zero();
+                warn!(connection = %self.cfg.name, old = %old, new = %epoch,
+                    resync_until = self.st.resync_until,
+                    "the peer's store epoch changed (rebuilt): resyncing from the start");
                 self.persist().await;
             }
         }
     }
 
     fn restart_from_zero(&mut self) {
+        self.behind_since = Some(Instant::now());
         self.st.cursor = 0;
         self.st.resync_until = self.last_local.max(self.next_scan.saturating_sub(1));
         self.next_scan = 1;
@@ -539,6 +663,7 @@ impl Replicator {
                             attempts: 0,
                             not_before: Instant::now(),
                             in_flight: false,
+                            last_error: None,
                         },
                     );
                     self.down_until = None;
@@ -556,7 +681,7 @@ impl Replicator {
         Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let lag = self.last_local.saturating_sub(self.st.cursor);
         let bytes: u64 = self.window.values().map(|i| i.size).sum();
         let oldest = self.window.values().next().map(|i| {
@@ -565,6 +690,30 @@ impl Replicator {
             u64::try_from((now - t).max(0) / 1_000_000).unwrap_or(0)
         });
         let alarm = lag > self.cfg.queue_limit;
+        if lag == 0 {
+            if let Some(since) = self.behind_since.take() {
+                info!(connection = %self.cfg.name, parked = self.parked.len(),
+                    behind_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "caught up: every arrival is shipped or parked");
+            }
+        }
+        let now = Instant::now();
+        let deferred: Vec<Deferred> = self
+            .window
+            .values()
+            .filter(|i| i.attempts > 0)
+            .take(MAX_DEFERRED_SHOWN)
+            .map(|i| Deferred {
+                arrival: i.arrival.id.to_string(),
+                attempts: i.attempts,
+                next_attempt_ms: u64::try_from(
+                    i.not_before.saturating_duration_since(now).as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+                last_error: i.last_error.clone().unwrap_or_default(),
+            })
+            .collect();
+        let resync_until = (self.st.resync_until > self.st.cursor).then_some(self.st.resync_until);
         let was = self
             .status
             .lock()
@@ -582,6 +731,8 @@ impl Replicator {
             s.cursor = self.st.cursor;
             s.peer_epoch.clone_from(&self.st.peer_epoch);
             s.lag_alarm = alarm;
+            s.resync_until = resync_until;
+            s.deferred = deferred;
         });
     }
 }
@@ -610,8 +761,22 @@ impl ShipCtx {
     }
 }
 
-/// Ships one arrival (or, with `job` `None`, only opens a session: a probe).
+/// Ships one arrival (or, with `job` `None`, only opens a session: a probe). When a
+/// pooled session breaks under it — the peer restarted or dropped it while it sat in
+/// the pool — that is not the arrival's fault: it goes once more on a fresh session, and
+/// only that attempt counts. (A resend after a lost reply is a repeat at the peer.)
 async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>) -> Outcome {
+    let reused = conn.is_some() && job.is_some();
+    let first = ship_once(&ctx, conn, job.clone()).await;
+    if reused && first.conn.is_none() && matches!(first.result, Err(SendError::Temp(_))) {
+        let mut again = ship_once(&ctx, None, job).await;
+        again.stale_pool = true;
+        return again;
+    }
+    first
+}
+
+async fn ship_once(ctx: &ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>) -> Outcome {
     let local = job.as_ref().map(|(l, _)| *l);
     let mut fresh = None;
     let mut conn = match conn {
@@ -644,6 +809,7 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
                                 result: Err(SendError::WrongPeer(why)),
                                 conn: None,
                                 fresh: None,
+                                stale_pool: false,
                             };
                         }
                     }
@@ -656,6 +822,7 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
                         result: Err(e),
                         conn: None,
                         fresh: None,
+                        stale_pool: false,
                     }
                 }
             }
@@ -667,9 +834,10 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
             result: Ok(()),
             conn: Some(conn),
             fresh,
+            stale_pool: false,
         };
     };
-    let result = send_one(&ctx, &mut conn, &arrival).await;
+    let result = send_one(ctx, &mut conn, &arrival).await;
     let usable = match &result {
         Ok(()) | Err(SendError::Perm(_)) => true,
         // A refusal reply leaves the session in step; I/O trouble does not. The client
@@ -682,6 +850,7 @@ async fn ship(ctx: ShipCtx, conn: Option<SmtpConn>, job: Option<(u64, Arrival)>)
         result,
         conn: usable.then_some(conn),
         fresh,
+        stale_pool: false,
     }
 }
 

@@ -119,6 +119,10 @@ pub struct Arrival {
     /// saw; the original client's TLS of a replicated arrival is in `xcoffer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<coffer_proto::TlsInfo>,
+    /// For a replicated arrival: when this node stored its copy (RFC 3339 UTC); `time`
+    /// is the origin's. The difference is the replication delay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<String>,
 }
 
 impl Arrival {

@@ -730,6 +730,7 @@ fn first_arrival(p: &Prepared, id: ArrivalId, node: &str) -> Arrival {
         trace: vec![node.to_owned()],
         via: None,
         tls: p.session.tls.clone(),
+        received: None,
     }
 }
 
@@ -768,6 +769,7 @@ fn replicated_arrival(p: &Prepared, id: ArrivalId, node: &str) -> Arrival {
         trace,
         via: Some(s.listener.clone()),
         tls: s.tls.clone(),
+        received: Some(now_rfc3339()),
     }
 }
 
