@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Short fuzzing run of every target in fuzz/ (docs/reliability.md "Fuzzing"):
-#   scripts/fuzz.sh [SECONDS]      (default 20 seconds per target)
-# Builds with cargo-fuzz on stable (`-s none`: no sanitizer, so no nightly flags), runs
+#   scripts/fuzz.sh [--release] [SECONDS]      (default 20 seconds per target)
+# Builds with cargo-fuzz on stable (`-s none`: no sanitizer, so no nightly flags) — a
+# debug build with debug assertions by default, which builds several times faster (what
+# CI's short run wants); --release for optimized targets, which execute several times
+# more inputs per second (what a long run wants) — runs
 # each target on its seed corpus (fuzz/corpus/TARGET, read only: new inputs go to a temp
 # dir that is removed afterwards) and prints the executions per target. A crash fails the
 # script; the input is kept in fuzz/artifacts/TARGET/ and cargo-fuzz prints how to replay
 # it. Needs cargo-fuzz (`cargo install cargo-fuzz --version 0.13.1 --locked`, as .ci/run does).
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
+profile=(--dev)
+if [ "${1:-}" = --release ]; then
+    profile=()
+    shift
+fi
 secs="${1:-20}"
 targets=(smtp_codec xcoffer proxy_header log_record config milter_rebuild message_index)
 
@@ -16,8 +24,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     exit 2
 fi
 
-printf '\n==> cargo fuzz build -s none (%d targets)\n' "${#targets[@]}"
-cargo fuzz build -s none
+printf '\n==> cargo fuzz build -s none %s(%d targets)\n' "${profile[*]:+${profile[*]} }" "${#targets[@]}"
+cargo fuzz build -s none "${profile[@]}"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -26,7 +34,7 @@ for t in "${targets[@]}"; do
     printf '\n==> fuzz %s for %ss\n' "$t" "$secs"
     mkdir -p "$work/$t" "artifacts/$t"
     log="$work/$t.log"
-    if ! cargo fuzz run -s none "$t" "$work/$t" "corpus/$t" -- \
+    if ! cargo fuzz run -s none "${profile[@]}" "$t" "$work/$t" "corpus/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 -timeout=10 \
         -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1; then
         tail -n 60 "$log"
