@@ -231,6 +231,7 @@ fn main() {
         segment_size: 64 << 20,
         max_pending: 256 << 20,
         min_free_disk: 0,
+        ..StoreOptions::default()
     })
     .unwrap_or_else(|e| {
         eprintln!("storegen: opening {}: {e}", out.display());

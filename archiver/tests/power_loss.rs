@@ -72,6 +72,7 @@ fn options(segment_size: u64) -> StoreOptions {
         segment_size,
         max_pending: 1 << 30,
         min_free_disk: 0,
+        ..StoreOptions::default()
     }
 }
 

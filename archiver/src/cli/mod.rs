@@ -4,6 +4,7 @@
 //! [`StoreReader`] that writes to a `&mut dyn Write`; every error becomes an exit status
 //! in one place, [`error::exit_code`].
 
+pub mod compact;
 pub mod dates;
 pub mod error;
 pub mod export;
@@ -64,6 +65,8 @@ pub enum Command {
     Queue(queue::QueueArgs),
     /// Ship every arrival to a connection's peer again, from the first (needs the daemon).
     Resync(queue::ResyncArgs),
+    /// Seal the open segment and recompress sealed segments in blocks now.
+    Compact(compact::CompactArgs),
 }
 
 #[derive(Args, Debug)]
@@ -288,11 +291,14 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Backup(a) => return cmd_backup(&cfg, a),
         Command::Queue(a) => return queue::cmd_queue(&cfg.node.data_dir, a, out),
         Command::Resync(a) => return queue::cmd_resync(&cfg.node.data_dir, a, out),
+        Command::Compact(a) => return compact::cmd_compact(&cfg, a, out),
         _ => {}
     }
     let store = open_store(&cfg.node.data_dir)?;
     match &cli.command {
-        Command::Queue(_) | Command::Resync(_) => unreachable!("handled above"),
+        Command::Queue(_) | Command::Resync(_) | Command::Compact(_) => {
+            unreachable!("handled above")
+        }
         Command::Status(a) => cmd_status(&store, &cfg.node.data_dir, a, out),
         Command::Search(a) => cmd_search(&store, a, out),
         Command::Get(a) => cmd_get(&store, a, out),
