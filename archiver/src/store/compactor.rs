@@ -250,7 +250,7 @@ impl StoreHandle {
             .requested
             .fetch_add(1, Ordering::AcqRel)
             + 1;
-        tx.send(())
+        tx.send(true)
             .map_err(|_| StoreError::Unavailable("the compactor has stopped".into()))?;
         Ok(n)
     }
@@ -326,7 +326,7 @@ impl Background {
     /// # Errors
     /// The thread could not be spawned.
     pub fn start(handle: StoreHandle) -> std::io::Result<Background> {
-        let (tx, rx) = crossbeam_channel::unbounded::<()>();
+        let (tx, rx) = crossbeam_channel::unbounded::<bool>();
         *handle
             .shared
             .compaction_tx
@@ -360,12 +360,14 @@ impl Background {
     }
 }
 
-fn run(h: &StoreHandle, rx: &crossbeam_channel::Receiver<()>, stop: &AtomicBool) {
+/// Wakes on a request (`true`: seal first), on a segment sealed by the writer (`false`),
+/// or every [`AUTO_INTERVAL`].
+fn run(h: &StoreHandle, rx: &crossbeam_channel::Receiver<bool>, stop: &AtomicBool) {
     lower_priority();
     let c = &h.shared.compaction;
     loop {
-        let asked = match rx.recv_timeout(AUTO_INTERVAL) {
-            Ok(()) => true,
+        let mut asked = match rx.recv_timeout(AUTO_INTERVAL) {
+            Ok(seal) => seal,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         };
@@ -373,7 +375,9 @@ fn run(h: &StoreHandle, rx: &crossbeam_channel::Receiver<()>, stop: &AtomicBool)
             return;
         }
         // Requests queued meanwhile are covered by this run.
-        while rx.try_recv().is_ok() {}
+        while let Ok(seal) = rx.try_recv() {
+            asked |= seal;
+        }
         let covers = c.requested.load(Ordering::Acquire);
         if h.failed() {
             continue;

@@ -21,7 +21,7 @@ pub const DICT_SIZE: usize = 110 << 10;
 /// Most messages sampled to train one.
 pub const MAX_SAMPLES: usize = 4000;
 /// Most sample bytes (each message counts at most its first 16 KiB).
-pub const MAX_SAMPLE_BYTES: usize = 32 << 20;
+pub const MAX_SAMPLE_BYTES: usize = 8 << 20;
 pub const SAMPLE_PREFIX: usize = 16 << 10;
 /// Fewer samples than this train no dictionary (zstd needs a few hundred).
 pub const MIN_SAMPLES: usize = 200;

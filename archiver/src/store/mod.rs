@@ -318,10 +318,22 @@ pub struct Shared {
     compact_lock: std::sync::Mutex<()>,
     compaction: compactor::CompactionState,
     /// Wakes the background compactor, while one runs.
-    compaction_tx: std::sync::Mutex<Option<crossbeam_channel::Sender<()>>>,
+    compaction_tx: std::sync::Mutex<Option<crossbeam_channel::Sender<bool>>>,
 }
 
 impl Shared {
+    /// Tells the background compactor (if one runs) that a segment was sealed.
+    fn segment_sealed(&self) {
+        if let Some(tx) = self
+            .compaction_tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            let _ = tx.send(false);
+        }
+    }
+
     fn set_db(&self, db: Option<Arc<redb::Database>>) {
         *self
             .db

@@ -625,6 +625,7 @@ impl Writer {
 /// The index stage: applies synced log batches to redb and commits.
 fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) {
     let mut last_commit: Option<Instant> = None;
+    let mut last_tail_seg: Option<u32> = None;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
         check_relocations(&mut batches, shared);
@@ -647,6 +648,12 @@ fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) 
         let started = Instant::now();
         match commit_index(db, &batches) {
             Ok(totals) => {
+                let tail_seg = batches.last().expect("one batch at least").tail.0;
+                if last_tail_seg.is_some_and(|t| t < tail_seg) {
+                    // The index moved past a sealed segment: it can be compacted now.
+                    shared.segment_sealed();
+                }
+                last_tail_seg = Some(tail_seg);
                 let last = batches.last().expect("one batch at least").gen;
                 shared.committed_gen.store(last, Ordering::Release);
                 publish_totals(shared, &totals);
