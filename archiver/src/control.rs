@@ -6,7 +6,8 @@
 //! `{"cmd":"queue_retry","arrival":"NODE/EPOCH/SEQ"}`, `{"cmd":"queue_skip","arrival":..}`,
 //! `{"cmd":"resync","connection":"NAME"}`, `{"cmd":"compact"}` (seal the open segment and
 //! compact in the background; the reply's `request` number is what `compact_status`'s
-//! `done` reaches once that run ended), `{"cmd":"compact_status"}`. Replies carry `"ok": true`
+//! `done` reaches once that run ended, in the daemon of that `pid`),
+//! `{"cmd":"compact_status"}`. Replies carry `"ok": true`
 //! or `"ok": false, "error": "..."`. The socket is created 0600: only the daemon's own
 //! user (and root) may use it.
 
@@ -208,12 +209,13 @@ async fn handle(
             }
         }
         Some("compact") => match store.request_compaction() {
-            Ok(n) => json!({"ok": true, "request": n}),
+            Ok(n) => json!({"ok": true, "request": n, "pid": std::process::id()}),
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
         Some("compact_status") => {
             let mut v = json!(store.compaction_status());
             v["ok"] = json!(true);
+            v["pid"] = json!(std::process::id());
             v
         }
         Some("reload") => match reload.try_send(()) {
@@ -355,6 +357,10 @@ mod tests {
                 request(&data_dir, &json!({"cmd": "nope"}))
                     .unwrap_err()
                     .to_string(),
+                request(&data_dir, &json!({"cmd": "compact_status"})).unwrap(),
+                request(&data_dir, &json!({"cmd": "compact"}))
+                    .unwrap_err()
+                    .to_string(),
             )
         })
         .await
@@ -364,6 +370,13 @@ mod tests {
         assert_eq!(replies.1["listeners"][0]["name"], "journal");
         assert_eq!(replies.2["ok"], true);
         assert!(replies.3.contains("unknown command"), "{}", replies.3);
+        assert_eq!(replies.4["done"], 0);
+        assert_eq!(replies.4["pid"], std::process::id());
+        assert!(
+            replies.5.contains("no background compactor"),
+            "{}",
+            replies.5
+        );
         assert!(reload_rx.try_recv().is_ok());
         stop_tx.send(true).unwrap();
         server.await.unwrap();

@@ -18,6 +18,8 @@ use crate::store::{compactor, Store};
 
 /// How often `--wait` asks the daemon whether the compaction is done.
 const POLL: Duration = Duration::from_millis(200);
+/// Daemon restarts `--wait` follows (asking the new daemon again) before it gives up.
+const MAX_RESTARTS: u32 = 10;
 
 #[derive(Args, Debug)]
 #[command(
@@ -113,11 +115,28 @@ fn through_daemon(
             e => CliError::NoDaemon(e.to_string()),
         })
     };
-    let request = accepted["request"].as_u64().unwrap_or(0);
+    let mut request = accepted["request"].as_u64().unwrap_or(0);
+    let mut pid = accepted["pid"].as_u64();
     let mut status = ask(&json!({"cmd": "compact_status"}))?;
     if a.wait {
-        // Until the daemon says a run covering this request ended (or it goes away).
-        while status["done"].as_u64().unwrap_or(0) < request {
+        // Until the daemon says a run covering this request ended. A daemon restarted
+        // meanwhile (another pid) knows nothing of the request: ask it again, a bounded
+        // number of times.
+        let mut restarts = 0;
+        loop {
+            if status["pid"].as_u64() != pid {
+                restarts += 1;
+                if restarts > MAX_RESTARTS {
+                    return Err(CliError::Failed(
+                        "the daemon keeps restarting; the compaction did not finish".into(),
+                    ));
+                }
+                let again = ask(&json!({"cmd": "compact"}))?;
+                request = again["request"].as_u64().unwrap_or(0);
+                pid = again["pid"].as_u64();
+            } else if status["done"].as_u64().unwrap_or(0) >= request {
+                break;
+            }
             std::thread::sleep(POLL);
             status = ask(&json!({"cmd": "compact_status"}))?;
         }

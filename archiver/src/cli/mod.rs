@@ -788,6 +788,49 @@ mod tests {
     }
 
     #[test]
+    fn compact_without_a_daemon_compacts_the_store_and_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("coffer.toml");
+        std::fs::write(
+            &conf,
+            "[node]\nname = \"node-a\"\ndata_dir = \"data\"\n[store]\nmin_free_disk = \"0B\"\n\
+             block_level = 3\ndictionary = false\n",
+        )
+        .unwrap();
+        let mbox = dir.path().join("in.mbox");
+        let mut text = String::new();
+        for i in 0..40 {
+            text.push_str(&format!(
+                "From a@x Mon Jan  1 00:00:00 2024\nSubject: {i}\n\n{}\n\n",
+                "some words of mail ".repeat(i + 5)
+            ));
+        }
+        std::fs::write(&mbox, text).unwrap();
+        let c = conf.to_str().unwrap();
+        let m = mbox.to_str().unwrap();
+        assert_eq!(
+            run_args(["coffer", "--config", c, "import", "--format", "mbox", m]),
+            EXIT_OK
+        );
+        let cli = parse(&["--config", c, "compact", "--wait", "--json"]).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(run(&cli, &mut out).unwrap(), EXIT_OK);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["daemon"], false);
+        assert_eq!(v["segments"], 1, "{v}");
+        let data = dir.path().join("data");
+        assert!(data.join("log/00000001.blk").exists());
+        assert!(!data.join("log/00000001.seg").exists());
+        let reader = StoreReader::open(&data).unwrap();
+        assert_eq!(reader.status().unwrap().messages, 40);
+        assert!(reader
+            .verify(true, &mut |_, _| {})
+            .unwrap()
+            .problems
+            .is_empty());
+    }
+
+    #[test]
     fn message_id_prefixes() {
         let full = "AB".repeat(32);
         assert_eq!(id_prefix(&full).unwrap(), "ab".repeat(32));

@@ -286,6 +286,7 @@ fn settle_compactions(
     for name in vfs.read_dir(log_dir).map_err(io_err(log_dir))? {
         if name.ends_with(".tmp") {
             let p = log_dir.join(&name);
+            warn!(file = %p.display(), "removing what an interrupted compaction was writing");
             vfs.remove_file(&p).map_err(io_err(&p))?;
             changed = true;
         }
