@@ -19,7 +19,7 @@ use super::log::{
     self, blk_path, list_log, segment_path, ActiveSegment, Log, SegmentFiles, LOG_DIR,
 };
 use super::record::{
-    decode_payload, FORMAT_VERSION, KIND_ARRIVAL, KIND_MESSAGE, KIND_REPEAT, SEGMENT_HEADER_LEN,
+    decode_payload, INDEX_FORMAT, KIND_ARRIVAL, KIND_MESSAGE, KIND_REPEAT, SEGMENT_HEADER_LEN,
 };
 use super::summary::Summary;
 use super::{Arrival, StoreError};
@@ -165,9 +165,9 @@ impl Engine {
                 .map(|v| v.value().to_vec());
             if let Some(f) = format {
                 let v = u32::from_le_bytes(f.as_slice().try_into().unwrap_or([0; 4]));
-                if v != FORMAT_VERSION {
+                if !(1..=INDEX_FORMAT).contains(&v) {
                     return Err(StoreError::Unsupported(format!(
-                        "index format {v}; this build reads format {FORMAT_VERSION}"
+                        "index format {v}; this build reads formats 1 to {INDEX_FORMAT}"
                     )));
                 }
             }
@@ -200,7 +200,7 @@ impl Engine {
         };
         {
             let mut meta = txn.open_table(META).map_err(idx_err)?;
-            meta.insert(index::K_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+            meta.insert(index::K_FORMAT, INDEX_FORMAT.to_le_bytes().as_slice())
                 .map_err(idx_err)?;
             meta.insert(index::K_EPOCH, epoch.as_slice())
                 .map_err(idx_err)?;

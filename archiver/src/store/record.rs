@@ -21,8 +21,12 @@ use crate::ids::MessageId;
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"COFFSEG\0";
 pub const RECORD_MAGIC: &[u8; 4] = b"CREC";
-/// Format version of segments and index. Checked on open.
+/// Format version of segments. Checked on open.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format version of the index (META `format`): 2 added block locations and the
+/// `segments` table. An index of format 1 is read as is and marked 2 on open, so that
+/// an older build, which cannot read compacted segments, refuses the store instead.
+pub const INDEX_FORMAT: u32 = 2;
 pub const SEGMENT_HEADER_LEN: u64 = 64;
 pub const RECORD_HEADER_LEN: usize = 56;
 pub const RECORD_TRAILER_LEN: usize = 4;
