@@ -84,6 +84,8 @@ fn compacted_segments_read_back_and_shrink() {
     let store = Store::open_with(Arc::new(vfs.clone()), opts(dir, 32 << 10, false)).unwrap();
     let h = store.handle();
     let mut ids = ingest(&h, 0..120);
+    // Answered once the index has committed everything before it: the totals are current.
+    h.update_state_blocking(writer::StateOp::Seal).unwrap();
     let before = h.stats().stored_bytes.load(Ordering::Relaxed);
     let report = h.compact(true, &|| false).unwrap();
     assert!(report.segments >= 3, "{report:?}");

@@ -278,6 +278,9 @@ pub const INGEST_ZSTD_LEVEL: i32 = 1;
 pub const COMPRESS_MIN_BYTES: usize = 512;
 /// Messages up to this size are hashed and compressed on the async task itself.
 const INLINE_PREPARE_MAX: usize = 256 << 10;
+/// Decoded blocks kept for in-process readers (replicators): at most this many, each up
+/// to `block_size` (plus a message bigger than that).
+const BLOCK_CACHE: usize = 2;
 /// Jobs waiting for the writer; producers block (on blocking threads) beyond this.
 const CHANNEL_CAPACITY: usize = 1024;
 
@@ -317,6 +320,8 @@ pub struct Shared {
     /// Held while a compaction runs: one at a time.
     compact_lock: std::sync::Mutex<()>,
     compaction: compactor::CompactionState,
+    /// The blocks in-process readers decoded last, by (segment, offset).
+    blocks: std::sync::Mutex<Vec<reader::CachedBlock>>,
     /// Wakes the background compactor, while one runs.
     compaction_tx: std::sync::Mutex<Option<crossbeam_channel::Sender<bool>>>,
 }
@@ -402,6 +407,7 @@ impl Store {
             compact_lock: std::sync::Mutex::new(()),
             compaction: compactor::CompactionState::default(),
             compaction_tx: std::sync::Mutex::new(None),
+            blocks: std::sync::Mutex::new(Vec::new()),
         });
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let w = writer::Writer::new(engine, shared.clone(), opts.segment_size)?;
@@ -743,13 +749,51 @@ impl StoreHandle {
                         StoreError::Corrupt(format!("message {id} is not in the index"))
                     })?
             };
-            let lookup = |d| self.shared.dicts.get(d);
-            match reader::read_blob(&*self.shared.vfs, &self.shared.log_dir, id, loc, &lookup) {
+            match self.read_at(id, loc) {
                 // A compaction replaced the segment after the snapshot: read it anew.
                 Err(e) if reader::is_gone(&e) && tries < 3 => tries += 1,
                 r => return r,
             }
         }
+    }
+
+    /// Reads a message at `loc`; a block is decoded once for the messages read from it
+    /// one after the other (a replicator walks arrivals in log order).
+    fn read_at(&self, id: &MessageId, loc: index::Loc) -> Result<Vec<u8>, StoreError> {
+        let sh = &self.shared;
+        let lookup = |d| sh.dicts.get(d);
+        let Some(position) = loc.position else {
+            return reader::read_blob(&*sh.vfs, &sh.log_dir, id, loc, &lookup);
+        };
+        let key = (loc.segment, loc.offset);
+        let cached = {
+            let cache = sh
+                .blocks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            cache
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, b)| b.clone())
+        };
+        let block = match cached {
+            Some(b) => b,
+            None => {
+                let path = log::blk_path(&sh.log_dir, loc.segment);
+                let file = sh.vfs.open_read(&path).map_err(engine::io_err(&path))?;
+                let b = Arc::new(reader::load_block(&*file, &sh.log_dir, id, loc, &lookup)?);
+                let mut cache = sh
+                    .blocks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cache.len() >= BLOCK_CACHE {
+                    cache.remove(0);
+                }
+                cache.push((key, b.clone()));
+                b
+            }
+        };
+        reader::block_message(&block, &sh.log_dir, id, loc, position)
     }
 
     /// [`StoreHandle::ingest`] for threads outside a runtime (tests, import).

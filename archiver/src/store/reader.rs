@@ -31,7 +31,7 @@ const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const VERIFY_CHUNK: usize = 65_536;
 
 /// A decoded block and where it is: (segment, offset).
-type CachedBlock = ((u32, u64), Arc<DecodedBlock>);
+pub(crate) type CachedBlock = ((u32, u64), Arc<DecodedBlock>);
 
 enum Db {
     /// No daemon: this process holds the store (recovered on open).
@@ -744,7 +744,7 @@ pub fn read_blob(
     }
 }
 
-fn load_block(
+pub(crate) fn load_block(
     file: &dyn VFile,
     log_dir: &Path,
     id: &MessageId,
@@ -760,7 +760,7 @@ fn load_block(
     })
 }
 
-fn block_message(
+pub(crate) fn block_message(
     block: &DecodedBlock,
     log_dir: &Path,
     id: &MessageId,
