@@ -628,7 +628,6 @@ fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) 
     let mut last_tail_seg: Option<u32> = None;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
-        check_relocations(&mut batches, shared);
         // Under load, gather for at least INDEX_COMMIT_SPACING since the last commit:
         // more messages share each dirty index page, so a commit writes fewer pages per
         // message. Nobody waits on it: answers went out after the log sync.
