@@ -50,7 +50,15 @@ pub struct StoreReader {
     dicts: Dicts,
     /// The last block decoded, by (segment, offset): consecutive messages share it.
     block: Mutex<Option<CachedBlock>>,
+    /// The daemon's index did not reach the end of its log in time (it cannot commit:
+    /// a failed store, a full disk): "not found" would be wrong, the answer is "later".
+    stale: std::sync::atomic::AtomicBool,
 }
+
+/// What a reader says instead of "not found" while the daemon's index is behind its log.
+const INDEX_BEHIND: &str = "the daemon's index is behind its log and needs repair after a \
+    failed write; the daemon repairs it as soon as it can write again (is the disk full? \
+    see its log). Nothing acknowledged is lost: it is all in the log.";
 
 impl StoreReader {
     /// # Errors
@@ -88,6 +96,7 @@ impl StoreReader {
             db,
             files: Mutex::new(HashMap::new()),
             block: Mutex::new(None),
+            stale: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -134,7 +143,11 @@ impl StoreReader {
                 let seg = u32::try_from(index::meta_u64(&meta, index::K_TAIL_SEG)).unwrap_or(0);
                 (seg, index::meta_u64(&meta, index::K_TAIL_OFF))
             };
-            if tail >= target || std::time::Instant::now() >= deadline {
+            if tail >= target {
+                return Ok(txn);
+            }
+            if std::time::Instant::now() >= deadline {
+                self.stale.store(true, std::sync::atomic::Ordering::Relaxed);
                 return Ok(txn);
             }
             drop(txn);
@@ -212,6 +225,9 @@ impl StoreReader {
             }
         }
         match found.len() {
+            0 if self.stale.load(std::sync::atomic::Ordering::Relaxed) => Err(LookupError::Store(
+                StoreError::Unavailable(INDEX_BEHIND.into()),
+            )),
             0 => Err(LookupError::NotFound(prefix.to_owned())),
             1 => Ok(found[0]),
             n => Err(LookupError::Ambiguous(prefix.to_owned(), n)),
