@@ -4,7 +4,10 @@
 //! Protocol: one JSON object per line, one request per connection, one JSON reply line:
 //! `{"cmd":"ping"}`, `{"cmd":"status"}`, `{"cmd":"reload"}`, `{"cmd":"queue"}`,
 //! `{"cmd":"queue_retry","arrival":"NODE/EPOCH/SEQ"}`, `{"cmd":"queue_skip","arrival":..}`,
-//! `{"cmd":"resync","connection":"NAME"}`. Replies carry `"ok": true`
+//! `{"cmd":"resync","connection":"NAME"}`, `{"cmd":"compact"}` (seal the open segment and
+//! compact in the background; the reply's `request` number is what `compact_status`'s
+//! `done` reaches once that run ended, in the daemon of that `pid`),
+//! `{"cmd":"compact_status"}`. Replies carry `"ok": true`
 //! or `"ok": false, "error": "..."`. The socket is created 0600: only the daemon's own
 //! user (and root) may use it.
 
@@ -135,6 +138,7 @@ async fn handle(
                 "low_disk": store.low_disk(),
                 "messages": get(&s.messages),
                 "arrivals": get(&s.arrivals),
+                "compaction": store.compaction_status(),
                 "listeners": listeners,
                 "connections": replication.statuses(),
             })
@@ -203,6 +207,16 @@ async fn handle(
                 },
                 None => json!({"ok": false, "error": format!("no connection named {name:?}")}),
             }
+        }
+        Some("compact") => match store.request_compaction() {
+            Ok(n) => json!({"ok": true, "request": n, "pid": std::process::id()}),
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        },
+        Some("compact_status") => {
+            let mut v = json!(store.compaction_status());
+            v["ok"] = json!(true);
+            v["pid"] = json!(std::process::id());
+            v
         }
         Some("reload") => match reload.try_send(()) {
             Ok(()) => json!({"ok": true}),
@@ -314,6 +328,7 @@ mod tests {
                 segment_size: 1 << 20,
                 max_pending: 1 << 20,
                 min_free_disk: 0,
+                ..StoreOptions::default()
             },
         )
         .unwrap();
@@ -342,6 +357,10 @@ mod tests {
                 request(&data_dir, &json!({"cmd": "nope"}))
                     .unwrap_err()
                     .to_string(),
+                request(&data_dir, &json!({"cmd": "compact_status"})).unwrap(),
+                request(&data_dir, &json!({"cmd": "compact"}))
+                    .unwrap_err()
+                    .to_string(),
             )
         })
         .await
@@ -351,6 +370,13 @@ mod tests {
         assert_eq!(replies.1["listeners"][0]["name"], "journal");
         assert_eq!(replies.2["ok"], true);
         assert!(replies.3.contains("unknown command"), "{}", replies.3);
+        assert_eq!(replies.4["done"], 0);
+        assert_eq!(replies.4["pid"], std::process::id());
+        assert!(
+            replies.5.contains("no background compactor"),
+            "{}",
+            replies.5
+        );
         assert!(reload_rx.try_recv().is_ok());
         stop_tx.send(true).unwrap();
         server.await.unwrap();

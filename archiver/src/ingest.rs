@@ -120,6 +120,7 @@ mod tests {
                 segment_size: 1 << 20,
                 max_pending: 1 << 24,
                 min_free_disk: 0,
+                ..StoreOptions::default()
             },
         )
         .unwrap();

@@ -127,6 +127,7 @@ impl Metrics {
     pub fn render(&self, store: &StoreHandle) -> String {
         let mut out = String::with_capacity(4096);
         let s = store.stats();
+        let compaction = store.compaction_status();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         family(
             &mut out,
@@ -224,10 +225,47 @@ impl Metrics {
                 "1 while free disk is under min_free_disk (ingest answers 452).",
                 u64::from(store.low_disk()),
             ),
+            (
+                "coffer_compaction_running",
+                "1 while the compactor rewrites a sealed segment.",
+                u64::from(compaction.running),
+            ),
+            (
+                "coffer_compaction_segments_waiting",
+                "Sealed segments not compacted yet, as last counted.",
+                compaction.segments_waiting,
+            ),
         ] {
             family(&mut out, metric, "gauge", help);
             let _ = writeln!(out, "{metric} {v}");
         }
+        family(
+            &mut out,
+            "coffer_compaction_segments_total",
+            "counter",
+            "Sealed segments compacted since the daemon started.",
+        );
+        let _ = writeln!(
+            out,
+            "coffer_compaction_segments_total {}",
+            compaction.segments_compacted
+        );
+        family(
+            &mut out,
+            "coffer_compaction_bytes_total",
+            "counter",
+            "Bytes of segments compacted (in) and of the compacted segments written (out).",
+        );
+        let _ = writeln!(
+            out,
+            "coffer_compaction_bytes_total{{dir=\"in\"}} {}",
+            compaction.bytes_in
+        );
+        let _ = writeln!(
+            out,
+            "coffer_compaction_bytes_total{{dir=\"out\"}} {}",
+            compaction.bytes_out
+        );
         family(
             &mut out,
             "coffer_store_repeats_total",
@@ -443,6 +481,7 @@ mod tests {
                 segment_size: 1 << 20,
                 max_pending: 1 << 20,
                 min_free_disk: 0,
+                ..StoreOptions::default()
             },
         )
         .unwrap();

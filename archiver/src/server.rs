@@ -49,6 +49,12 @@ pub fn store_options(config: &Config) -> StoreOptions {
         segment_size: config.store.segment_size,
         max_pending: config.store.max_pending,
         min_free_disk: config.store.min_free_disk,
+        compaction: crate::store::compact::CompactOptions {
+            block_size: config.store.block_size,
+            level: config.store.block_level,
+            dictionary: config.store.dictionary,
+        },
+        background_compaction: false,
     }
 }
 
@@ -57,8 +63,11 @@ pub fn store_options(config: &Config) -> StoreOptions {
 /// # Errors
 /// Opening the store or binding a listener failed.
 pub fn run_blocking(config: Config) -> anyhow::Result<()> {
-    let store = Store::open(store_options(&config))
-        .with_context(|| format!("opening the store in {}", config.node.data_dir.display()))?;
+    let store = Store::open(StoreOptions {
+        background_compaction: true,
+        ..store_options(&config)
+    })
+    .with_context(|| format!("opening the store in {}", config.node.data_dir.display()))?;
     info!(
         node = %config.node.name,
         epoch = %store.handle().epoch(),

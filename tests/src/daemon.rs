@@ -123,6 +123,17 @@ impl Daemon {
         }
     }
 
+    /// Starts the daemon again on the same config and store (after [`Daemon::kill9`] or
+    /// [`Daemon::terminate`]), waiting until it greets.
+    ///
+    /// # Panics
+    /// It did not come up within [`START_DEADLINE`].
+    pub fn restart(&mut self) {
+        if let Err(e) = self.try_start() {
+            panic!("cofferd did not restart: {e:#}\n{}", self.log_tail());
+        }
+    }
+
     /// PID of the running daemon.
     ///
     /// # Panics

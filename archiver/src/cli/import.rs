@@ -347,6 +347,7 @@ mod tests {
             segment_size: 64 << 20,
             max_pending: 256 << 20,
             min_free_disk: 0,
+            ..StoreOptions::default()
         }
     }
 

@@ -4,6 +4,7 @@
 //! [`StoreReader`] that writes to a `&mut dyn Write`; every error becomes an exit status
 //! in one place, [`error::exit_code`].
 
+pub mod compact;
 pub mod dates;
 pub mod error;
 pub mod export;
@@ -64,6 +65,8 @@ pub enum Command {
     Queue(queue::QueueArgs),
     /// Ship every arrival to a connection's peer again, from the first (needs the daemon).
     Resync(queue::ResyncArgs),
+    /// Seal the open segment and recompress sealed segments in blocks now.
+    Compact(compact::CompactArgs),
 }
 
 #[derive(Args, Debug)]
@@ -288,11 +291,14 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Backup(a) => return cmd_backup(&cfg, a),
         Command::Queue(a) => return queue::cmd_queue(&cfg.node.data_dir, a, out),
         Command::Resync(a) => return queue::cmd_resync(&cfg.node.data_dir, a, out),
+        Command::Compact(a) => return compact::cmd_compact(&cfg, a, out),
         _ => {}
     }
     let store = open_store(&cfg.node.data_dir)?;
     match &cli.command {
-        Command::Queue(_) | Command::Resync(_) => unreachable!("handled above"),
+        Command::Queue(_) | Command::Resync(_) | Command::Compact(_) => {
+            unreachable!("handled above")
+        }
         Command::Status(a) => cmd_status(&store, &cfg.node.data_dir, a, out),
         Command::Search(a) => cmd_search(&store, a, out),
         Command::Get(a) => cmd_get(&store, a, out),
@@ -779,6 +785,49 @@ mod tests {
         assert!(std::fs::read(&out)
             .unwrap()
             .ends_with(b"Subject: 1\n\nhi\n\n"));
+    }
+
+    #[test]
+    fn compact_without_a_daemon_compacts_the_store_and_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("coffer.toml");
+        std::fs::write(
+            &conf,
+            "[node]\nname = \"node-a\"\ndata_dir = \"data\"\n[store]\nmin_free_disk = \"0B\"\n\
+             block_level = 3\ndictionary = false\n",
+        )
+        .unwrap();
+        let mbox = dir.path().join("in.mbox");
+        let mut text = String::new();
+        for i in 0..40 {
+            text.push_str(&format!(
+                "From a@x Mon Jan  1 00:00:00 2024\nSubject: {i}\n\n{}\n\n",
+                "some words of mail ".repeat(i + 5)
+            ));
+        }
+        std::fs::write(&mbox, text).unwrap();
+        let c = conf.to_str().unwrap();
+        let m = mbox.to_str().unwrap();
+        assert_eq!(
+            run_args(["coffer", "--config", c, "import", "--format", "mbox", m]),
+            EXIT_OK
+        );
+        let cli = parse(&["--config", c, "compact", "--wait", "--json"]).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(run(&cli, &mut out).unwrap(), EXIT_OK);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["daemon"], false);
+        assert_eq!(v["segments"], 1, "{v}");
+        let data = dir.path().join("data");
+        assert!(data.join("log/00000001.blk").exists());
+        assert!(!data.join("log/00000001.seg").exists());
+        let reader = StoreReader::open(&data).unwrap();
+        assert_eq!(reader.status().unwrap().messages, 40);
+        assert!(reader
+            .verify(true, &mut |_, _| {})
+            .unwrap()
+            .problems
+            .is_empty());
     }
 
     #[test]

@@ -17,6 +17,9 @@
 //!    exactly as after a crash;
 //! 4. rename the folder to DEST and fsync its parent.
 //!
+//! A compacted segment is copied as its `.blk` once its `.seg` is gone, and `dict/`
+//! (the zstd dictionaries records may name) is copied whole.
+//!
 //! The copy keeps the store epoch and arrival ids: it is this store, restored. Start
 //! `cofferd` with `data_dir = DEST`; it is not a second node.
 
@@ -25,9 +28,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::dict::DICT_DIR;
 use super::engine::{io_err, Engine};
 use super::io::{RealVfs, Vfs};
-use super::log::{list_segments, segment_path, LOG_DIR};
+use super::log::{blk_path, list_segments, segment_path, LOG_DIR};
 use super::record::SEGMENT_HEADER_LEN;
 use super::{StoreError, StoreReader, StoreStatus};
 
@@ -138,23 +142,34 @@ pub fn backup(
     // Each segment is opened now and copied through that open file, with the length it
     // has now: a segment file replaced by a rewritten one meanwhile is still copied
     // whole, in one version.
+    // A segment compacted meanwhile is copied in its compacted form: `.seg` while it is
+    // there (a `.blk` beside it may still be unfinished), else the `.blk`, which is
+    // whole once the `.seg` is gone (docs/store-format.md "Compacted segments").
     let mut plan = Vec::with_capacity(segments.len());
     for &n in &segments {
-        let p = segment_path(&log_dir, n);
-        let f = File::open(&p).map_err(io_err(&p))?;
+        let seg = segment_path(&log_dir, n);
+        let (p, f) = match File::open(&seg) {
+            Ok(f) => (seg, f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let blk = blk_path(&log_dir, n);
+                let f = File::open(&blk).map_err(io_err(&blk))?;
+                (blk, f)
+            }
+            Err(e) => return Err(io_err(&seg)(e)),
+        };
         let len = f.metadata().map_err(io_err(&p))?.len();
-        plan.push((n, f, len));
+        plan.push((n, f, len, p));
     }
     // A segment created this instant may not have its header yet: nothing is in it.
     if plan.len() > 1
         && plan
             .last()
-            .is_some_and(|&(_, _, len)| len < SEGMENT_HEADER_LEN)
+            .is_some_and(|(_, _, len, _)| *len < SEGMENT_HEADER_LEN)
     {
         plan.pop();
     }
-    let last = plan.last().map_or(last, |&(n, _, _)| n);
-    let total: u64 = plan.iter().map(|(_, _, len)| len).sum();
+    let last = plan.last().map_or(last, |(n, _, _, _)| *n);
+    let total: u64 = plan.iter().map(|(_, _, len, _)| len).sum();
 
     // 2. Copy into a staging folder beside DEST (a leftover of an interrupted run goes).
     let staging = staging_dir(dest);
@@ -166,15 +181,29 @@ pub fn backup(
     let result = (|| {
         let mut done = 0;
         progress(0, total);
-        for (n, file, len) in &plan {
-            done += copy_prefix(
-                file,
-                &segment_path(&log_dir, *n),
-                &segment_path(&staging_log, *n),
-                *len,
-                *n == last,
-            )?;
+        for (n, file, len, src) in &plan {
+            let name = src.file_name().expect("segment files have names");
+            done += copy_prefix(file, src, &staging_log.join(name), *len, *n == last)?;
             progress(done, total);
+        }
+        // Dictionaries: every one a copied record can name existed before that record
+        // was written (they are durable before use), and none ever changes.
+        let dict_dir = data_dir.join(DICT_DIR);
+        if dict_dir.is_dir() {
+            let staging_dict = staging.join(DICT_DIR);
+            fs::create_dir_all(&staging_dict).map_err(io_err(&staging_dict))?;
+            for entry in fs::read_dir(&dict_dir).map_err(io_err(&dict_dir))? {
+                let entry = entry.map_err(io_err(&dict_dir))?;
+                let name = entry.file_name();
+                if !name.to_string_lossy().ends_with(".dict") {
+                    continue;
+                }
+                let src = entry.path();
+                let f = File::open(&src).map_err(io_err(&src))?;
+                let len = f.metadata().map_err(io_err(&src))?.len();
+                copy_prefix(&f, &src, &staging_dict.join(&name), len, false)?;
+            }
+            sync_dir(&staging_dict)?;
         }
         // 3. Names durable, then the index rebuilt from the copied log.
         sync_dir(&staging_log)?;

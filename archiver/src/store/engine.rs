@@ -11,11 +11,15 @@ use std::sync::Arc;
 use redb::{ReadableTable, WriteTransaction};
 use tracing::{info, warn};
 
-use super::index::{self, Loc, Tables, META};
+use super::compact;
+use super::dict::Dicts;
+use super::index::{self, Loc, SegmentInfo, Tables, META, SEGMENTS};
 use super::io::{StoreLock, Vfs};
-use super::log::{self, list_segments, segment_path, ActiveSegment, Log, LOG_DIR};
+use super::log::{
+    self, blk_path, list_log, segment_path, ActiveSegment, Log, SegmentFiles, LOG_DIR,
+};
 use super::record::{
-    decode_payload, FORMAT_VERSION, KIND_ARRIVAL, KIND_MESSAGE, KIND_REPEAT, SEGMENT_HEADER_LEN,
+    decode_payload, INDEX_FORMAT, KIND_ARRIVAL, KIND_MESSAGE, KIND_REPEAT, SEGMENT_HEADER_LEN,
 };
 use super::summary::Summary;
 use super::{Arrival, StoreError};
@@ -63,6 +67,7 @@ pub struct Engine {
     pub epoch8: String,
     pub db: Arc<redb::Database>,
     pub log: Log,
+    pub dicts: Arc<Dicts>,
     /// Held for as long as the engine lives: no second writer, and the CLI knows.
     pub(crate) lock: Box<dyn StoreLock>,
 }
@@ -134,7 +139,11 @@ impl Engine {
         let data_dir = data_dir.to_owned();
         vfs.create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
         let log_dir = data_dir.join(LOG_DIR);
-        let mut segments = list_segments(&*vfs, &log_dir).map_err(io_err(&log_dir))?;
+        let segments = list_log(&*vfs, &log_dir).map_err(io_err(&log_dir))?;
+        let dicts = Arc::new(Dicts::new(vfs.clone(), &data_dir));
+        dicts
+            .remove_leftovers()
+            .map_err(io_err(&data_dir.join(super::dict::DICT_DIR)))?;
 
         let index_path = data_dir.join(INDEX_FILE);
         let db = match open_index(&*vfs, &index_path) {
@@ -156,20 +165,27 @@ impl Engine {
                 .map(|v| v.value().to_vec());
             if let Some(f) = format {
                 let v = u32::from_le_bytes(f.as_slice().try_into().unwrap_or([0; 4]));
-                if v != FORMAT_VERSION {
+                if !(1..=INDEX_FORMAT).contains(&v) {
                     return Err(StoreError::Unsupported(format!(
-                        "index format {v}; this build reads format {FORMAT_VERSION}"
+                        "index format {v}; this build reads formats 1 to {INDEX_FORMAT}"
                     )));
                 }
             }
             let e = meta.get(index::K_EPOCH).map_err(idx_err)?;
             e.and_then(|v| v.value().try_into().ok())
         };
+        settle_compactions(&*vfs, &txn, &log_dir, &segments)?;
+        let mut segments = list_log(&*vfs, &log_dir).map_err(io_err(&log_dir))?;
         let first_header_epoch = match segments.first() {
-            Some(&n) => {
-                let p = segment_path(&log_dir, n);
-                let f = vfs.open_read(&p).map_err(io_err(&p))?;
-                Some(log::read_header(&*f).map_err(io_err(&p))?.epoch)
+            Some(f) if f.seg => {
+                let p = segment_path(&log_dir, f.number);
+                let file = vfs.open_read(&p).map_err(io_err(&p))?;
+                Some(log::read_header(&*file).map_err(io_err(&p))?.epoch)
+            }
+            Some(f) => {
+                let p = blk_path(&log_dir, f.number);
+                let file = vfs.open_read(&p).map_err(io_err(&p))?;
+                Some(log::read_blk_header(&*file).map_err(io_err(&p))?.epoch)
             }
             None => None,
         };
@@ -184,7 +200,7 @@ impl Engine {
         };
         {
             let mut meta = txn.open_table(META).map_err(idx_err)?;
-            meta.insert(index::K_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+            meta.insert(index::K_FORMAT, INDEX_FORMAT.to_le_bytes().as_slice())
                 .map_err(idx_err)?;
             meta.insert(index::K_EPOCH, epoch.as_slice())
                 .map_err(idx_err)?;
@@ -211,11 +227,33 @@ impl Engine {
             vfs.create_dir_all(&log_dir).map_err(io_err(&log_dir))?;
             vfs.sync_dir(&data_dir).map_err(io_err(&data_dir))?;
             Log::create_segment(&*vfs, &log_dir, 1, epoch).map_err(io_err(&log_dir))?;
-            segments.push(1);
+            segments.push(SegmentFiles {
+                number: 1,
+                seg: true,
+                blk: false,
+            });
             info!(data_dir = %data_dir.display(), epoch = %uuid::Uuid::from_bytes(epoch), "created a new store");
+        } else if let Some(last) = segments.last().filter(|f| !f.seg).copied() {
+            // Only sealed segments are compacted, so the newest is never a `.blk`; should
+            // one be (a log copied without its newest segment), appends go to a new one.
+            Log::create_segment(&*vfs, &log_dir, last.number + 1, epoch)
+                .map_err(io_err(&log_dir))?;
+            segments.push(SegmentFiles {
+                number: last.number + 1,
+                seg: true,
+                blk: false,
+            });
         }
 
-        let active = replay(&*vfs, &txn, &log_dir, &segments, node, &epoch8, epoch)?;
+        let ctx = ReplayCtx {
+            vfs: &*vfs,
+            log_dir: &log_dir,
+            node,
+            epoch8: &epoch8,
+            epoch,
+            dicts: &dicts,
+        };
+        let active = replay(&ctx, &txn, &segments)?;
         txn.commit().map_err(idx_err)?;
         let log = Log::new(vfs.clone(), log_dir.clone(), epoch, active);
         Ok(Unlocked {
@@ -227,8 +265,52 @@ impl Engine {
             epoch8,
             db: Arc::new(db),
             log,
+            dicts,
         })
     }
+}
+
+/// Finishes or rolls back a compaction a crash interrupted (docs/store-format.md
+/// "Compacted segments"): `.tmp` files go; a segment present in both forms keeps the one
+/// the index points at (the `.blk` once `segments` marks it compacted, else the `.seg`).
+fn settle_compactions(
+    vfs: &dyn Vfs,
+    txn: &WriteTransaction,
+    log_dir: &Path,
+    files: &[SegmentFiles],
+) -> Result<(), StoreError> {
+    if !vfs.exists(log_dir) {
+        return Ok(());
+    }
+    let mut changed = false;
+    for name in vfs.read_dir(log_dir).map_err(io_err(log_dir))? {
+        if name.ends_with(".tmp") {
+            let p = log_dir.join(&name);
+            warn!(file = %p.display(), "removing what an interrupted compaction was writing");
+            vfs.remove_file(&p).map_err(io_err(&p))?;
+            changed = true;
+        }
+    }
+    let segments = txn.open_table(SEGMENTS).map_err(idx_err)?;
+    for f in files.iter().filter(|f| f.seg && f.blk) {
+        let compacted = segments
+            .get(f.number)
+            .map_err(idx_err)?
+            .and_then(|v| serde_json::from_slice::<SegmentInfo>(v.value()).ok())
+            .is_some_and(|i| i.compacted);
+        let loser = if compacted {
+            segment_path(log_dir, f.number)
+        } else {
+            blk_path(log_dir, f.number)
+        };
+        warn!(file = %loser.display(), "removing the half of an interrupted compaction the index does not use");
+        vfs.remove_file(&loser).map_err(io_err(&loser))?;
+        changed = true;
+    }
+    if changed {
+        vfs.sync_dir(log_dir).map_err(io_err(log_dir))?;
+    }
+    Ok(())
 }
 
 /// An opened store waiting for its lock to be attached.
@@ -241,6 +323,7 @@ struct Unlocked {
     epoch8: String,
     db: Arc<redb::Database>,
     log: Log,
+    dicts: Arc<Dicts>,
 }
 
 impl Unlocked {
@@ -254,6 +337,7 @@ impl Unlocked {
             epoch8,
             db,
             log,
+            dicts,
         } = self;
         Engine {
             vfs,
@@ -264,32 +348,58 @@ impl Unlocked {
             epoch8,
             db,
             log,
+            dicts,
             lock,
         }
     }
 }
 
+/// What replay needs to know of the store.
+pub(crate) struct ReplayCtx<'a> {
+    pub vfs: &'a dyn Vfs,
+    pub log_dir: &'a Path,
+    pub node: &'a str,
+    pub epoch8: &'a str,
+    pub epoch: [u8; 16],
+    pub dicts: &'a Dicts,
+}
+
 /// Indexes every record past the committed tail; truncates a torn tail of the newest
 /// segment. Returns the newest segment, ready for appends.
 fn replay(
-    vfs: &dyn Vfs,
+    ctx: &ReplayCtx<'_>,
     txn: &WriteTransaction,
-    log_dir: &Path,
-    segments: &[u32],
-    node: &str,
-    epoch8: &str,
-    epoch: [u8; 16],
+    segments: &[SegmentFiles],
 ) -> Result<ActiveSegment, StoreError> {
+    let log_dir = ctx.log_dir;
     let mut tables = Tables::open(txn).map_err(idx_err)?;
     let tail_seg = u32::try_from(tables.counters.tail_seg).unwrap_or(0);
     let tail_off = tables.counters.tail_off;
-    let last = *segments.last().expect("at least one segment");
+    let last = segments.last().expect("at least one segment").number;
     let mut replayed = 0u64;
-    for &n in segments.iter().filter(|&&n| n >= tail_seg) {
+    for f in segments.iter().filter(|f| f.number >= tail_seg) {
+        let n = f.number;
+        if !f.seg {
+            replayed += replay_blk(ctx, &mut tables, n)?;
+            continue;
+        }
         let path = segment_path(log_dir, n);
-        let file = vfs.open(&path).map_err(io_err(&path))?;
+        let file = ctx.vfs.open(&path).map_err(io_err(&path))?;
+        if n == last && file.len().map_err(io_err(&path))? < SEGMENT_HEADER_LEN {
+            // Created, and its name made durable by a sync of the folder, but its header
+            // never synced: nothing was ever written in it. Write the header again.
+            warn!(segment = %path.display(), "rewriting the header of a segment a crash left empty");
+            let h = super::record::SegmentHeader {
+                number: n,
+                epoch: ctx.epoch,
+                created_us: chrono::Utc::now().timestamp_micros(),
+            };
+            file.set_len(0).map_err(io_err(&path))?;
+            file.write_all_at(&h.encode(), 0).map_err(io_err(&path))?;
+            file.sync_data().map_err(io_err(&path))?;
+        }
         let header = log::read_header(&*file).map_err(io_err(&path))?;
-        if header.number != n || header.epoch != epoch {
+        if header.number != n || header.epoch != ctx.epoch {
             return Err(StoreError::Corrupt(format!(
                 "{}: header names segment {} of another store",
                 path.display(),
@@ -301,9 +411,17 @@ fn replay(
         } else {
             SEGMENT_HEADER_LEN
         };
+        let dicts = |id| ctx.dicts.get(id);
         let scan = log::scan(&*file, start, |rec| -> Result<(), StoreError> {
             replayed += 1;
-            apply_record(&mut tables, n, rec, node, epoch8)
+            let loc = Loc {
+                segment: n,
+                offset: rec.offset,
+                record_len: u32::try_from(rec.header.total_len()).unwrap_or(u32::MAX),
+                raw_len: rec.header.raw_len,
+                position: None,
+            };
+            apply_record(&mut tables, loc, &rec.header, &rec.payload, ctx, &dicts)
         })?;
         if scan.valid_end < scan.file_len {
             if n != last {
@@ -344,30 +462,69 @@ fn replay(
     )))
 }
 
+/// Indexes every record of compacted segment `n`; it must be whole.
+fn replay_blk(ctx: &ReplayCtx<'_>, tables: &mut Tables<'_>, n: u32) -> Result<u64, StoreError> {
+    let path = blk_path(ctx.log_dir, n);
+    let file = ctx.vfs.open_read(&path).map_err(io_err(&path))?;
+    let header = log::read_blk_header(&*file).map_err(io_err(&path))?;
+    if header.number != n || header.epoch != ctx.epoch {
+        return Err(StoreError::Corrupt(format!(
+            "{}: header names segment {} of another store",
+            path.display(),
+            header.number
+        )));
+    }
+    let dicts = |id| ctx.dicts.get(id);
+    let mut records = 0u64;
+    let mut info = SegmentInfo {
+        compacted: true,
+        ..SegmentInfo::default()
+    };
+    let scan = compact::scan_blk(
+        &*file,
+        &dicts,
+        |at, block, recs| -> Result<(), StoreError> {
+            info.blocks += 1;
+            info.dict = block.header.dict_id;
+            for rec in recs {
+                records += 1;
+                let loc = compact::block_loc(n, at, block, &rec);
+                apply_record(tables, loc, &rec.header, rec.payload, ctx, &dicts)?;
+            }
+            Ok(())
+        },
+    )?;
+    if let Some(why) = scan.stopped {
+        return Err(StoreError::Corrupt(format!(
+            "{}: damaged at offset {} ({why})",
+            path.display(),
+            scan.valid_end
+        )));
+    }
+    info.bytes = scan.file_len;
+    tables.mark_compacted(n, &info).map_err(idx_err)?;
+    Ok(records)
+}
+
 fn apply_record(
     tables: &mut Tables<'_>,
-    segment: u32,
-    rec: log::RawRecord,
-    node: &str,
-    epoch8: &str,
+    loc: Loc,
+    h: &super::record::RecordHeader,
+    payload: &[u8],
+    ctx: &ReplayCtx<'_>,
+    dicts: super::record::DictLookup<'_>,
 ) -> Result<(), StoreError> {
-    let h = rec.header;
+    let (node, epoch8) = (ctx.node, ctx.epoch8);
     match h.kind {
         KIND_MESSAGE => {
-            let raw = decode_payload(&h, &rec.payload).map_err(StoreError::Corrupt)?;
+            let raw = decode_payload(h, payload, dicts).map_err(StoreError::Corrupt)?;
             let summary = Summary::of(&raw);
-            let loc = Loc {
-                segment,
-                offset: rec.offset,
-                record_len: u32::try_from(h.total_len()).unwrap_or(u32::MAX),
-                raw_len: h.raw_len,
-            };
             tables
                 .apply_message(&h.message, loc, &summary)
                 .map_err(idx_err)?;
         }
         KIND_ARRIVAL => {
-            let arrival: Arrival = serde_json::from_slice(&rec.payload)
+            let arrival: Arrival = serde_json::from_slice(payload)
                 .map_err(|e| StoreError::Corrupt(format!("arrival record: {e}")))?;
             let ours = arrival.id.node == node && arrival.id.epoch == epoch8;
             let key = if ours { arrival_key(&arrival) } else { None };

@@ -11,6 +11,10 @@
 //! * answer ENOSPC to writes that grow a file ([`FaultVfs::set_enospc`]);
 //! * answer EIO to syncs ([`FaultVfs::set_sync_eio`]).
 //!
+//! Names follow directory syncs: a created or renamed-to name not yet made durable
+//! vanishes at a power cut, and a removed or renamed-from name whose removal was not made
+//! durable comes back (with its synced bytes), as on a real disk.
+//!
 //! Used by the power-loss property test and by unit tests of error handling.
 
 use std::collections::{HashMap, HashSet};
@@ -31,6 +35,9 @@ struct FileState {
 struct State {
     files: HashMap<PathBuf, Arc<Mutex<FileState>>>,
     durable_names: HashSet<PathBuf>,
+    /// Durable names removed (or renamed away) since their directory's last sync: a power
+    /// cut brings them back.
+    removed: HashMap<PathBuf, Arc<Mutex<FileState>>>,
     dirs: HashSet<PathBuf>,
     syncs: u64,
     crash_at: Option<u64>,
@@ -101,6 +108,7 @@ impl FaultVfs {
         let mut s = lock(&self.state);
         s.torn_seed = seed;
         let names: Vec<PathBuf> = s.files.keys().cloned().collect();
+        let removed: Vec<(PathBuf, Arc<Mutex<FileState>>)> = s.removed.drain().collect();
         let mut rng = seed | 1;
         for name in names {
             if !s.durable_names.contains(&name) {
@@ -122,6 +130,16 @@ impl FaultVfs {
             }
             f.live.clone_from(&image);
             f.durable = image;
+        }
+        for (name, file) in removed {
+            if s.durable_names.contains(&name) && !s.files.contains_key(&name) {
+                let durable = lock(&file).durable.clone();
+                let back = FileState {
+                    live: durable.clone(),
+                    durable,
+                };
+                s.files.insert(name, Arc::new(Mutex::new(back)));
+            }
         }
         s.crashed = false;
         s.crash_at = None;
@@ -330,6 +348,10 @@ impl Vfs for FaultVfs {
             if s.files.contains_key(path) {
                 return Err(io::ErrorKind::AlreadyExists.into());
             }
+            // A name created again over an unsynced removal: the new file is what the
+            // name will hold once its directory is synced; until then neither is sure.
+            s.removed.remove(path);
+            s.durable_names.remove(path);
             if s.enospc {
                 return Err(enospc());
             }
@@ -341,10 +363,28 @@ impl Vfs for FaultVfs {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.check_alive()?;
         let mut s = lock(&self.state);
-        s.files
-            .remove(path)
-            .map(|_| ())
-            .ok_or_else(|| io::ErrorKind::NotFound.into())
+        let file = s.files.remove(path).ok_or(io::ErrorKind::NotFound)?;
+        if s.durable_names.contains(path) {
+            s.removed.entry(path.to_owned()).or_insert(file);
+        }
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.check_alive()?;
+        let mut s = lock(&self.state);
+        let file = s.files.remove(from).ok_or(io::ErrorKind::NotFound)?;
+        if s.durable_names.contains(from) {
+            s.removed
+                .entry(from.to_owned())
+                .or_insert_with(|| file.clone());
+        }
+        if let Some(old) = s.files.insert(to.to_owned(), file) {
+            if s.durable_names.contains(to) {
+                s.removed.entry(to.to_owned()).or_insert(old);
+            }
+        }
+        Ok(())
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
@@ -358,6 +398,7 @@ impl Vfs for FaultVfs {
             .collect();
         s.durable_names.retain(|p| p.parent() != Some(path));
         s.durable_names.extend(live);
+        s.removed.retain(|p, _| p.parent() != Some(path));
         Ok(())
     }
 
@@ -417,6 +458,32 @@ mod tests {
         assert!(a.write_all_at(b"d", 3).is_err());
         vfs.power_loss(1);
         assert_eq!(vfs.file_bytes(Path::new("/d/a")).unwrap(), b"");
+    }
+
+    #[test]
+    fn unsynced_removal_and_rename_come_back_at_power_loss() {
+        let vfs = FaultVfs::new();
+        let dir = Path::new("/d");
+        vfs.create_dir_all(dir).unwrap();
+        for name in ["a", "b"] {
+            let f = vfs.create_new(&dir.join(name)).unwrap();
+            f.write_all_at(name.as_bytes(), 0).unwrap();
+            f.sync_data().unwrap();
+        }
+        vfs.sync_dir(dir).unwrap();
+        vfs.remove_file(&dir.join("a")).unwrap();
+        vfs.rename(&dir.join("b"), &dir.join("c")).unwrap();
+        assert!(!vfs.exists(&dir.join("a")) && vfs.exists(&dir.join("c")));
+        vfs.power_loss(3);
+        assert_eq!(vfs.file_bytes(&dir.join("a")).unwrap(), b"a");
+        assert_eq!(vfs.file_bytes(&dir.join("b")).unwrap(), b"b");
+        assert!(!vfs.exists(&dir.join("c")));
+        vfs.rename(&dir.join("b"), &dir.join("c")).unwrap();
+        vfs.remove_file(&dir.join("a")).unwrap();
+        vfs.sync_dir(dir).unwrap();
+        vfs.power_loss(4);
+        assert!(!vfs.exists(&dir.join("a")) && !vfs.exists(&dir.join("b")));
+        assert_eq!(vfs.file_bytes(&dir.join("c")).unwrap(), b"b");
     }
 
     #[test]

@@ -41,6 +41,32 @@ pub const MSGIDS: MultimapTableDefinition<'_, &str, [u8; 32]> =
 pub const CURSORS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("cursors");
 /// (connection name, local arrival number) → why the peer refused it (5xx, retries).
 pub const PARKED: TableDefinition<'_, (&str, u64), &str> = TableDefinition::new("parked");
+/// segment number → JSON [`SegmentInfo`] of a compacted segment. Rebuildable: replaying a
+/// `.blk` marks it.
+pub const SEGMENTS: TableDefinition<'_, u32, &[u8]> = TableDefinition::new("segments");
+
+/// What the index knows of a compacted segment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentInfo {
+    pub compacted: bool,
+    pub blocks: u64,
+    /// Size of the `.blk` file.
+    pub bytes: u64,
+    /// Size of the `.seg` it replaced (0 when rebuilt from the `.blk` alone).
+    #[serde(default)]
+    pub from_bytes: u64,
+    /// Dictionary of its blocks (0: none).
+    #[serde(default)]
+    pub dict: u32,
+}
+
+/// One message moving from its record in a segment to its place in a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub message: MessageId,
+    pub from: Loc,
+    pub to: Loc,
+}
 
 pub const K_FORMAT: &str = "format";
 pub const K_EPOCH: &str = "epoch";
@@ -86,31 +112,48 @@ pub enum StateOp {
         connection: String,
         local: u64,
     },
+    /// Seal the active segment: the log stage starts a new one (and the index's tail
+    /// moves into it with this commit). Nothing else changes in the index.
+    Seal,
+    /// The atomic switch of a compaction: every message of `segment` whose location is
+    /// still `from` moves `to` its block, and `segments` marks it compacted.
+    Relocate {
+        segment: u32,
+        moves: Vec<Move>,
+        info: SegmentInfo,
+    },
 }
 
-/// Where a message's blob lives in the log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a message's blob lives in the log: a record in a segment (`position` is
+/// `None`), or an entry of a block in a compacted segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Loc {
     pub segment: u32,
-    /// Offset of the record's first byte in the segment.
+    /// Offset of the record's (or the block's) first byte in the file.
     pub offset: u64,
-    /// Whole record length on disk (header + payload + CRC).
+    /// Whole record length on disk (header + payload + CRC); for a block entry, the share
+    /// of the block's bytes counted for this message.
     pub record_len: u32,
     pub raw_len: u32,
+    /// The entry of the block's table, for a compacted segment.
+    pub position: Option<u32>,
 }
 
 impl Loc {
-    pub fn encode(&self) -> [u8; 20] {
-        let mut b = [0u8; 20];
-        b[0..4].copy_from_slice(&self.segment.to_le_bytes());
-        b[4..12].copy_from_slice(&self.offset.to_le_bytes());
-        b[12..16].copy_from_slice(&self.record_len.to_le_bytes());
-        b[16..20].copy_from_slice(&self.raw_len.to_le_bytes());
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24);
+        b.extend_from_slice(&self.segment.to_le_bytes());
+        b.extend_from_slice(&self.offset.to_le_bytes());
+        b.extend_from_slice(&self.record_len.to_le_bytes());
+        b.extend_from_slice(&self.raw_len.to_le_bytes());
+        if let Some(p) = self.position {
+            b.extend_from_slice(&p.to_le_bytes());
+        }
         b
     }
 
     pub fn decode(b: &[u8]) -> Option<Loc> {
-        if b.len() != 20 {
+        if b.len() != 20 && b.len() != 24 {
             return None;
         }
         Some(Loc {
@@ -118,7 +161,16 @@ impl Loc {
             offset: u64::from_le_bytes(b[4..12].try_into().ok()?),
             record_len: u32::from_le_bytes(b[12..16].try_into().ok()?),
             raw_len: u32::from_le_bytes(b[16..20].try_into().ok()?),
+            position: match b.get(20..24) {
+                Some(p) => Some(u32::from_le_bytes(p.try_into().ok()?)),
+                None => None,
+            },
         })
+    }
+
+    /// Whether this is a place in a compacted segment's block.
+    pub fn in_block(&self) -> bool {
+        self.position.is_some()
     }
 }
 
@@ -186,6 +238,7 @@ pub struct Tables<'t> {
     msgids: redb::MultimapTable<'t, &'static str, [u8; 32]>,
     cursors: redb::Table<'t, &'static str, &'static [u8]>,
     parked: redb::Table<'t, (&'static str, u64), &'static str>,
+    segments: redb::Table<'t, u32, &'static [u8]>,
     /// META's counters as of this transaction; written back by [`Tables::finish`].
     pub counters: Counters,
 }
@@ -214,6 +267,7 @@ impl<'t> Tables<'t> {
             msgids: txn.open_multimap_table(MSGIDS)?,
             cursors: txn.open_table(CURSORS)?,
             parked: txn.open_table(PARKED)?,
+            segments: txn.open_table(SEGMENTS)?,
             counters,
         })
     }
@@ -297,8 +351,51 @@ impl<'t> Tables<'t> {
             StateOp::Unpark { connection, local } => {
                 self.parked.remove((connection.as_str(), *local))?;
             }
+            StateOp::Seal => {}
+            StateOp::Relocate {
+                segment,
+                moves,
+                info,
+            } => {
+                for m in moves {
+                    let current = self
+                        .messages
+                        .get(m.message.0)?
+                        .and_then(|v| Loc::decode(v.value()));
+                    if current != Some(m.from) {
+                        continue; // another copy of the blob is the indexed one
+                    }
+                    self.messages
+                        .insert(m.message.0, m.to.encode().as_slice())?;
+                    self.counters.stored_bytes = (self.counters.stored_bytes
+                        + u64::from(m.to.record_len))
+                    .saturating_sub(u64::from(m.from.record_len));
+                }
+                self.mark_compacted(*segment, info)?;
+            }
         }
         Ok(())
+    }
+
+    /// Records that `segment` is compacted (`segments` table).
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn mark_compacted(&mut self, segment: u32, info: &SegmentInfo) -> Result<(), redb::Error> {
+        let json = serde_json::to_vec(info).expect("segment info serializes");
+        self.segments.insert(segment, json.as_slice())?;
+        Ok(())
+    }
+
+    /// What `segments` says of `segment`.
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn segment_info(&self, segment: u32) -> Result<Option<SegmentInfo>, redb::Error> {
+        Ok(self
+            .segments
+            .get(segment)?
+            .and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
 
     /// Indexes an arrival. Returns its local number, or `None` if an arrival with this id

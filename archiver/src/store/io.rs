@@ -41,6 +41,8 @@ pub trait Vfs: Send + Sync + Debug + 'static {
     /// [`Vfs::sync_dir`] on its directory.
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn VFile>>;
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Renames a file, replacing `to` if it exists. Durable only after [`Vfs::sync_dir`].
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// fsync of a directory: makes created, renamed and removed names durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
     /// Bytes available to an unprivileged writer on the filesystem holding `path`.
@@ -115,6 +117,9 @@ impl Vfs for RealVfs {
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
     }
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         File::open(path)?.sync_all()

@@ -20,21 +20,75 @@ pub fn segment_path(log_dir: &Path, number: u32) -> PathBuf {
     log_dir.join(format!("{number:08}.seg"))
 }
 
-/// Segment numbers present in `log_dir`, ascending.
+/// The compacted form of segment `number` (docs/store-format.md "Compacted segments").
+pub fn blk_path(log_dir: &Path, number: u32) -> PathBuf {
+    log_dir.join(format!("{number:08}.blk"))
+}
+
+/// Where a compaction writes segment `number`'s blocks before renaming them into place.
+pub fn blk_tmp_path(log_dir: &Path, number: u32) -> PathBuf {
+    log_dir.join(format!("{number:08}.blk.tmp"))
+}
+
+/// The files present for one segment number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentFiles {
+    pub number: u32,
+    /// `NNNNNNNN.seg` exists.
+    pub seg: bool,
+    /// `NNNNNNNN.blk` exists.
+    pub blk: bool,
+}
+
+/// Every segment number in `log_dir` with the forms it is present in, ascending.
+///
+/// # Errors
+/// The directory cannot be read.
+pub fn list_log(vfs: &dyn Vfs, log_dir: &Path) -> io::Result<Vec<SegmentFiles>> {
+    if !vfs.exists(log_dir) {
+        return Ok(Vec::new());
+    }
+    let mut map = std::collections::BTreeMap::<u32, SegmentFiles>::new();
+    for name in vfs.read_dir(log_dir)? {
+        let (n, blk) = if let Some(n) = name.strip_suffix(".seg") {
+            (n, false)
+        } else if let Some(n) = name.strip_suffix(".blk") {
+            (n, true)
+        } else {
+            continue;
+        };
+        let Ok(number) = n.parse::<u32>() else {
+            continue;
+        };
+        let e = map.entry(number).or_insert(SegmentFiles {
+            number,
+            ..SegmentFiles::default()
+        });
+        if blk {
+            e.blk = true;
+        } else {
+            e.seg = true;
+        }
+    }
+    Ok(map.into_values().collect())
+}
+
+/// Segment numbers present in `log_dir` (as a segment or compacted), ascending.
 ///
 /// # Errors
 /// The directory cannot be read.
 pub fn list_segments(vfs: &dyn Vfs, log_dir: &Path) -> io::Result<Vec<u32>> {
-    if !vfs.exists(log_dir) {
-        return Ok(Vec::new());
-    }
-    let mut out: Vec<u32> = vfs
-        .read_dir(log_dir)?
-        .iter()
-        .filter_map(|n| n.strip_suffix(".seg")?.parse().ok())
-        .collect();
-    out.sort_unstable();
-    Ok(out)
+    Ok(list_log(vfs, log_dir)?.iter().map(|s| s.number).collect())
+}
+
+/// Reads and checks a compacted segment's header.
+///
+/// # Errors
+/// I/O errors, or `InvalidData` naming what is wrong.
+pub fn read_blk_header(file: &dyn VFile) -> io::Result<SegmentHeader> {
+    let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+    file.read_exact_at(&mut b, 0)?;
+    SegmentHeader::decode_blk(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Reads and checks a segment's header.
@@ -178,9 +232,17 @@ impl Log {
             epoch,
             created_us: chrono::Utc::now().timestamp_micros(),
         };
-        file.write_all_at(&header.encode(), 0)?;
-        file.sync_data()?;
-        vfs.sync_dir(dir)?;
+        let made = file
+            .write_all_at(&header.encode(), 0)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| vfs.sync_dir(dir));
+        if let Err(e) = made {
+            // Nothing is in it yet: take it away so that the next attempt starts clean
+            // (if this fails too, the next attempt finds it and the store reopens).
+            drop(file);
+            let _ = vfs.remove_file(&path);
+            return Err(e);
+        }
         Ok(ActiveSegment {
             number,
             file,

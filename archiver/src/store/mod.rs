@@ -9,10 +9,15 @@
 //! - `writer`: the writer thread: group commit of everything waiting on the channel.
 //! - `reader`: read side for the CLI and the daemon: status, search, get, verify.
 //! - [`reindex`], [`backup`]: rebuild the index from the log; copy a live store.
+//! - [`compact`], [`compactor`], [`dict`]: sealed segments rewritten as compressed blocks
+//!   (in the background or on `coffer compact`), and the zstd dictionaries they use.
 //!
 //! See `docs/store-format.md` for the byte layout, the commit order and the invariants.
 
 pub mod backup;
+pub mod compact;
+pub mod compactor;
+pub mod dict;
 pub mod engine;
 pub mod fault;
 pub mod index;
@@ -49,6 +54,26 @@ pub struct StoreOptions {
     pub max_pending: u64,
     /// Below this much free disk ingest answers [`IngestError::DiskFull`].
     pub min_free_disk: u64,
+    /// How sealed segments are compacted (`[store]` `block_size`, `block_level`,
+    /// `dictionary`).
+    pub compaction: compact::CompactOptions,
+    /// Run the background compactor (the daemon); otherwise compaction happens only
+    /// when [`StoreHandle::compact`] is called.
+    pub background_compaction: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("coffer-data"),
+            node: "coffer".into(),
+            segment_size: 64 << 20,
+            max_pending: 256 << 20,
+            min_free_disk: 0,
+            compaction: compact::CompactOptions::default(),
+            background_compaction: false,
+        }
+    }
 }
 
 /// One message handed to the store by a listener.
@@ -261,6 +286,9 @@ pub const INGEST_ZSTD_LEVEL: i32 = 1;
 pub const COMPRESS_MIN_BYTES: usize = 512;
 /// Messages up to this size are hashed and compressed on the async task itself.
 const INLINE_PREPARE_MAX: usize = 256 << 10;
+/// Decoded blocks kept for in-process readers (replicators): at most this many, each up
+/// to `block_size` (plus a message bigger than that).
+const BLOCK_CACHE: usize = 2;
 /// Jobs waiting for the writer; producers block (on blocking threads) beyond this.
 const CHANNEL_CAPACITY: usize = 1024;
 
@@ -291,9 +319,34 @@ pub struct Shared {
     log_dir: PathBuf,
     /// Bumped after every index commit: in-process readers wait on it for new arrivals.
     committed: tokio::sync::watch::Sender<u64>,
+    epoch_bytes: [u8; 16],
+    /// The store's zstd dictionaries (readers load them by id).
+    dicts: Arc<dict::Dicts>,
+    /// The dictionary ingest compresses with, once one exists and `dictionary` is on.
+    ingest_dict: std::sync::RwLock<IngestDict>,
+    compact_opts: compact::CompactOptions,
+    /// Held while a compaction runs: one at a time.
+    compact_lock: std::sync::Mutex<()>,
+    compaction: compactor::CompactionState,
+    /// The blocks in-process readers decoded last, by (segment, offset).
+    blocks: std::sync::Mutex<Vec<reader::CachedBlock>>,
+    /// Wakes the background compactor, while one runs.
+    compaction_tx: std::sync::Mutex<Option<crossbeam_channel::Sender<bool>>>,
 }
 
 impl Shared {
+    /// Tells the background compactor (if one runs) that a segment was sealed.
+    fn segment_sealed(&self) {
+        if let Some(tx) = self
+            .compaction_tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            let _ = tx.send(false);
+        }
+    }
+
     fn set_db(&self, db: Option<Arc<redb::Database>>) {
         *self
             .db
@@ -307,6 +360,7 @@ impl Shared {
 pub struct Store {
     handle: StoreHandle,
     writer: Option<JoinHandle<()>>,
+    compactor: Option<compactor::Background>,
 }
 
 /// A cheap-clone front for the writer thread, used by listeners.
@@ -332,6 +386,11 @@ impl Store {
     /// or damage that recovery cannot repair.
     pub fn open_with(vfs: Arc<dyn io::Vfs>, opts: StoreOptions) -> Result<Store, StoreError> {
         let engine = engine::Engine::open(vfs.clone(), &opts.data_dir, Some(&opts.node))?;
+        let ingest_dict = if opts.compaction.dictionary {
+            engine.dicts.newest().map_err(StoreError::Corrupt)?
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             vfs,
             data_dir: opts.data_dir.clone(),
@@ -349,6 +408,14 @@ impl Store {
             db: std::sync::RwLock::new(None),
             log_dir: engine.log_dir.clone(),
             committed: tokio::sync::watch::channel(0).0,
+            epoch_bytes: engine.epoch,
+            dicts: engine.dicts.clone(),
+            ingest_dict: std::sync::RwLock::new(ingest_dict),
+            compact_opts: opts.compaction.clone(),
+            compact_lock: std::sync::Mutex::new(()),
+            compaction: compactor::CompactionState::default(),
+            compaction_tx: std::sync::Mutex::new(None),
+            blocks: std::sync::Mutex::new(Vec::new()),
         });
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let w = writer::Writer::new(engine, shared.clone(), opts.segment_size)?;
@@ -359,9 +426,21 @@ impl Store {
                 path: opts.data_dir.clone(),
                 source,
             })?;
+        let handle = StoreHandle { shared, tx };
+        let compactor = if opts.background_compaction {
+            Some(
+                compactor::Background::start(handle.clone()).map_err(|source| StoreError::Io {
+                    path: opts.data_dir.clone(),
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(Store {
-            handle: StoreHandle { shared, tx },
+            handle,
             writer: Some(writer),
+            compactor,
         })
     }
 
@@ -376,6 +455,11 @@ impl Store {
     }
 
     fn shutdown(&mut self) {
+        // The compactor holds a handle: it stops first (between two blocks), so the
+        // writer sees every sender gone.
+        if let Some(c) = self.compactor.take() {
+            c.stop();
+        }
         let (dead_tx, _) = crossbeam_channel::bounded(1);
         drop(std::mem::replace(&mut self.handle.tx, dead_tx));
         if let Some(w) = self.writer.take() {
@@ -417,40 +501,54 @@ impl Drop for PendingGuard {
     }
 }
 
+/// A dictionary for ingest: its id and bytes.
+type IngestDict = Option<dict::Dict>;
+
 thread_local! {
-    /// One zstd context per thread, reused: creating one per message is measurable.
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+    /// One zstd context per thread, reused: creating one per message is measurable. It
+    /// is tied to the dictionary id it was made with (0: none).
+    static COMPRESSOR: std::cell::RefCell<Option<(u32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
-fn compress(bytes: &[u8]) -> Option<Vec<u8>> {
+fn compress(bytes: &[u8], dict: &IngestDict) -> Option<Vec<u8>> {
+    let want = dict.as_ref().map_or(0, |(id, _)| *id);
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = zstd::bulk::Compressor::new(INGEST_ZSTD_LEVEL).ok();
+        if c.as_ref().is_none_or(|(id, _)| *id != want) {
+            let made = match dict {
+                Some((_, d)) => zstd::bulk::Compressor::with_dictionary(INGEST_ZSTD_LEVEL, d),
+                None => zstd::bulk::Compressor::new(INGEST_ZSTD_LEVEL),
+            };
+            *c = made.ok().map(|m| (want, m));
         }
-        c.as_mut()?.compress(bytes).ok()
+        c.as_mut()?.1.compress(bytes).ok()
     })
 }
 
 /// Hashes, compresses and parses a message: the CPU work done before the writer sees it.
-fn prepare(msg: Incoming) -> writer::Prepared {
+fn prepare(msg: Incoming, dict: &IngestDict) -> writer::Prepared {
     let id = crate::ids::MessageId::of(&msg.bytes);
     let summary = summary::Summary::of(&msg.bytes);
     let raw_len = u32::try_from(msg.bytes.len()).expect("messages are capped far below 4 GiB");
     let compressed = if msg.bytes.len() >= COMPRESS_MIN_BYTES {
-        compress(&msg.bytes).filter(|c| c.len() < msg.bytes.len())
+        compress(&msg.bytes, dict).filter(|c| c.len() < msg.bytes.len())
     } else {
         None
     };
-    let (codec, payload) = match compressed {
-        Some(c) => (record::CODEC_ZSTD, c),
-        None => (record::CODEC_STORED, msg.bytes),
+    let (codec, dict_id, payload) = match compressed {
+        Some(c) => (
+            record::CODEC_ZSTD,
+            dict.as_ref().map_or(0, |(id, _)| *id),
+            c,
+        ),
+        None => (record::CODEC_STORED, 0, msg.bytes),
     };
     writer::Prepared {
         id,
         raw_len,
         codec,
+        dict_id,
         payload,
         summary,
         envelope: msg.envelope,
@@ -471,6 +569,14 @@ impl StoreHandle {
     /// Counters for `/metrics`.
     pub fn stats(&self) -> &stats::StoreStats {
         &self.shared.stats
+    }
+
+    fn ingest_dict(&self) -> IngestDict {
+        self.shared
+            .ingest_dict
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Applies new `[store] max_pending` and `min_free_disk` (a reload): new messages
@@ -531,10 +637,11 @@ impl StoreHandle {
         let guard = self.admit(msg.bytes.len() as u64)?;
         // Hashing and light compression of a small message cost tens of µs: cheaper inline
         // than a hop to a blocking thread and back. Big ones go to the blocking pool.
+        let dict = self.ingest_dict();
         let prepared = if msg.bytes.len() <= INLINE_PREPARE_MAX {
-            prepare(msg)
+            prepare(msg, &dict)
         } else {
-            tokio::task::spawn_blocking(move || prepare(msg))
+            tokio::task::spawn_blocking(move || prepare(msg, &dict))
                 .await
                 .map_err(|e| IngestError::Unavailable(format!("preparing the message: {e}")))?
         };
@@ -597,6 +704,22 @@ impl StoreHandle {
         rx.await.unwrap_or(Err(IngestError::ShuttingDown))
     }
 
+    /// [`StoreHandle::update_state`] for threads outside a runtime (the compactor).
+    ///
+    /// # Errors
+    /// As [`StoreHandle::update_state`].
+    pub fn update_state_blocking(&self, op: writer::StateOp) -> Result<(), IngestError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let work = writer::Work::State(
+            op,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        self.tx.send(work).map_err(|_| IngestError::ShuttingDown)?;
+        rx.recv().unwrap_or(Err(IngestError::ShuttingDown))
+    }
+
     /// A read snapshot of the committed index, for in-process readers.
     ///
     /// # Errors
@@ -623,14 +746,62 @@ impl StoreHandle {
     /// # Errors
     /// The message is not indexed, or its record is damaged.
     pub fn read_message(&self, id: &MessageId) -> Result<Vec<u8>, StoreError> {
-        let loc = {
-            let txn = self.snapshot()?;
-            let t = txn.open_table(index::MESSAGES).map_err(engine::idx_err)?;
-            let v = t.get(id.0).map_err(engine::idx_err)?;
-            v.and_then(|v| index::Loc::decode(v.value()))
-                .ok_or_else(|| StoreError::Corrupt(format!("message {id} is not in the index")))?
+        let mut tries = 0;
+        loop {
+            let loc = {
+                let txn = self.snapshot()?;
+                let t = txn.open_table(index::MESSAGES).map_err(engine::idx_err)?;
+                let v = t.get(id.0).map_err(engine::idx_err)?;
+                v.and_then(|v| index::Loc::decode(v.value()))
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("message {id} is not in the index"))
+                    })?
+            };
+            match self.read_at(id, loc) {
+                // A compaction replaced the segment after the snapshot: read it anew.
+                Err(e) if reader::is_gone(&e) && tries < 3 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    /// Reads a message at `loc`; a block is decoded once for the messages read from it
+    /// one after the other (a replicator walks arrivals in log order).
+    fn read_at(&self, id: &MessageId, loc: index::Loc) -> Result<Vec<u8>, StoreError> {
+        let sh = &self.shared;
+        let lookup = |d| sh.dicts.get(d);
+        let Some(position) = loc.position else {
+            return reader::read_blob(&*sh.vfs, &sh.log_dir, id, loc, &lookup);
         };
-        reader::read_blob(&*self.shared.vfs, &self.shared.log_dir, id, loc)
+        let key = (loc.segment, loc.offset);
+        let cached = {
+            let cache = sh
+                .blocks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            cache
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, b)| b.clone())
+        };
+        let block = match cached {
+            Some(b) => b,
+            None => {
+                let path = log::blk_path(&sh.log_dir, loc.segment);
+                let file = sh.vfs.open_read(&path).map_err(engine::io_err(&path))?;
+                let b = Arc::new(reader::load_block(&*file, &sh.log_dir, id, loc, &lookup)?);
+                let mut cache = sh
+                    .blocks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cache.len() >= BLOCK_CACHE {
+                    cache.remove(0);
+                }
+                cache.push((key, b.clone()));
+                b
+            }
+        };
+        reader::block_message(&block, &sh.log_dir, id, loc, position)
     }
 
     /// [`StoreHandle::ingest`] for threads outside a runtime (tests, import).
@@ -641,7 +812,7 @@ impl StoreHandle {
         let guard = self.admit(msg.bytes.len() as u64)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let job = writer::Work::Ingest(writer::Job {
-            prepared: prepare(msg),
+            prepared: prepare(msg, &self.ingest_dict()),
             reply: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -653,6 +824,8 @@ impl StoreHandle {
     }
 }
 
+#[cfg(test)]
+mod compact_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

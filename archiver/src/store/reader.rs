@@ -11,19 +11,27 @@ use std::sync::{Arc, Mutex};
 
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
+use super::compact::{self, DecodedBlock};
+use super::dict::Dicts;
 use super::engine::{idx_err, io_err, Engine, INDEX_FILE, LOCK_FILE};
 use super::index::{
     self, Loc, ADDRS, ARRIVALS, BY_MESSAGE, BY_TIME, MESSAGES, META, MSGIDS, SUMMARIES,
 };
 use super::io::{RealVfs, VFile, Vfs};
-use super::log::{self, list_segments, segment_path, LOG_DIR};
-use super::record::{decode_payload, KIND_ARRIVAL, KIND_MESSAGE, SEGMENT_HEADER_LEN};
+use super::log::{self, blk_path, list_log, segment_path, LOG_DIR};
+use super::record::{decode_payload, DictLookup, KIND_ARRIVAL, KIND_MESSAGE, SEGMENT_HEADER_LEN};
 use super::summary::Summary;
 use super::{Arrival, LookupError, MessageRecord, Query, StoreError, StoreStatus, VerifyReport};
 use crate::ids::MessageId;
 
 /// Longest a reader waits for the daemon's index to catch up with its log.
 const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Index entries `verify` sorts by location at a time, so that each block is decoded
+/// about once per chunk rather than once per message.
+const VERIFY_CHUNK: usize = 65_536;
+
+/// A decoded block and where it is: (segment, offset).
+pub(crate) type CachedBlock = ((u32, u64), Arc<DecodedBlock>);
 
 enum Db {
     /// No daemon: this process holds the store (recovered on open).
@@ -37,7 +45,11 @@ pub struct StoreReader {
     vfs: Arc<dyn Vfs>,
     log_dir: PathBuf,
     db: Db,
-    files: Mutex<HashMap<u32, Arc<dyn VFile>>>,
+    /// Open files by (segment, compacted).
+    files: Mutex<HashMap<(u32, bool), Arc<dyn VFile>>>,
+    dicts: Dicts,
+    /// The last block decoded, by (segment, offset): consecutive messages share it.
+    block: Mutex<Option<CachedBlock>>,
 }
 
 impl StoreReader {
@@ -70,10 +82,12 @@ impl StoreReader {
             Db::Shared(open_shared(&index_path)?)
         };
         Ok(StoreReader {
+            dicts: Dicts::new(vfs.clone(), data_dir),
             vfs,
             log_dir,
             db,
             files: Mutex::new(HashMap::new()),
+            block: Mutex::new(None),
         })
     }
 
@@ -91,16 +105,18 @@ impl StoreReader {
 
     /// The newest segment and its length: the end of what the daemon has written.
     fn log_end(&self) -> Result<(u32, u64), StoreError> {
-        let segments = list_segments(&*self.vfs, &self.log_dir).map_err(io_err(&self.log_dir))?;
+        let segments =
+            super::log::list_segments(&*self.vfs, &self.log_dir).map_err(io_err(&self.log_dir))?;
         let Some(&last) = segments.last() else {
             return Ok((0, 0));
         };
         let path = segment_path(&self.log_dir, last);
-        let len = self
-            .vfs
-            .open_read(&path)
-            .and_then(|f| f.len())
-            .map_err(io_err(&path))?;
+        let len = match self.vfs.open_read(&path).and_then(|f| f.len()) {
+            Ok(len) => len,
+            // Compacted: sealed, below the index's tail.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
         Ok((last, len))
     }
 
@@ -232,23 +248,70 @@ impl StoreReader {
         }
     }
 
-    fn segment(&self, n: u32) -> Result<Arc<dyn VFile>, StoreError> {
+    fn file(&self, n: u32, blk: bool) -> Result<Arc<dyn VFile>, StoreError> {
         let mut files = self
             .files
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(f) = files.get(&n) {
+        if let Some(f) = files.get(&(n, blk)) {
             return Ok(f.clone());
         }
-        let path = segment_path(&self.log_dir, n);
+        let path = if blk {
+            blk_path(&self.log_dir, n)
+        } else {
+            segment_path(&self.log_dir, n)
+        };
         let f: Arc<dyn VFile> = Arc::from(self.vfs.open_read(&path).map_err(io_err(&path))?);
-        files.insert(n, f.clone());
+        files.insert((n, blk), f.clone());
         Ok(f)
     }
 
     fn read_at(&self, id: &MessageId, loc: Loc) -> Result<Vec<u8>, StoreError> {
-        let file = self.segment(loc.segment)?;
-        check_blob(&*file, &self.log_dir, id, loc)
+        let Some(position) = loc.position else {
+            let file = self.file(loc.segment, false)?;
+            let lookup = |d| self.dicts.get(d);
+            return check_blob(&*file, &self.log_dir, id, loc, &lookup);
+        };
+        let key = (loc.segment, loc.offset);
+        let cached = self
+            .block
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, b)| b.clone());
+        let block = match cached {
+            Some(b) => b,
+            None => {
+                let file = self.file(loc.segment, true)?;
+                let lookup = |d| self.dicts.get(d);
+                let b = Arc::new(load_block(&*file, &self.log_dir, id, loc, &lookup)?);
+                *self
+                    .block
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((key, b.clone()));
+                b
+            }
+        };
+        block_message(&block, &self.log_dir, id, loc, position)
+    }
+
+    /// [`StoreReader::read_at`], taking the location anew from the index when the file
+    /// it names is gone (a compaction replaced it after the snapshot was taken).
+    fn read_fresh(&self, id: &MessageId, mut loc: Loc) -> Result<Vec<u8>, StoreError> {
+        for _ in 0..3 {
+            match self.read_at(id, loc) {
+                Err(e) if is_gone(&e) => {
+                    let txn = self.read()?;
+                    match Self::loc(&txn, id)? {
+                        Some(l) if l != loc => loc = l,
+                        _ => return Err(e),
+                    }
+                }
+                r => return r,
+            }
+        }
+        self.read_at(id, loc)
     }
 
     /// The archived bytes, exactly (checked against the id before they are returned).
@@ -260,7 +323,7 @@ impl StoreReader {
         let loc = Self::loc(&txn, id)?
             .ok_or_else(|| StoreError::Corrupt(format!("message {id} is not in the index")))?;
         drop(txn);
-        self.read_at(id, loc)
+        self.read_fresh(id, loc)
     }
 
     fn arrivals_in(txn: &ReadTransaction, id: &MessageId) -> Result<Vec<Arrival>, StoreError> {
@@ -388,22 +451,36 @@ impl StoreReader {
         let mut report = VerifyReport::default();
         let messages = txn.open_table(MESSAGES).map_err(idx_err)?;
         let total = index::table_len(&messages);
+        // In chunks sorted by location: each block of a compacted segment is decoded once
+        // per chunk, not once per message.
+        let mut chunk: Vec<(Loc, MessageId)> = Vec::with_capacity(VERIFY_CHUNK.min(1 << 16));
+        let mut check = |chunk: &mut Vec<(Loc, MessageId)>, report: &mut VerifyReport| {
+            chunk.sort_unstable();
+            for (loc, id) in chunk.drain(..) {
+                report.messages_checked += 1;
+                if let Err(e) = self.read_fresh(&id, loc) {
+                    report.problems.push(e.to_string());
+                }
+                progress(report.messages_checked, total);
+            }
+        };
         for entry in messages.iter().map_err(idx_err)? {
             let (k, v) = entry.map_err(idx_err)?;
             let id = MessageId(k.value());
-            report.messages_checked += 1;
             match Loc::decode(v.value()) {
-                Some(loc) => {
-                    if let Err(e) = self.read_at(&id, loc) {
-                        report.problems.push(e.to_string());
-                    }
+                Some(loc) => chunk.push((loc, id)),
+                None => {
+                    report.messages_checked += 1;
+                    report
+                        .problems
+                        .push(format!("message {id}: bad location in the index"));
                 }
-                None => report
-                    .problems
-                    .push(format!("message {id}: bad location in the index")),
             }
-            progress(report.messages_checked, total);
+            if chunk.len() >= VERIFY_CHUNK {
+                check(&mut chunk, &mut report);
+            }
         }
+        check(&mut chunk, &mut report);
         let arrivals = txn.open_table(ARRIVALS).map_err(idx_err)?;
         for entry in arrivals.iter().map_err(idx_err)? {
             let (k, v) = entry.map_err(idx_err)?;
@@ -445,16 +522,91 @@ impl StoreReader {
         let meta = txn.open_table(META).map_err(idx_err)?;
         let tail_seg = u32::try_from(index::meta_u64(&meta, index::K_TAIL_SEG)).unwrap_or(0);
         let tail_off = index::meta_u64(&meta, index::K_TAIL_OFF);
-        let segments = list_segments(&*self.vfs, &self.log_dir).map_err(io_err(&self.log_dir))?;
+        let segments = list_log(&*self.vfs, &self.log_dir).map_err(io_err(&self.log_dir))?;
         let mut in_log = BTreeSet::new();
-        for n in segments.iter().copied().filter(|&n| n <= tail_seg) {
+        let mut check = |path: &Path,
+                         at: u64,
+                         h: &super::record::RecordHeader,
+                         payload: &[u8],
+                         problems: &mut Vec<String>|
+         -> Result<(), StoreError> {
+            match h.kind {
+                KIND_MESSAGE => {
+                    in_log.insert(h.message.0);
+                    if messages.get(h.message.0).map_err(idx_err)?.is_none() {
+                        problems.push(format!(
+                            "{} at {at}: message {} is in the log but not in the index",
+                            path.display(),
+                            h.message
+                        ));
+                    }
+                }
+                KIND_ARRIVAL => match serde_json::from_slice::<Arrival>(payload) {
+                    Ok(a) => {
+                        if ids
+                            .get(a.id.to_string().as_str())
+                            .map_err(idx_err)?
+                            .is_none()
+                        {
+                            problems.push(format!(
+                                "{} at {at}: arrival {} is in the log but not in the index",
+                                path.display(),
+                                a.id
+                            ));
+                        }
+                    }
+                    Err(e) => problems.push(format!(
+                        "{} at {at}: unreadable arrival record: {e}",
+                        path.display()
+                    )),
+                },
+                _ => {}
+            }
+            Ok(())
+        };
+        for f in segments.iter().copied().filter(|f| f.number <= tail_seg) {
+            let n = f.number;
+            // The segment as it is now: compacted if its `.seg` is gone (the records are
+            // the same in both forms).
+            let seg = if f.seg {
+                match self.file(n, false) {
+                    Ok(file) => Some(file),
+                    Err(e) if is_gone(&e) && f.blk => None,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                None
+            };
+            let mut problems = Vec::new();
+            let Some(file) = seg else {
+                let path = blk_path(&self.log_dir, n);
+                let file = self.file(n, true)?;
+                if let Err(e) = log::read_blk_header(&*file) {
+                    report.problems.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+                let lookup = |d| self.dicts.get(d);
+                let scan = compact::scan_blk(&*file, &lookup, |at, _, recs| {
+                    for rec in recs {
+                        check(&path, at, &rec.header, rec.payload, &mut problems)?;
+                    }
+                    Ok::<(), StoreError>(())
+                })?;
+                report.problems.append(&mut problems);
+                if let Some(why) = scan.stopped {
+                    report.problems.push(format!(
+                        "{}: damaged at offset {}: {why}",
+                        path.display(),
+                        scan.valid_end
+                    ));
+                }
+                continue;
+            };
             let path = segment_path(&self.log_dir, n);
-            let file = self.segment(n)?;
             if let Err(e) = log::read_header(&*file) {
                 report.problems.push(format!("{}: {e}", path.display()));
                 continue;
             }
-            let mut problems = Vec::new();
             let scan = log::scan(
                 &*file,
                 SEGMENT_HEADER_LEN,
@@ -463,46 +615,7 @@ impl StoreReader {
                     if n == tail_seg && end > tail_off {
                         return Ok(()); // written after the snapshot we read: not indexed yet
                     }
-                    match rec.header.kind {
-                        KIND_MESSAGE => {
-                            in_log.insert(rec.header.message.0);
-                            if messages
-                                .get(rec.header.message.0)
-                                .map_err(idx_err)?
-                                .is_none()
-                            {
-                                problems.push(format!(
-                                    "{} at {}: message {} is in the log but not in the index",
-                                    path.display(),
-                                    rec.offset,
-                                    rec.header.message
-                                ));
-                            }
-                        }
-                        KIND_ARRIVAL => match serde_json::from_slice::<Arrival>(&rec.payload) {
-                            Ok(a) => {
-                                if ids
-                                    .get(a.id.to_string().as_str())
-                                    .map_err(idx_err)?
-                                    .is_none()
-                                {
-                                    problems.push(format!(
-                                        "{} at {}: arrival {} is in the log but not in the index",
-                                        path.display(),
-                                        rec.offset,
-                                        a.id
-                                    ));
-                                }
-                            }
-                            Err(e) => problems.push(format!(
-                                "{} at {}: unreadable arrival record: {e}",
-                                path.display(),
-                                rec.offset
-                            )),
-                        },
-                        _ => {}
-                    }
-                    Ok(())
+                    check(&path, rec.offset, &rec.header, &rec.payload, &mut problems)
                 },
             )?;
             report.problems.append(&mut problems);
@@ -616,19 +729,76 @@ fn matches(r: &MessageRecord, q: &Query) -> bool {
     true
 }
 
-/// Reads the blob of message `id` at `loc` (opening its segment), checked against the id.
+/// Whether a read failed because the file a location names is not there (a compaction
+/// replaced it): the caller takes the location anew from the index.
+pub fn is_gone(e: &StoreError) -> bool {
+    matches!(e, StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Reads the blob of message `id` at `loc` (opening its segment, or its compacted form),
+/// checked against the id.
 ///
 /// # Errors
-/// [`StoreError::Corrupt`] if the record is missing, damaged or not that message's.
+/// [`StoreError::Corrupt`] if the record is missing, damaged or not that message's;
+/// [`StoreError::Io`] with `NotFound` if the file is gone ([`is_gone`]).
 pub fn read_blob(
     vfs: &dyn Vfs,
     log_dir: &Path,
     id: &MessageId,
     loc: Loc,
+    dicts: DictLookup<'_>,
 ) -> Result<Vec<u8>, StoreError> {
-    let path = segment_path(log_dir, loc.segment);
-    let file = vfs.open_read(&path).map_err(io_err(&path))?;
-    check_blob(&*file, log_dir, id, loc)
+    match loc.position {
+        None => {
+            let path = segment_path(log_dir, loc.segment);
+            let file = vfs.open_read(&path).map_err(io_err(&path))?;
+            check_blob(&*file, log_dir, id, loc, dicts)
+        }
+        Some(position) => {
+            let path = blk_path(log_dir, loc.segment);
+            let file = vfs.open_read(&path).map_err(io_err(&path))?;
+            let block = load_block(&*file, log_dir, id, loc, dicts)?;
+            block_message(&block, log_dir, id, loc, position)
+        }
+    }
+}
+
+pub(crate) fn load_block(
+    file: &dyn VFile,
+    log_dir: &Path,
+    id: &MessageId,
+    loc: Loc,
+    dicts: DictLookup<'_>,
+) -> Result<DecodedBlock, StoreError> {
+    compact::read_block(file, loc.offset, dicts).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "{} at {}: {e} (message {id})",
+            blk_path(log_dir, loc.segment).display(),
+            loc.offset
+        ))
+    })
+}
+
+pub(crate) fn block_message(
+    block: &DecodedBlock,
+    log_dir: &Path,
+    id: &MessageId,
+    loc: Loc,
+    position: u32,
+) -> Result<Vec<u8>, StoreError> {
+    let raw = block.message(position, id).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "{} block at {}: {e} (message {id})",
+            blk_path(log_dir, loc.segment).display(),
+            loc.offset
+        ))
+    })?;
+    if MessageId::of(&raw) != *id {
+        return Err(StoreError::Corrupt(format!(
+            "message {id}: bytes do not hash to the id"
+        )));
+    }
+    Ok(raw)
 }
 
 fn check_blob(
@@ -636,6 +806,7 @@ fn check_blob(
     log_dir: &Path,
     id: &MessageId,
     loc: Loc,
+    dicts: DictLookup<'_>,
 ) -> Result<Vec<u8>, StoreError> {
     let path = segment_path(log_dir, loc.segment);
     let rec = log::read_record(file, loc.offset).map_err(|e| {
@@ -652,7 +823,7 @@ fn check_blob(
             loc.offset
         )));
     }
-    let raw = decode_payload(&rec.header, &rec.payload)
+    let raw = decode_payload(&rec.header, &rec.payload, dicts)
         .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
     if MessageId::of(&raw) != *id {
         return Err(StoreError::Corrupt(format!(

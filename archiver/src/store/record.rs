@@ -21,8 +21,12 @@ use crate::ids::MessageId;
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"COFFSEG\0";
 pub const RECORD_MAGIC: &[u8; 4] = b"CREC";
-/// Format version of segments and index. Checked on open.
+/// Format version of segments. Checked on open.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format version of the index (META `format`): 2 added block locations and the
+/// `segments` table. An index of format 1 is read as is and marked 2 on open, so that
+/// an older build, which cannot read compacted segments, refuses the store instead.
+pub const INDEX_FORMAT: u32 = 2;
 pub const SEGMENT_HEADER_LEN: u64 = 64;
 pub const RECORD_HEADER_LEN: usize = 56;
 pub const RECORD_TRAILER_LEN: usize = 4;
@@ -39,6 +43,17 @@ pub const CODEC_ZSTD: u8 = 1;
 
 pub const FLAG_UNPARSED: u8 = 1;
 
+/// Magic of a compacted segment (`NNNNNNNN.blk`).
+pub const BLK_MAGIC: &[u8; 8] = b"COFFBLK\0";
+/// Format version of compacted segments.
+pub const BLK_VERSION: u32 = 1;
+pub const BLOCK_MAGIC: &[u8; 4] = b"CBLK";
+pub const BLOCK_HEADER_LEN: usize = 32;
+/// Codec of a block: one zstd frame.
+pub const BLOCK_CODEC_ZSTD: u8 = 1;
+/// One table entry in a decoded block: message id, offset, length.
+pub const TABLE_ENTRY_LEN: usize = 40;
+
 /// The first 64 bytes of every segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -49,9 +64,18 @@ pub struct SegmentHeader {
 
 impl SegmentHeader {
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN as usize] {
+        self.encode_as(SEGMENT_MAGIC, FORMAT_VERSION)
+    }
+
+    /// The header of the compacted form of this segment (`.blk`).
+    pub fn encode_blk(&self) -> [u8; SEGMENT_HEADER_LEN as usize] {
+        self.encode_as(BLK_MAGIC, BLK_VERSION)
+    }
+
+    fn encode_as(&self, magic: &[u8; 8], version: u32) -> [u8; SEGMENT_HEADER_LEN as usize] {
         let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
-        b[0..8].copy_from_slice(SEGMENT_MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[0..8].copy_from_slice(magic);
+        b[8..12].copy_from_slice(&version.to_le_bytes());
         b[12..16].copy_from_slice(&self.number.to_le_bytes());
         b[16..32].copy_from_slice(&self.epoch);
         b[32..40].copy_from_slice(&self.created_us.to_le_bytes());
@@ -63,10 +87,22 @@ impl SegmentHeader {
     /// # Errors
     /// A description of what is wrong with the header.
     pub fn decode(b: &[u8]) -> Result<Self, String> {
+        Self::decode_as(b, SEGMENT_MAGIC, FORMAT_VERSION)
+    }
+
+    /// Decodes the header of a compacted segment.
+    ///
+    /// # Errors
+    /// A description of what is wrong with the header.
+    pub fn decode_blk(b: &[u8]) -> Result<Self, String> {
+        Self::decode_as(b, BLK_MAGIC, BLK_VERSION)
+    }
+
+    fn decode_as(b: &[u8], magic: &[u8; 8], expected: u32) -> Result<Self, String> {
         if b.len() < SEGMENT_HEADER_LEN as usize {
             return Err("segment header is short".into());
         }
-        if &b[0..8] != SEGMENT_MAGIC {
+        if &b[0..8] != magic {
             return Err("not a Coffer segment (bad magic)".into());
         }
         let crc = u32::from_le_bytes(b[60..64].try_into().unwrap());
@@ -74,9 +110,9 @@ impl SegmentHeader {
             return Err("segment header checksum mismatch".into());
         }
         let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
-        if version != FORMAT_VERSION {
+        if version != expected {
             return Err(format!(
-                "segment format version {version}, this build reads {FORMAT_VERSION}"
+                "segment format version {version}, this build reads {expected}"
             ));
         }
         Ok(Self {
@@ -137,6 +173,110 @@ impl RecordHeader {
     }
 }
 
+/// The fixed header of one block of a compacted segment (docs/store-format.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockHeader {
+    pub codec: u8,
+    pub dict_id: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub records: u32,
+    pub messages: u32,
+}
+
+impl BlockHeader {
+    /// Total bytes of the block on disk (header, frame, CRC).
+    pub fn total_len(&self) -> u64 {
+        (BLOCK_HEADER_LEN + RECORD_TRAILER_LEN) as u64 + u64::from(self.stored_len)
+    }
+
+    /// Parses the fixed header (the CRC needs the frame too).
+    ///
+    /// # Errors
+    /// Why the bytes are not a block header.
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() < BLOCK_HEADER_LEN {
+            return Err("short block header".into());
+        }
+        if &b[0..4] != BLOCK_MAGIC {
+            return Err("bad block magic".into());
+        }
+        let u = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let h = Self {
+            codec: b[4],
+            dict_id: u(8),
+            stored_len: u(12),
+            raw_len: u(16),
+            records: u(20),
+            messages: u(24),
+        };
+        if h.codec != BLOCK_CODEC_ZSTD {
+            return Err(format!("unknown block codec {}", h.codec));
+        }
+        if h.stored_len > MAX_PAYLOAD || h.raw_len > MAX_PAYLOAD {
+            return Err("block length out of range".into());
+        }
+        Ok(h)
+    }
+}
+
+/// Appends one complete block (header, frame, CRC) to `out`.
+pub fn encode_block(out: &mut Vec<u8>, h: &BlockHeader, frame: &[u8]) {
+    debug_assert_eq!(frame.len(), h.stored_len as usize);
+    let start = out.len();
+    out.extend_from_slice(BLOCK_MAGIC);
+    out.extend_from_slice(&[h.codec, 0, 0, 0]);
+    for v in [h.dict_id, h.stored_len, h.raw_len, h.records, h.messages, 0] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(frame);
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// One entry of a block's table: where a message record lies in the decoded payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableEntry {
+    pub message: MessageId,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl TableEntry {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.message.0);
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+    }
+
+    /// The `i`th entry of a decoded payload's table, if the payload holds it.
+    pub fn read(payload: &[u8], i: usize) -> Option<Self> {
+        let b = payload.get(i * TABLE_ENTRY_LEN..(i + 1) * TABLE_ENTRY_LEN)?;
+        Some(Self {
+            message: MessageId(b[0..32].try_into().ok()?),
+            offset: u32::from_le_bytes(b[32..36].try_into().ok()?),
+            len: u32::from_le_bytes(b[36..40].try_into().ok()?),
+        })
+    }
+}
+
+/// Parses and checks one whole record at the start of `b` (a decoded block's payload
+/// from some offset): header, CRC. Returns the header and the payload.
+///
+/// # Errors
+/// Why the bytes are not a valid record.
+pub fn parse_record(b: &[u8]) -> Result<(RecordHeader, &[u8]), String> {
+    let h = RecordHeader::decode(b)?;
+    let total = usize::try_from(h.total_len()).map_err(|_| "record too long".to_owned())?;
+    let whole = b
+        .get(..total)
+        .ok_or("record runs past the end of its block")?;
+    if !check_crc(whole) {
+        return Err("record checksum mismatch".into());
+    }
+    Ok((h, &whole[RECORD_HEADER_LEN..total - RECORD_TRAILER_LEN]))
+}
+
 /// Appends one complete record (header, payload, CRC) to `out`.
 pub fn encode_record(out: &mut Vec<u8>, h: &RecordHeader, payload: &[u8]) {
     debug_assert_eq!(payload.len(), h.stored_len as usize);
@@ -159,28 +299,53 @@ pub fn check_crc(record: &[u8]) -> bool {
     u32::from_le_bytes(trailer.try_into().unwrap()) == crc32c::crc32c(body)
 }
 
+/// Finds zstd dictionaries by id (`dict.rs`); `None` where none can be loaded.
+pub type DictLookup<'a> = &'a dyn Fn(u32) -> Result<std::sync::Arc<Vec<u8>>, String>;
+
+/// Decompresses one zstd frame of `raw_len` bytes, with dictionary `dict_id` (0: none).
+///
+/// # Errors
+/// The dictionary cannot be had, or the frame does not decode.
+pub fn zstd_decode(
+    frame: &[u8],
+    raw_len: usize,
+    dict_id: u32,
+    dicts: DictLookup<'_>,
+) -> Result<Vec<u8>, String> {
+    if dict_id == 0 {
+        return zstd::bulk::decompress(frame, raw_len).map_err(|e| format!("zstd: {e}"));
+    }
+    let dict = dicts(dict_id)?;
+    let mut d = zstd::bulk::Decompressor::with_dictionary(&dict)
+        .map_err(|e| format!("zstd dictionary {dict_id}: {e}"))?;
+    d.decompress(frame, raw_len)
+        .map_err(|e| format!("zstd (dictionary {dict_id}): {e}"))
+}
+
+/// A dictionary lookup that has none: for records known to need no dictionary.
+pub fn no_dicts(id: u32) -> Result<std::sync::Arc<Vec<u8>>, String> {
+    Err(format!("record needs zstd dictionary {id}; none loaded"))
+}
+
 /// Decodes a message payload into the archived bytes.
 ///
 /// # Errors
-/// Unknown codec, encryption, or a payload that does not decode to `raw_len` bytes.
-pub fn decode_payload(h: &RecordHeader, payload: &[u8]) -> Result<Vec<u8>, String> {
+/// Unknown codec, encryption, a missing dictionary, or a payload that does not decode to
+/// `raw_len` bytes.
+pub fn decode_payload(
+    h: &RecordHeader,
+    payload: &[u8],
+    dicts: DictLookup<'_>,
+) -> Result<Vec<u8>, String> {
     if h.key_id != 0 {
         return Err(format!(
             "record is encrypted with key {}; no key store yet",
             h.key_id
         ));
     }
-    if h.dict_id != 0 {
-        return Err(format!(
-            "record needs zstd dictionary {}; none loaded",
-            h.dict_id
-        ));
-    }
     let raw = match h.codec {
-        CODEC_STORED => payload.to_vec(),
-        CODEC_ZSTD => {
-            zstd::bulk::decompress(payload, h.raw_len as usize).map_err(|e| format!("zstd: {e}"))?
-        }
+        CODEC_STORED if h.dict_id == 0 => payload.to_vec(),
+        CODEC_ZSTD => zstd_decode(payload, h.raw_len as usize, h.dict_id, dicts)?,
         c => return Err(format!("unknown codec {c}")),
     };
     if raw.len() != h.raw_len as usize {

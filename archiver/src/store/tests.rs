@@ -14,6 +14,7 @@ fn opts(dir: &Path) -> StoreOptions {
         segment_size: 64 << 20,
         max_pending: 256 << 20,
         min_free_disk: 0,
+        ..StoreOptions::default()
     }
 }
 

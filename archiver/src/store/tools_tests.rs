@@ -15,6 +15,7 @@ fn opts(dir: &Path, segment_size: u64) -> StoreOptions {
         segment_size,
         max_pending: 256 << 20,
         min_free_disk: 0,
+        ..StoreOptions::default()
     }
 }
 

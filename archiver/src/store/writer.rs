@@ -38,7 +38,9 @@ pub use super::index::StateOp;
 use super::index::{self, get_u64, Loc, Tables};
 use super::io::StoreLock;
 use super::log::Log;
-use super::record::{encode_record, RecordHeader, KIND_ARRIVAL, KIND_MESSAGE, KIND_REPEAT};
+use super::record::{
+    encode_record, RecordHeader, KIND_ARRIVAL, KIND_MESSAGE, KIND_REPEAT, SEGMENT_HEADER_LEN,
+};
 use super::summary::Summary;
 use super::{Arrival, IngestError, Receipt, Shared, StoreError};
 use crate::envelope::{Envelope, SessionInfo};
@@ -66,6 +68,8 @@ pub struct Prepared {
     pub id: MessageId,
     pub raw_len: u32,
     pub codec: u8,
+    /// The zstd dictionary the payload was compressed with (0: none).
+    pub dict_id: u32,
     pub payload: Vec<u8>,
     pub summary: Summary,
     pub envelope: Envelope,
@@ -246,6 +250,7 @@ impl Writer {
             };
             let (mut batch, mut state) = (Vec::new(), Vec::new());
             let mut bytes = 0;
+            let mut seal = false;
             let mut next = Some(first);
             while let Some(work) = next.take() {
                 match work {
@@ -253,13 +258,16 @@ impl Writer {
                         bytes += job.prepared.payload.len();
                         batch.push(job);
                     }
-                    Work::State(op, reply) => state.push((op, reply)),
+                    Work::State(op, reply) => {
+                        seal |= op == StateOp::Seal;
+                        state.push((op, reply));
+                    }
                 }
                 if batch.len() < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES {
                     next = rx.try_recv().ok();
                 }
             }
-            self.commit_batch(batch, state);
+            self.commit_batch(batch, state, seal);
         }
         if let Some(mut live) = self.live.take() {
             if !live.stop() {
@@ -345,7 +353,7 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&mut self, batch: Vec<Job>, state: Vec<(StateOp, StateReply)>) {
+    fn commit_batch(&mut self, batch: Vec<Job>, state: Vec<(StateOp, StateReply)>, seal: bool) {
         if let Err(why) = self.ensure_live() {
             for job in batch {
                 (job.reply)(Err(IngestError::Unavailable(why.clone())));
@@ -356,7 +364,7 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let outcome = self.append_batch(&batch);
+        let outcome = self.append_batch(&batch, seal);
         self.refresh_disk();
         match outcome {
             Ok((receipts, mut index_batch)) => {
@@ -407,13 +415,25 @@ impl Writer {
 
     /// Appends and syncs one batch. On success every job's receipt, and what the index
     /// stage must apply.
-    fn append_batch(&mut self, batch: &[Job]) -> Result<(Vec<Receipt>, IndexBatch), BatchError> {
+    fn append_batch(
+        &mut self,
+        batch: &[Job],
+        seal: bool,
+    ) -> Result<(Vec<Receipt>, IndexBatch), BatchError> {
         let live = self.live.as_mut().expect("live");
         let poisoned = |e: StoreError| BatchError::Poisoned(e.to_string());
-        if !batch.is_empty() && live.log.active.len >= self.segment_size {
-            live.log
-                .rotate()
-                .map_err(|e| BatchError::from_io("creating a new segment", &e))?;
+        // Sealed at `segment_size`, or on request (`coffer compact`) if it holds records.
+        if (!batch.is_empty() && live.log.active.len >= self.segment_size)
+            || (seal && live.log.active.len > SEGMENT_HEADER_LEN)
+        {
+            live.log.rotate().map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    // A failed earlier attempt left the file: reopen and recover.
+                    BatchError::Poisoned(format!("creating a new segment: {e}"))
+                } else {
+                    BatchError::from_io("creating a new segment", &e)
+                }
+            })?;
         }
         // Order matters: what the index committed is read before the snapshot is taken,
         // so everything pruned from `pending` is visible in the snapshot.
@@ -498,7 +518,7 @@ impl Writer {
                     kind: KIND_MESSAGE,
                     flags: u8::from(p.summary.unparsed),
                     codec: p.codec,
-                    dict_id: 0,
+                    dict_id: p.dict_id,
                     key_id: 0,
                     stored_len: u32::try_from(p.payload.len()).expect("payload under 4 GiB"),
                     raw_len: p.raw_len,
@@ -509,6 +529,7 @@ impl Writer {
                     offset: base + buf.len() as u64,
                     record_len: u32::try_from(h.total_len()).expect("record under 4 GiB"),
                     raw_len: p.raw_len,
+                    position: None,
                 };
                 encode_record(&mut buf, &h, &p.payload);
                 out.messages.push((p.id, loc, p.summary.clone()));
@@ -604,6 +625,7 @@ impl Writer {
 /// The index stage: applies synced log batches to redb and commits.
 fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) {
     let mut last_commit: Option<Instant> = None;
+    let mut last_tail_seg: Option<u32> = None;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
         // Under load, gather for at least INDEX_COMMIT_SPACING since the last commit:
@@ -620,10 +642,17 @@ fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) 
                 None => break,
             }
         }
+        check_relocations(&mut batches, shared);
         last_commit = Some(Instant::now());
         let started = Instant::now();
         match commit_index(db, &batches) {
             Ok(totals) => {
+                let tail_seg = batches.last().expect("one batch at least").tail.0;
+                if last_tail_seg.is_some_and(|t| t < tail_seg) {
+                    // The index moved past a sealed segment: it can be compacted now.
+                    shared.segment_sealed();
+                }
+                last_tail_seg = Some(tail_seg);
                 let last = batches.last().expect("one batch at least").gen;
                 shared.committed_gen.store(last, Ordering::Release);
                 publish_totals(shared, &totals);
@@ -644,6 +673,29 @@ fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) 
                 return;
             }
         }
+    }
+}
+
+/// A compaction's switch only commits while its `.blk` is there: a reopen after a failure
+/// removes a `.blk` the index does not point at yet (engine.rs), and no reopen runs
+/// while this stage does, so what this sees holds until the commit.
+fn check_relocations(batches: &mut [IndexBatch], shared: &Shared) {
+    for b in batches {
+        let mut kept = Vec::with_capacity(b.state.len());
+        for (op, reply) in b.state.drain(..) {
+            if let StateOp::Relocate { segment, .. } = &op {
+                let blk = super::log::blk_path(&shared.log_dir, *segment);
+                if !shared.vfs.exists(&blk) {
+                    reply(Err(IngestError::Unavailable(format!(
+                        "{} is gone; the compaction of segment {segment} is dropped",
+                        blk.display()
+                    ))));
+                    continue;
+                }
+            }
+            kept.push((op, reply));
+        }
+        b.state = kept;
     }
 }
 

@@ -1,0 +1,441 @@
+//! Running compactions: which segments, in what order, and the background thread.
+//!
+//! [`StoreHandle::compact`] compacts, one after the other, every sealed segment that is
+//! not compacted yet (after sealing the active one, if asked): for each, the rewrite
+//! (`compact.rs`, steps 1–3), the switch through the index stage (step 4), then the
+//! old segment's deletion (step 5). The daemon runs it on a low-priority thread
+//! ([`Background`]) every [`AUTO_INTERVAL`] and whenever `coffer compact` asks; memory is
+//! one block at a time plus the list of the segment's message moves.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redb::ReadableDatabase;
+use serde::Serialize;
+use tracing::{debug, error, info, warn};
+
+use super::compact;
+use super::dict;
+use super::engine::{idx_err, io_err};
+use super::index::{self, SegmentInfo, StateOp, META, SEGMENTS};
+use super::log::{self, list_log, segment_path};
+use super::record::{decode_payload, KIND_MESSAGE, SEGMENT_HEADER_LEN};
+use super::{StoreError, StoreHandle};
+
+/// How often the background compactor looks for sealed segments by itself.
+pub const AUTO_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Progress counters, for `coffer compact --wait`, status and `/metrics`.
+#[derive(Debug, Default)]
+pub struct CompactionState {
+    /// Requests made (`coffer compact`), numbered from 1.
+    pub requested: AtomicU64,
+    /// The highest request number a finished run covered.
+    pub done: AtomicU64,
+    pub running: AtomicBool,
+    /// Segments compacted since start.
+    pub segments: AtomicU64,
+    /// Sealed segments waiting, as last counted.
+    pub waiting: AtomicU64,
+    /// Bytes of segments rewritten, and of what they became.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Raw bytes of the messages compacted.
+    pub raw_bytes: AtomicU64,
+    /// Why the last run failed, if it did (cleared by a good run).
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// What one run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CompactReport {
+    pub segments: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub raw_bytes: u64,
+    /// The dictionary trained in this run, if one was.
+    pub trained_dict: Option<u32>,
+}
+
+/// The state of compaction as `coffer compact --wait` and `coffer status` see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CompactionStatus {
+    pub running: bool,
+    pub requested: u64,
+    pub done: u64,
+    pub segments_compacted: u64,
+    pub segments_waiting: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub last_error: Option<String>,
+}
+
+impl StoreHandle {
+    /// Compacts every sealed segment not compacted yet, sealing the active one first if
+    /// `seal`. `stop()` is asked between blocks; when it says true, the run ends early
+    /// (the segment in progress is left as it was).
+    ///
+    /// # Errors
+    /// The store failed or is shutting down, I/O errors, damage in a sealed segment.
+    pub fn compact(
+        &self,
+        seal: bool,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<CompactReport, StoreError> {
+        let sh = &self.shared;
+        let _one = sh
+            .compact_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let unavailable = |e: super::IngestError| StoreError::Unavailable(e.to_string());
+        if seal {
+            self.update_state_blocking(StateOp::Seal)
+                .map_err(unavailable)?;
+        }
+        let mut report = CompactReport::default();
+        // Bounded: each pass compacts one segment or ends.
+        for _ in 0..u32::MAX {
+            if stop() {
+                break;
+            }
+            let (waiting, leftovers) = self.candidates()?;
+            sh.compaction
+                .waiting
+                .store(waiting.len() as u64, Ordering::Relaxed);
+            for n in leftovers {
+                // A segment whose switch committed but whose deletion did not happen.
+                let p = segment_path(&sh.log_dir, n);
+                remove_if_there(&*sh.vfs, &p)?;
+                sh.vfs.sync_dir(&sh.log_dir).map_err(io_err(&sh.log_dir))?;
+            }
+            let Some(&n) = waiting.first() else {
+                break;
+            };
+            let dict = self.dictionary(n, &mut report)?;
+            let lookup = |id| sh.dicts.get(id);
+            let mut pause = || {
+                std::thread::yield_now();
+                stop()
+            };
+            let rewritten = compact::rewrite(
+                &*sh.vfs,
+                &sh.log_dir,
+                n,
+                sh.epoch_bytes,
+                &sh.compact_opts,
+                dict.as_ref().map(|(id, d)| (*id, d.as_slice())),
+                &lookup,
+                &mut pause,
+            )?;
+            let Some(r) = rewritten else {
+                break;
+            };
+            let (bytes_in, bytes_out, raw) = (r.info.from_bytes, r.info.bytes, r.raw_bytes);
+            // 4. The switch, in one index transaction.
+            self.update_state_blocking(StateOp::Relocate {
+                segment: n,
+                moves: r.moves,
+                info: r.info,
+            })
+            .map_err(unavailable)?;
+            // 5. The old segment goes, now that nothing points at it.
+            remove_if_there(&*sh.vfs, &segment_path(&sh.log_dir, n))?;
+            sh.vfs.sync_dir(&sh.log_dir).map_err(io_err(&sh.log_dir))?;
+            info!(
+                segment = n,
+                bytes_in,
+                bytes_out,
+                raw_bytes = raw,
+                "compacted a sealed segment"
+            );
+            report.segments += 1;
+            report.bytes_in += bytes_in;
+            report.bytes_out += bytes_out;
+            report.raw_bytes += raw;
+            let c = &sh.compaction;
+            c.segments.fetch_add(1, Ordering::Relaxed);
+            c.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+            c.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+            c.raw_bytes.fetch_add(raw, Ordering::Relaxed);
+        }
+        Ok(report)
+    }
+
+    /// Sealed segments to compact (below the index's tail, not compacted), and compacted
+    /// ones whose `.seg` is still there.
+    fn candidates(&self) -> Result<(Vec<u32>, Vec<u32>), StoreError> {
+        let sh = &self.shared;
+        let txn = self.snapshot()?;
+        let tail = {
+            let meta = txn.open_table(META).map_err(idx_err)?;
+            u32::try_from(index::meta_u64(&meta, index::K_TAIL_SEG)).unwrap_or(0)
+        };
+        let segments = txn.open_table(SEGMENTS).map_err(idx_err)?;
+        let mut waiting = Vec::new();
+        let mut leftovers = Vec::new();
+        for f in list_log(&*sh.vfs, &sh.log_dir).map_err(io_err(&sh.log_dir))? {
+            if f.number >= tail || !f.seg {
+                continue;
+            }
+            let compacted = segments
+                .get(f.number)
+                .map_err(idx_err)?
+                .and_then(|v| serde_json::from_slice::<SegmentInfo>(v.value()).ok())
+                .is_some_and(|i| i.compacted);
+            if compacted {
+                leftovers.push(f.number);
+            } else {
+                waiting.push(f.number);
+            }
+        }
+        Ok((waiting, leftovers))
+    }
+
+    /// The dictionary for blocks (and from now on for ingest): the one there is, or one
+    /// trained on segment `n`'s messages when `dictionary` is on and there is none yet.
+    fn dictionary(
+        &self,
+        n: u32,
+        report: &mut CompactReport,
+    ) -> Result<Option<dict::Dict>, StoreError> {
+        let sh = &self.shared;
+        if !sh.compact_opts.dictionary {
+            return Ok(None);
+        }
+        if let Some(d) = self.ingest_dict() {
+            return Ok(Some(d));
+        }
+        let samples = sample_messages(self, n)?;
+        let trained = match dict::train(&samples) {
+            Ok(d) => d,
+            Err(why) => {
+                debug!(segment = n, %why, "no dictionary yet");
+                return Ok(None);
+            }
+        };
+        let dir = sh.data_dir.join(dict::DICT_DIR);
+        let id = sh.dicts.add(trained).map_err(io_err(&dir))?;
+        let d = sh.dicts.get(id).map_err(StoreError::Corrupt)?;
+        info!(
+            dictionary = id,
+            samples = samples.len(),
+            bytes = d.len(),
+            "trained a zstd dictionary on the archive's own mail"
+        );
+        *sh.ingest_dict
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((id, d.clone()));
+        report.trained_dict = Some(id);
+        Ok(Some((id, d)))
+    }
+
+    /// Asks the background compactor to seal and compact now; returns the request's
+    /// number ([`CompactionStatus::done`] reaches it once a run covering it ended).
+    ///
+    /// # Errors
+    /// There is no background compactor (the store was opened without one).
+    pub fn request_compaction(&self) -> Result<u64, StoreError> {
+        let tx = self
+            .shared
+            .compaction_tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("no background compactor runs".into()))?;
+        let n = self
+            .shared
+            .compaction
+            .requested
+            .fetch_add(1, Ordering::AcqRel)
+            + 1;
+        tx.send(true)
+            .map_err(|_| StoreError::Unavailable("the compactor has stopped".into()))?;
+        Ok(n)
+    }
+
+    pub fn compaction_status(&self) -> CompactionStatus {
+        let c = &self.shared.compaction;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CompactionStatus {
+            running: c.running.load(Ordering::Relaxed),
+            requested: get(&c.requested),
+            done: get(&c.done),
+            segments_compacted: get(&c.segments),
+            segments_waiting: get(&c.waiting),
+            bytes_in: get(&c.bytes_in),
+            bytes_out: get(&c.bytes_out),
+            last_error: c
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
+fn remove_if_there(vfs: &dyn super::io::Vfs, p: &std::path::Path) -> Result<(), StoreError> {
+    match vfs.remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(p)(e)),
+    }
+}
+
+/// Up to [`dict::MAX_SAMPLES`] messages of segment `n` (each cut to
+/// [`dict::SAMPLE_PREFIX`] bytes), to train a dictionary on.
+fn sample_messages(h: &StoreHandle, n: u32) -> Result<Vec<Vec<u8>>, StoreError> {
+    let sh = &h.shared;
+    let path = segment_path(&sh.log_dir, n);
+    let file = sh.vfs.open_read(&path).map_err(io_err(&path))?;
+    let mut samples = Vec::new();
+    let mut bytes = 0usize;
+    let lookup = |id| sh.dicts.get(id);
+    log::scan(
+        &*file,
+        SEGMENT_HEADER_LEN,
+        |rec| -> Result<(), StoreError> {
+            if rec.header.kind != KIND_MESSAGE
+                || samples.len() >= dict::MAX_SAMPLES
+                || bytes >= dict::MAX_SAMPLE_BYTES
+            {
+                return Ok(());
+            }
+            if let Ok(mut raw) = decode_payload(&rec.header, &rec.payload, &lookup) {
+                raw.truncate(dict::SAMPLE_PREFIX);
+                bytes += raw.len();
+                samples.push(raw);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(samples)
+}
+
+/// The daemon's compactor thread, at the lowest CPU priority.
+pub struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    handle: StoreHandle,
+}
+
+impl Background {
+    /// Starts the thread.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub fn start(handle: StoreHandle) -> std::io::Result<Background> {
+        let (tx, rx) = crossbeam_channel::unbounded::<bool>();
+        *handle
+            .shared
+            .compaction_tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, s) = (handle.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("store-compactor".into())
+            .spawn(move || run(&h, &rx, &s))?;
+        Ok(Background {
+            stop,
+            thread: Some(thread),
+            handle,
+        })
+    }
+
+    /// Stops the thread (between two blocks) and waits for it.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the only sender wakes the thread.
+        self.handle
+            .shared
+            .compaction_tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Wakes on a request (`true`: seal first), on a segment sealed by the writer (`false`),
+/// or every [`AUTO_INTERVAL`].
+fn run(h: &StoreHandle, rx: &crossbeam_channel::Receiver<bool>, stop: &AtomicBool) {
+    lower_priority();
+    let c = &h.shared.compaction;
+    loop {
+        let mut asked = match rx.recv_timeout(AUTO_INTERVAL) {
+            Ok(seal) => seal,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        // Requests queued meanwhile are covered by this run.
+        while let Ok(seal) = rx.try_recv() {
+            asked |= seal;
+        }
+        let covers = c.requested.load(Ordering::Acquire);
+        if h.failed() {
+            continue;
+        }
+        c.running.store(true, Ordering::Relaxed);
+        let result = h.compact(asked, &|| stop.load(Ordering::Relaxed));
+        c.running.store(false, Ordering::Relaxed);
+        let mut last = c
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(_) => *last = None,
+            Err(e) => {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                error!(error = %e, "compaction failed; it is tried again later");
+                *last = Some(e.to_string());
+            }
+        }
+        drop(last);
+        c.done.fetch_max(covers, Ordering::AcqRel);
+    }
+}
+
+/// Puts the calling thread at nice 19, so compaction takes only CPU time ingest leaves.
+#[allow(unsafe_code)]
+fn lower_priority() {
+    // SAFETY: setpriority(2) takes plain integers; with PRIO_PROCESS and 0 Linux changes
+    // the calling thread's nice value only.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if r != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not lower the compactor's priority");
+    }
+}
+
+/// Makes `index.redb` as small as its content (redb's own compaction). Only with the
+/// store closed and its lock free; `coffer compact` runs it when no daemon does.
+///
+/// # Errors
+/// The daemon holds the store, or redb failed.
+pub fn compact_index(data_dir: &std::path::Path) -> Result<(u64, u64), StoreError> {
+    use super::io::Vfs;
+    let lock_path = data_dir.join(super::engine::LOCK_FILE);
+    let _lock = super::io::RealVfs
+        .try_lock(&lock_path)
+        .map_err(io_err(&lock_path))?
+        .ok_or_else(|| StoreError::DaemonRunning(lock_path.clone()))?;
+    let path = data_dir.join(super::engine::INDEX_FILE);
+    let before = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+    let mut b = redb::Builder::new();
+    b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+    let mut db = b.create(&path).map_err(idx_err)?;
+    db.compact().map_err(idx_err)?;
+    // A read proves it opens after the compaction.
+    drop(db.begin_read().map_err(idx_err)?);
+    drop(db);
+    let after = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+    Ok((before, after))
+}
