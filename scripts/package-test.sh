@@ -249,10 +249,11 @@ check "copyright is machine-readable, GPL-3+" bash -c \
 
 # Every other test names its configuration (--config, or COFFER_CONFIG set or removed),
 # so the /etc/coffer/coffer.toml installed below changes nothing for them: each test
-# file that runs one of the binaries says which COFFER_CONFIG it runs them with.
+# file that runs one of the binaries passes --config or says which COFFER_CONFIG it runs
+# them with.
 spawners="$(grep -rlE 'Command::new\(((coffer_e2e|crate)::)?bin\(|CARGO_BIN_EXE_' \
     tests archiver/tests milter/tests 2>/dev/null || true)"
-unpinned="$(for f in $spawners; do grep -q 'COFFER_CONFIG' "$f" || echo "$f"; done)"
+unpinned="$(for f in $spawners; do grep -qE 'COFFER_CONFIG|"--config"' "$f" || echo "$f"; done)"
 check "the tests that run the binaries pin COFFER_CONFIG ($(wc -w <<<"$spawners") files)" test -z "$unpinned"
 [ -z "$unpinned" ] || echo "    not pinned: $unpinned"
 
