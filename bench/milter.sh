@@ -2,17 +2,25 @@
 # Milter benchmark (design.md §6): what coffer-milter + cofferd cost a real Postfix.
 #
 # One throwaway Postfix instance (private config, queue and data dirs under a temp dir,
-# delivering to the discard transport) with two smtpd services on 127.0.0.1:
+# delivering to the discard transport) with three smtpd services on 127.0.0.1:
 #   plain   `-o smtpd_milters=`: Postfix alone (accept into its queue, with its fsyncs)
+#   noop    the same with a no-op milter (milter/examples/noop_milter.rs: negotiates
+#           what coffer-milter negotiates, receives every header and body chunk, keeps
+#           nothing, answers at once): the floor, what the milter protocol costs
+#           Postfix itself
 #   milter  smtpd_milters = { unix:…/milter.sock, default_action=tempfail }: the same
 #           Postfix with coffer-milter handing every message to cofferd (release
 #           builds, a temp store) before Postfix may accept it
-# Same queue, same cleanup and qmgr, so the difference is the milter and the archive.
+# Same queue, same cleanup and qmgr, so the differences are the milter protocol and
+# the archive.
 #
 # 1. Capacity: `smtp-source -s SESSIONS -m MESSAGES -l SIZE` (one message per
-#    connection) against each service, alternating (plain first on odd rounds, milter
-#    first on even ones), BENCH_ROUNDS times; the median msg/s of each and their ratio
-#    (target >= 0.85). The queue is drained before each run.
+#    connection) against each service, the order rotating from round to round,
+#    BENCH_ROUNDS times; the median msg/s of each and the ratios to Postfix alone
+#    (target for coffer-milter >= 0.85). The queue is drained before each run. For
+#    each service the CPU time per message of Postfix (master and all its children),
+#    smtp-source, coffer-milter, cofferd, the no-op milter and the rest of the machine
+#    (kernel threads, anything else running) over all its runs, from /proc.
 # 2. Half load: the milter service is offered HALF_FRACTION of its measured capacity,
 #    open loop (a new smtp-source batch every TICK_MS ms) for HALF_SECONDS. Meanwhile
 #    an fsync probe writes and fdatasyncs 4 KiB in a loop on the store's filesystem.
@@ -39,7 +47,9 @@
 # Needs root (a Postfix instance), postfix (smtp-source, postfix), cargo unless
 # BENCH_NO_BUILD=1, and python3 for the fsync probe (without it the probe falls back
 # to dd oflag=dsync, which gives a mean only).
-# Everything started here is stopped by PID on exit, also on error or Ctrl-C.
+# Everything started here is stopped by PID on exit, also on error or Ctrl-C. The
+# figures are only as good as the machine is quiet: the "rest" CPU column shows how
+# much else ran meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +82,7 @@ done
 TMP="$(mktemp -d /tmp/coffer-milterbench.XXXXXX)"
 COFFERD_PID=""
 MILTER_PID=""
+NOOP_PID=""
 PROBE_PID=""
 POSTFIX_DIR="$TMP/postfix"
 POSTFIX_STARTED=0
@@ -81,6 +92,7 @@ cleanup() {
     stop_pid "$PROBE_PID" "fsync probe"
     stop_postfix
     stop_pid "$MILTER_PID" coffer-milter
+    stop_pid "$NOOP_PID" "no-op milter"
     stop_pid "$COFFERD_PID" cofferd
     if [ "${BENCH_KEEP:-}" = 1 ]; then
         say "kept $TMP"
@@ -107,10 +119,11 @@ wait_socket() {
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 BIN="$TARGET_DIR/release"
 if [ "${BENCH_NO_BUILD:-}" != 1 ]; then
-    say "cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter"
-    cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter
+    say "cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter --example noop_milter"
+    cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter \
+        -p coffer-archiver -p coffer-milter --example noop_milter
 fi
-for b in cofferd coffer coffer-milter; do
+for b in cofferd coffer coffer-milter examples/noop_milter; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing (cargo build --release)"
 done
 
@@ -154,38 +167,107 @@ RUST_LOG=info "$BIN/coffer-milter" --config "$C/coffer.toml" >"$C/coffer-milter.
 MILTER_PID=$!
 wait_socket "$C/milter.sock" "$MILTER_PID" ||
     die "coffer-milter did not start: $(tail -20 "$C/coffer-milter.log")"
-say "cofferd (pid $COFFERD_PID) and coffer-milter (pid $MILTER_PID) up in $C"
+"$BIN/examples/noop_milter" "unix:$C/noop.sock" >"$C/noop-milter.log" 2>&1 &
+NOOP_PID=$!
+wait_socket "$C/noop.sock" "$NOOP_PID" ||
+    die "the no-op milter did not start: $(tail -20 "$C/noop-milter.log")"
+say "cofferd (pid $COFFERD_PID), coffer-milter (pid $MILTER_PID), no-op milter (pid $NOOP_PID) up in $C"
 
 # --- the throwaway Postfix --------------------------------------------------------------
 PLAIN_PORT="$(free_port 127.0.0.1)"
+NOOP_PORT="$(free_port 127.0.0.1)"
 MILTER_PORT="$(free_port 127.0.0.1)"
-[ "$PLAIN_PORT" != "$MILTER_PORT" ] || die "port clash, run again"
+[ "$(printf '%s\n' "$PLAIN_PORT" "$NOOP_PORT" "$MILTER_PORT" | sort -u | wc -l)" = 3 ] ||
+    die "port clash, run again"
 d="$POSTFIX_DIR"
-say "postfix -c $d/etc start (plain smtpd on :$PLAIN_PORT, with milter on :$MILTER_PORT)"
+say "postfix -c $d/etc start (plain smtpd on :$PLAIN_PORT, no-op milter on :$NOOP_PORT, coffer-milter on :$MILTER_PORT)"
 # coffer-milter as in production (docs/milter.md), failing closed; the plain smtpd
-# service turns it off with -o smtpd_milters=.
+# service turns it off with -o smtpd_milters=, the no-op one swaps in the no-op milter.
 write_postfix "milter_protocol = 6
 smtpd_milters = { unix:$C/milter.sock, default_action=tempfail }
+bench_noop_milters = { unix:$C/noop.sock, default_action=tempfail }
 non_smtpd_milters =
 milter_connect_timeout = 30s
 milter_command_timeout = 30s
 milter_content_timeout = 300s" \
     "127.0.0.1:$PLAIN_PORT inet n  -       n       -       -       smtpd -o smtpd_milters=
+127.0.0.1:$NOOP_PORT inet n  -       n       -       -       smtpd -o smtpd_milters=\$bench_noop_milters
 127.0.0.1:$MILTER_PORT inet n -       n       -       -       smtpd"
-for p in "$PLAIN_PORT" "$MILTER_PORT"; do
+for p in "$PLAIN_PORT" "$NOOP_PORT" "$MILTER_PORT"; do
     wait_smtp 127.0.0.1 "$p" "" || die "Postfix did not greet on $p: $(tail -20 "$d/maillog" 2>/dev/null)"
 done
 
-declare -A PORT=([plain]="$PLAIN_PORT" [milter]="$MILTER_PORT")
-declare -A LABEL=([plain]="postfix alone" [milter]="postfix + coffer-milter")
+TARGETS=(plain noop milter)
+declare -A PORT=([plain]="$PLAIN_PORT" [noop]="$NOOP_PORT" [milter]="$MILTER_PORT")
+declare -A LABEL=([plain]="postfix alone" [noop]="postfix + no-op milter" [milter]="postfix + coffer-milter")
+
+# --- CPU accounting ---------------------------------------------------------------------
+# Clock ticks of CPU (user + system) used so far, from /proc, as "postfix source milter
+# cofferd noop busy": Postfix's master with every child it reaped plus its live
+# children; this shell's reaped children (smtp-source, under timeout); the three
+# daemons; and the whole machine's busy time (everything but idle and iowait).
+HZ="$(getconf CLK_TCK)"
+MASTER_PID=""
+proc_ticks() { # PID [1 = with reaped children]
+    local stat f
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || {
+        echo 0
+        return
+    }
+    read -r -a f <<<"${stat##*) }"
+    if [ "${2:-0}" = 1 ]; then
+        echo $((f[11] + f[12] + f[13] + f[14]))
+    else
+        echo $((f[11] + f[12]))
+    fi
+}
+cpu_snapshot() {
+    local pf src busy
+    [ -n "$MASTER_PID" ] || MASTER_PID="$(tr -dc 0-9 <"$POSTFIX_DIR/spool/pid/master.pid")"
+    pf="$(proc_ticks "$MASTER_PID" 1)"
+    # Live children of master (smtpd, cleanup, qmgr, ...): utime + stime.
+    # (cat, not awk, opens the files: a process may end meanwhile.)
+    pf=$((pf + $({ cat /proc/[0-9]*/stat 2>/dev/null || true; } |
+        awk -v m="$MASTER_PID" '{ sub(/^.*\) /, ""); if ($2 == m) t += $12 + $13 }
+            END { print t + 0 }')))
+    src="$(awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$$/stat")"
+    busy="$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat)"
+    echo "$pf $src $(proc_ticks "$MILTER_PID") $(proc_ticks "$COFFERD_PID") $(proc_ticks "$NOOP_PID") $busy"
+}
+declare -A CPU=() # per target: summed ticks "postfix source milter cofferd noop busy"
+declare -A CPU_MESSAGES=()
+cpu_add() { # TARGET "before" "after" MESSAGES
+    local -a before after sum
+    read -r -a before <<<"$2"
+    read -r -a after <<<"$3"
+    read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0}"
+    local i out=""
+    for i in 0 1 2 3 4 5; do out+="$((sum[i] + after[i] - before[i])) "; done
+    CPU[$1]="$out"
+    CPU_MESSAGES[$1]=$((${CPU_MESSAGES[$1]:-0} + $4))
+}
+# One line of µs of CPU per message for a target.
+cpu_line() {
+    local -a sum
+    read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0}"
+    awk -v n="${CPU_MESSAGES[$1]:-0}" -v hz="$HZ" -v pf="${sum[0]}" -v src="${sum[1]}" \
+        -v mil="${sum[2]}" -v cd="${sum[3]}" -v noop="${sum[4]}" -v busy="${sum[5]}" 'BEGIN {
+        if (n == 0) { print "not measured"; exit }
+        u = 1e6 / hz / n
+        rest = busy - pf - src - mil - cd - noop
+        printf "postfix %4.0f  smtp-source %3.0f  coffer-milter %3.0f  cofferd %3.0f  no-op milter %3.0f  rest %3.0f  = %4.0f\n",
+            pf * u, src * u, mil * u, cd * u, noop * u, rest * u, busy * u
+    }'
+}
 
 # --- 1. capacity ------------------------------------------------------------------------
 declare -A RESULTS=()
 MILTER_SENT=0
 FAILED=0
 run_one() {
-    local t="$1" start end ms rate
+    local t="$1" start end ms rate cpu0 cpu1
     drain "$DRAIN_DEADLINE"
+    cpu0="$(cpu_snapshot)"
     start="${EPOCHREALTIME/./}"
     if ! timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" \
         -f bench@example.org -t archive@example.net "127.0.0.1:${PORT[$t]}" >"$TMP/run.log" 2>&1; then
@@ -195,6 +277,8 @@ run_one() {
         return 0
     fi
     end="${EPOCHREALTIME/./}"
+    cpu1="$(cpu_snapshot)"
+    cpu_add "$t" "$cpu0" "$cpu1" "$MESSAGES"
     ms=$(((end - start) / 1000))
     rate="$(awk -v m="$MESSAGES" -v ms="$ms" 'BEGIN { printf "%.0f", m * 1000 / (ms > 0 ? ms : 1) }')"
     say "${LABEL[$t]}: $MESSAGES messages in ${ms} ms = $rate msg/s"
@@ -204,7 +288,7 @@ run_one() {
 }
 
 if ((WARMUP > 0)); then
-    for t in plain milter; do
+    for t in "${TARGETS[@]}"; do
         say "${LABEL[$t]}: warm-up, $WARMUP messages (not counted)"
         timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$WARMUP" -l "$SIZE" \
             -f bench@example.org -t archive@example.net "127.0.0.1:${PORT[$t]}" \
@@ -213,8 +297,10 @@ if ((WARMUP > 0)); then
     MILTER_SENT=$((MILTER_SENT + WARMUP))
 fi
 for ((round = 1; round <= ROUNDS; round++)); do
-    if ((round % 2)); then order=(plain milter); else order=(milter plain); fi
-    for t in "${order[@]}"; do run_one "$t"; done
+    # Rotate the order: each service goes first, second and third in turn.
+    for ((i = 0; i < ${#TARGETS[@]}; i++)); do
+        run_one "${TARGETS[$(((round - 1 + i) % ${#TARGETS[@]}))]}"
+    done
 done
 
 median() {
@@ -226,6 +312,7 @@ ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a / b; else print "n/a" }'
 }
 PLAIN_MED="$(median "${RESULTS[plain]:-}")"
+NOOP_MED="$(median "${RESULTS[noop]:-}")"
 MILTER_MED="$(median "${RESULTS[milter]:-}")"
 
 # --- 2. half load: milter latency beside the disk's fsync latency -----------------------
@@ -375,8 +462,14 @@ ARRIVALS="$("$BIN/coffer" --config "$C/coffer.toml" status --json 2>/dev/null |
 echo
 echo "Postfix with and without coffer-milter + cofferd: $SESSIONS sessions, $MESSAGES messages of $SIZE B per run, one message per connection; msg/s (median of $ROUNDS)"
 printf '%-34s%10s   %s\n' "postfix alone" "$PLAIN_MED" "runs: ${RESULTS[plain]:-}"
+printf '%-34s%10s   %s\n' "postfix + no-op milter" "$NOOP_MED" "runs: ${RESULTS[noop]:-}"
 printf '%-34s%10s   %s\n' "postfix + coffer-milter" "$MILTER_MED" "runs: ${RESULTS[milter]:-}"
-printf '%-34s%10s   %s\n' "ratio (with / without)" "$(ratio "$MILTER_MED" "$PLAIN_MED")" "target >= 0.85"
+printf '%-34s%10s   %s\n' "ratio no-op milter / alone" "$(ratio "$NOOP_MED" "$PLAIN_MED")" "the floor: the milter protocol in Postfix"
+printf '%-34s%10s   %s\n' "ratio coffer-milter / alone" "$(ratio "$MILTER_MED" "$PLAIN_MED")" "target >= 0.85"
+printf '%-34s%10s   %s\n' "ratio coffer-milter / no-op" "$(ratio "$MILTER_MED" "$NOOP_MED")" "what archiving costs beyond the protocol"
+echo
+echo "CPU per message, µs (user + system, all $ROUNDS runs of each; $(nproc) CPUs):"
+for t in "${TARGETS[@]}"; do printf '%-34s%s\n' "${LABEL[$t]}" "$(cpu_line "$t")"; done
 echo
 echo "half load: $HALF_LINE"
 printf '%-34s%s\n' "milter end-of-message latency" "${LAT_LINE:-not measured}  (target p99 < 20 ms)"

@@ -214,7 +214,7 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Conn> {
 }
 
 /// The NOREPLY options we take when offered: every stage before end-of-message.
-const NOREPLY: [ProtoOpts; 8] = [
+pub const NOREPLY: [ProtoOpts; 8] = [
     ProtoOpts::NOREPLY_CONNECT,
     ProtoOpts::NOREPLY_HELO,
     ProtoOpts::NOREPLY_MAIL,
