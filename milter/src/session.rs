@@ -472,32 +472,57 @@ async fn send(
     chunk: &[u8],
     last: bool,
 ) -> Result<Option<String>, HandoffError> {
-    if msg.tx.is_none() {
-        let line = mail_line(facts, msg);
-        let mut tx = shared.pool.get().await?;
-        match tx.begin(&line, &msg.rcpts).await {
-            Ok(()) => msg.tx = Some(tx),
-            Err(e) => {
-                release(shared, tx, &e).await;
-                return Err(e);
-            }
+    let rcpts = msg.rcpts.len();
+    let (tx, result) = match msg.tx.take() {
+        Some(mut tx) => {
+            let result = tx.chunk(chunk, last, rcpts).await;
+            (tx, result)
         }
-    }
-    let tx = msg.tx.as_mut().expect("transaction open");
-    match tx.chunk(chunk, last, msg.rcpts.len()).await {
+        None => {
+            let line = mail_line(facts, msg);
+            let mut tx = shared.pool.get().await?;
+            let mut result = first_chunk(&mut tx, &line, &msg.rcpts, chunk, last).await;
+            if let Err(e) = &result {
+                if tx.retryable(e) {
+                    // cofferd closed the pooled connection while it sat idle. Whatever
+                    // it may have stored of this message, sending it again adds no
+                    // arrival (a repeat).
+                    tracing::debug!(queue_id = %msg.queue_id(), error = %e,
+                        "pooled LMTP connection broke before answering; sending on a new one");
+                    tx = shared.pool.connect().await?;
+                    result = first_chunk(&mut tx, &line, &msg.rcpts, chunk, last).await;
+                }
+            }
+            (tx, result)
+        }
+    };
+    match result {
         Ok(reply) => {
             if last {
-                let tx = msg.tx.take().expect("transaction open");
                 shared.pool.put(tx);
+            } else {
+                msg.tx = Some(tx);
             }
             Ok(reply.map(|r| r.text().to_owned()))
         }
         Err(e) => {
-            let tx = msg.tx.take().expect("transaction open");
             release(shared, tx, &e).await;
             Err(e)
         }
     }
+}
+
+/// Opens the transaction and sends its first chunk (pipelined where the connection
+/// allows, see [`crate::lmtp`]).
+async fn first_chunk(
+    tx: &mut LmtpConn,
+    mail_line: &str,
+    rcpts: &[String],
+    chunk: &[u8],
+    last: bool,
+) -> Result<Option<crate::lmtp::Reply>, HandoffError> {
+    tx.begin(mail_line, rcpts).await?;
+    tx.chunk(chunk, last, rcpts.len()).await
 }
 
 /// After a failure: a connection that still answers is reset and pooled; a broken one
