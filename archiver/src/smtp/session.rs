@@ -578,8 +578,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 xcoffer: tx.xcoffer,
             },
         };
-        // Whatever is pending (the 354 at least) goes out before we wait on the store.
-        self.flush().await?;
+        // Replies still pending here answer commands the client pipelined with this
+        // message (its MAIL and RCPT before a `BDAT LAST`): it reads them with the answer
+        // to the message, so they go out together, in one write, once the store answers.
+        // (A 354 was written before the content could come; a client that does not
+        // pipeline has nothing pending.)
         let result = self.sink.ingest(incoming).await;
         let line = match result {
             Ok(receipt) => {
