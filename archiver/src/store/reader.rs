@@ -105,8 +105,8 @@ impl StoreReader {
     }
 
     /// A snapshot of the daemon's index that covers everything in the log when this was
-    /// called. The daemon acknowledges a message once it is in the log and indexes it a
-    /// few milliseconds later; waiting for the index to reach the log end seen now makes
+    /// called. The daemon acknowledges a message once it is in the log and indexes it
+    /// up to a quarter of a second later under load; waiting for the index to reach the log end seen now makes
     /// every message acknowledged before this call visible to it.
     fn caught_up(&self, db: &redb::ReadOnlyDatabase) -> Result<ReadTransaction, StoreError> {
         let mut target = self.log_end()?;
