@@ -19,8 +19,11 @@
 #    BENCH_ROUNDS times; the median msg/s of each and the ratios to Postfix alone
 #    (target for coffer-milter >= 0.85). The queue is drained before each run. For
 #    each service the CPU time per message of Postfix (master and all its children),
-#    smtp-source, coffer-milter, cofferd, the no-op milter and the rest of the machine
-#    (kernel threads, anything else running) over all its runs, from /proc.
+#    smtp-source, the no-op milter, coffer-milter, cofferd and kernel threads, their
+#    total, and "other": CPU that no part of the benchmark used (another process on the
+#    machine; when it is large the rates are not to be trusted), over all its runs,
+#    from /proc. And how many messages cofferd committed per log fdatasync (its
+#    /metrics, read with curl) during the coffer-milter runs.
 # 2. Half load: the milter service is offered HALF_FRACTION of its measured capacity,
 #    open loop (a new smtp-source batch every TICK_MS ms) for HALF_SECONDS. Meanwhile
 #    an fsync probe writes and fdatasyncs 4 KiB in a loop on the store's filesystem.
@@ -133,6 +136,7 @@ chmod 755 "$TMP"
 C="$TMP/coffer"
 mkdir -p "$C"
 chmod 755 "$C"
+CONSOLE_PORT="$(free_port 127.0.0.1)"
 cat >"$C/coffer.toml" <<EOF_TOML
 # Throwaway store for bench/milter.sh.
 [node]
@@ -159,6 +163,9 @@ listen = "unix:milter.sock"
 target = "unix:lmtp.sock"
 socket_mode = 0o666
 timeout = "60s"
+
+[console]
+bind = "127.0.0.1:$CONSOLE_PORT"
 EOF_TOML
 "$BIN/cofferd" --config "$C/coffer.toml" >"$C/cofferd.log" 2>&1 &
 COFFERD_PID=$!
@@ -203,9 +210,11 @@ declare -A LABEL=([plain]="postfix alone" [noop]="postfix + no-op milter" [milte
 
 # --- CPU accounting ---------------------------------------------------------------------
 # Clock ticks of CPU (user + system) used so far, from /proc, as "postfix source milter
-# cofferd noop busy": Postfix's master with every child it reaped plus its live
+# cofferd noop kernel busy": Postfix's master with every child it reaped plus its live
 # children; this shell's reaped children (smtp-source, under timeout); the three
-# daemons; and the whole machine's busy time (everything but idle and iowait).
+# daemons; kernel threads (writeback, block I/O) plus interrupt time; and the whole
+# machine's busy time (everything but idle, iowait and steal). Busy minus the rest is "other":
+# processes that are no part of the benchmark.
 HZ="$(getconf CLK_TCK)"
 MASTER_PID=""
 proc_ticks() { # PID [1 = with reaped children]
@@ -222,41 +231,58 @@ proc_ticks() { # PID [1 = with reaped children]
     fi
 }
 cpu_snapshot() {
-    local pf src busy
+    local -a kids sys
     [ -n "$MASTER_PID" ] || MASTER_PID="$(tr -dc 0-9 <"$POSTFIX_DIR/spool/pid/master.pid")"
-    pf="$(proc_ticks "$MASTER_PID" 1)"
-    # Live children of master (smtpd, cleanup, qmgr, ...): utime + stime.
-    # (cat, not awk, opens the files: a process may end meanwhile.)
-    pf=$((pf + $({ cat /proc/[0-9]*/stat 2>/dev/null || true; } |
-        awk -v m="$MASTER_PID" '{ sub(/^.*\) /, ""); if ($2 == m) t += $12 + $13 }
-            END { print t + 0 }')))
-    src="$(awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$$/stat")"
-    busy="$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat)"
-    echo "$pf $src $(proc_ticks "$MILTER_PID") $(proc_ticks "$COFFERD_PID") $(proc_ticks "$NOOP_PID") $busy"
+    # Live children of master (smtpd, cleanup, qmgr, ...) and kernel threads (children
+    # of kthreadd, pid 2): utime + stime. (cat, not awk, opens the files: a process may
+    # end meanwhile.)
+    read -r -a kids <<<"$({ cat /proc/[0-9]*/stat 2>/dev/null || true; } |
+        awk -v m="$MASTER_PID" '{ pid = $1; sub(/^.*\) /, "")
+            if ($2 == m) p += $12 + $13; if ($2 == 2 || pid == 2) k += $12 + $13 }
+            END { print p + 0, k + 0 }')"
+    # busy (user nice system irq softirq) and irq + softirq
+    read -r -a sys <<<"$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $7 + $8; exit }' /proc/stat)"
+    echo "$(($(proc_ticks "$MASTER_PID" 1) + kids[0])) \
+$(awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$$/stat") \
+$(proc_ticks "$MILTER_PID") $(proc_ticks "$COFFERD_PID") $(proc_ticks "$NOOP_PID") \
+$((kids[1] + sys[1])) ${sys[0]}"
 }
-declare -A CPU=() # per target: summed ticks "postfix source milter cofferd noop busy"
+# cofferd's group commits so far, "messages batches" (its /metrics; "0 0" without curl).
+commits() {
+    command -v curl >/dev/null 2>&1 || {
+        echo "0 0"
+        return
+    }
+    curl -fsS --max-time 5 "http://127.0.0.1:$CONSOLE_PORT/metrics" 2>/dev/null |
+        awk '/^coffer_commit_batch_messages_sum / { s = $2 } /^coffer_commit_batch_messages_count / { c = $2 }
+            END { printf "%d %d\n", s, c }'
+}
+COMMITTED_MESSAGES=0
+COMMIT_BATCHES=0
+declare -A CPU=() # per target: summed ticks, as cpu_snapshot
 declare -A CPU_MESSAGES=()
 cpu_add() { # TARGET "before" "after" MESSAGES
     local -a before after sum
     read -r -a before <<<"$2"
     read -r -a after <<<"$3"
-    read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0}"
+    read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0 0}"
     local i out=""
-    for i in 0 1 2 3 4 5; do out+="$((sum[i] + after[i] - before[i])) "; done
+    for i in 0 1 2 3 4 5 6; do out+="$((sum[i] + after[i] - before[i])) "; done
     CPU[$1]="$out"
     CPU_MESSAGES[$1]=$((${CPU_MESSAGES[$1]:-0} + $4))
 }
 # One line of µs of CPU per message for a target.
 cpu_line() {
     local -a sum
-    read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0}"
+    read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0 0}"
     awk -v n="${CPU_MESSAGES[$1]:-0}" -v hz="$HZ" -v pf="${sum[0]}" -v src="${sum[1]}" \
-        -v mil="${sum[2]}" -v cd="${sum[3]}" -v noop="${sum[4]}" -v busy="${sum[5]}" 'BEGIN {
+        -v mil="${sum[2]}" -v cd="${sum[3]}" -v noop="${sum[4]}" -v kern="${sum[5]}" \
+        -v busy="${sum[6]}" 'BEGIN {
         if (n == 0) { print "not measured"; exit }
         u = 1e6 / hz / n
-        rest = busy - pf - src - mil - cd - noop
-        printf "postfix %4.0f  smtp-source %3.0f  coffer-milter %3.0f  cofferd %3.0f  no-op milter %3.0f  rest %3.0f  = %4.0f\n",
-            pf * u, src * u, mil * u, cd * u, noop * u, rest * u, busy * u
+        other = busy - pf - src - mil - cd - noop - kern
+        printf "%5.0f %7.0f %7.0f %7.0f %7.0f %7.0f %7.0f %7.0f\n",
+            pf * u, src * u, noop * u, mil * u, cd * u, kern * u, (pf + src + noop + mil + cd + kern) * u, other * u
     }'
 }
 
@@ -265,8 +291,9 @@ declare -A RESULTS=()
 MILTER_SENT=0
 FAILED=0
 run_one() {
-    local t="$1" start end ms rate cpu0 cpu1
+    local t="$1" start end ms rate cpu0 cpu1 commits0 commits1
     drain "$DRAIN_DEADLINE"
+    read -r -a commits0 <<<"$(commits)"
     cpu0="$(cpu_snapshot)"
     start="${EPOCHREALTIME/./}"
     if ! timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" \
@@ -279,6 +306,11 @@ run_one() {
     end="${EPOCHREALTIME/./}"
     cpu1="$(cpu_snapshot)"
     cpu_add "$t" "$cpu0" "$cpu1" "$MESSAGES"
+    if [ "$t" = milter ]; then
+        read -r -a commits1 <<<"$(commits)"
+        COMMITTED_MESSAGES=$((COMMITTED_MESSAGES + commits1[0] - commits0[0]))
+        COMMIT_BATCHES=$((COMMIT_BATCHES + commits1[1] - commits0[1]))
+    fi
     ms=$(((end - start) / 1000))
     rate="$(awk -v m="$MESSAGES" -v ms="$ms" 'BEGIN { printf "%.0f", m * 1000 / (ms > 0 ? ms : 1) }')"
     say "${LABEL[$t]}: $MESSAGES messages in ${ms} ms = $rate msg/s"
@@ -468,8 +500,13 @@ printf '%-34s%10s   %s\n' "ratio no-op milter / alone" "$(ratio "$NOOP_MED" "$PL
 printf '%-34s%10s   %s\n' "ratio coffer-milter / alone" "$(ratio "$MILTER_MED" "$PLAIN_MED")" "target >= 0.85"
 printf '%-34s%10s   %s\n' "ratio coffer-milter / no-op" "$(ratio "$MILTER_MED" "$NOOP_MED")" "what archiving costs beyond the protocol"
 echo
-echo "CPU per message, µs (user + system, all $ROUNDS runs of each; $(nproc) CPUs):"
+echo "CPU per message, µs (user + system, all $ROUNDS runs of each; $(nproc) CPUs; other = not part of the benchmark):"
+printf '%-34s%s\n' "" "postfix  source   no-op  milter cofferd  kernel   total   other"
 for t in "${TARGETS[@]}"; do printf '%-34s%s\n' "${LABEL[$t]}" "$(cpu_line "$t")"; done
+if ((COMMIT_BATCHES > 0)); then
+    printf '%-34s%s\n' "cofferd group commit" "$(awk -v m="$COMMITTED_MESSAGES" -v b="$COMMIT_BATCHES" \
+        'BEGIN { printf "%.1f messages per log fdatasync (%d batches in the coffer-milter runs)", m / b, b }')"
+fi
 echo
 echo "half load: $HALF_LINE"
 printf '%-34s%s\n' "milter end-of-message latency" "${LAT_LINE:-not measured}  (target p99 < 20 ms)"
