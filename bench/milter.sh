@@ -17,7 +17,8 @@
 # 1. Capacity: `smtp-source -s SESSIONS -m MESSAGES -l SIZE` (one message per
 #    connection) against each service, the order rotating from round to round,
 #    BENCH_ROUNDS times; the median msg/s of each and the ratios to Postfix alone
-#    (target for coffer-milter >= 0.85). The queue is drained before each run. For
+#    (target for coffer-milter >= 0.85), and the median of the ratios within each round
+#    (whose three runs are next to each other in time). The queue is drained before each run. For
 #    each service the CPU time per message of Postfix (master and all its children),
 #    smtp-source, the no-op milter, coffer-milter, cofferd and kernel threads, their
 #    total, and "other": CPU that no part of the benchmark used (another process on the
@@ -230,22 +231,28 @@ proc_ticks() { # PID [1 = with reaped children]
         echo $((f[11] + f[12]))
     fi
 }
-cpu_snapshot() {
-    local -a kids sys
+cpu_snapshot() { # FILE: where the kernel threads' "pid ticks" go (see kthread_ticks)
+    local kids sys
     [ -n "$MASTER_PID" ] || MASTER_PID="$(tr -dc 0-9 <"$POSTFIX_DIR/spool/pid/master.pid")"
-    # Live children of master (smtpd, cleanup, qmgr, ...) and kernel threads (children
-    # of kthreadd, pid 2): utime + stime. (cat, not awk, opens the files: a process may
-    # end meanwhile.)
-    read -r -a kids <<<"$({ cat /proc/[0-9]*/stat 2>/dev/null || true; } |
-        awk -v m="$MASTER_PID" '{ pid = $1; sub(/^.*\) /, "")
-            if ($2 == m) p += $12 + $13; if ($2 == 2 || pid == 2) k += $12 + $13 }
-            END { print p + 0, k + 0 }')"
+    # Live children of master (smtpd, cleanup, qmgr, ...): utime + stime; each kernel
+    # thread (child of kthreadd, pid 2) apart, since they come and go. (cat, not awk,
+    # opens the files: a process may end meanwhile.)
+    kids="$({ cat /proc/[0-9]*/stat 2>/dev/null || true; } |
+        awk -v m="$MASTER_PID" -v kt="$1" '{ pid = $1; sub(/^.*\) /, "")
+            if ($2 == m) p += $12 + $13
+            if ($2 == 2 || pid == 2) print pid, $12 + $13 >kt }
+            END { print p + 0 }')"
     # busy (user nice system irq softirq) and irq + softirq
-    read -r -a sys <<<"$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $7 + $8; exit }' /proc/stat)"
-    echo "$(($(proc_ticks "$MASTER_PID" 1) + kids[0])) \
+    sys="$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $7 + $8; exit }' /proc/stat)"
+    echo "$(($(proc_ticks "$MASTER_PID" 1) + kids)) \
 $(awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$$/stat") \
 $(proc_ticks "$MILTER_PID") $(proc_ticks "$COFFERD_PID") $(proc_ticks "$NOOP_PID") \
-$((kids[1] + sys[1])) ${sys[0]}"
+${sys#* } ${sys% *}"
+}
+# Ticks kernel threads used between two cpu_snapshot files: those in both by their
+# difference, new ones whole (one that ended meanwhile is lost: a small undercount).
+kthread_ticks() {
+    awk 'NR == FNR { b[$1] = $2; next } { d += ($1 in b) ? $2 - b[$1] : $2 } END { print d + 0 }' "$1" "$2"
 }
 # cofferd's group commits so far, "messages batches" (its /metrics; "0 0" without curl).
 commits() {
@@ -261,12 +268,13 @@ COMMITTED_MESSAGES=0
 COMMIT_BATCHES=0
 declare -A CPU=() # per target: summed ticks, as cpu_snapshot
 declare -A CPU_MESSAGES=()
-cpu_add() { # TARGET "before" "after" MESSAGES
+cpu_add() { # TARGET "before" "after" MESSAGES KTHREAD_TICKS
     local -a before after sum
     read -r -a before <<<"$2"
     read -r -a after <<<"$3"
     read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0 0}"
     local i out=""
+    after[5]=$((after[5] + $5))
     for i in 0 1 2 3 4 5 6; do out+="$((sum[i] + after[i] - before[i])) "; done
     CPU[$1]="$out"
     CPU_MESSAGES[$1]=$((${CPU_MESSAGES[$1]:-0} + $4))
@@ -294,18 +302,19 @@ run_one() {
     local t="$1" start end ms rate cpu0 cpu1 commits0 commits1
     drain "$DRAIN_DEADLINE"
     read -r -a commits0 <<<"$(commits)"
-    cpu0="$(cpu_snapshot)"
+    cpu0="$(cpu_snapshot "$TMP/kthreads.0")"
     start="${EPOCHREALTIME/./}"
     if ! timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" \
         -f bench@example.org -t archive@example.net "127.0.0.1:${PORT[$t]}" >"$TMP/run.log" 2>&1; then
         say "${LABEL[$t]}: smtp-source failed: $(tail -5 "$TMP/run.log")"
         FAILED=1
         RESULTS[$t]+="failed "
+        LAST[$t]=failed
         return 0
     fi
     end="${EPOCHREALTIME/./}"
-    cpu1="$(cpu_snapshot)"
-    cpu_add "$t" "$cpu0" "$cpu1" "$MESSAGES"
+    cpu1="$(cpu_snapshot "$TMP/kthreads.1")"
+    cpu_add "$t" "$cpu0" "$cpu1" "$MESSAGES" "$(kthread_ticks "$TMP/kthreads.0" "$TMP/kthreads.1")"
     if [ "$t" = milter ]; then
         read -r -a commits1 <<<"$(commits)"
         COMMITTED_MESSAGES=$((COMMITTED_MESSAGES + commits1[0] - commits0[0]))
@@ -315,6 +324,7 @@ run_one() {
     rate="$(awk -v m="$MESSAGES" -v ms="$ms" 'BEGIN { printf "%.0f", m * 1000 / (ms > 0 ? ms : 1) }')"
     say "${LABEL[$t]}: $MESSAGES messages in ${ms} ms = $rate msg/s"
     RESULTS[$t]+="$rate "
+    LAST[$t]="$rate"
     [ "$t" = milter ] && MILTER_SENT=$((MILTER_SENT + MESSAGES))
     return 0
 }
@@ -328,20 +338,27 @@ if ((WARMUP > 0)); then
     done
     MILTER_SENT=$((MILTER_SENT + WARMUP))
 fi
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a / b; else print "n/a" }'
+}
+# Ratios within each round too: the three runs of a round are next to each other in
+# time, so a slow drift in what else runs on the machine cancels out of them.
+declare -A LAST=()
+ROUND_NOOP=""
+ROUND_MILTER=""
 for ((round = 1; round <= ROUNDS; round++)); do
     # Rotate the order: each service goes first, second and third in turn.
     for ((i = 0; i < ${#TARGETS[@]}; i++)); do
         run_one "${TARGETS[$(((round - 1 + i) % ${#TARGETS[@]}))]}"
     done
+    ROUND_NOOP+="$(ratio "${LAST[noop]}" "${LAST[plain]}") "
+    ROUND_MILTER+="$(ratio "${LAST[milter]}" "${LAST[plain]}") "
 done
 
-median() {
+median() { # WORDS [printf format of an even count's mean]
     # shellcheck disable=SC2086
-    printf '%s\n' $1 | grep -v failed | sort -n |
-        awk '{ v[NR] = $1 } END { if (NR == 0) print "failed"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a / b; else print "n/a" }'
+    printf '%s\n' $1 | grep -E '^[0-9.]+$' | sort -n |
+        awk -v f="${2:-%.0f}" '{ v[NR] = $1 } END { if (NR == 0) print "failed"; else if (NR % 2) print v[(NR + 1) / 2]; else printf f "\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 PLAIN_MED="$(median "${RESULTS[plain]:-}")"
 NOOP_MED="$(median "${RESULTS[noop]:-}")"
@@ -499,6 +516,8 @@ printf '%-34s%10s   %s\n' "postfix + coffer-milter" "$MILTER_MED" "runs: ${RESUL
 printf '%-34s%10s   %s\n' "ratio no-op milter / alone" "$(ratio "$NOOP_MED" "$PLAIN_MED")" "the floor: the milter protocol in Postfix"
 printf '%-34s%10s   %s\n' "ratio coffer-milter / alone" "$(ratio "$MILTER_MED" "$PLAIN_MED")" "target >= 0.85"
 printf '%-34s%10s   %s\n' "ratio coffer-milter / no-op" "$(ratio "$MILTER_MED" "$NOOP_MED")" "what archiving costs beyond the protocol"
+printf '%-34s%10s   %s\n' "per round: no-op / alone" "$(median "$ROUND_NOOP" %.2f)" "median of rounds: $ROUND_NOOP"
+printf '%-34s%10s   %s\n' "per round: coffer-milter / alone" "$(median "$ROUND_MILTER" %.2f)" "median of rounds: $ROUND_MILTER"
 echo
 echo "CPU per message, µs (user + system, all $ROUNDS runs of each; $(nproc) CPUs; other = not part of the benchmark):"
 printf '%-34s%s\n' "" "postfix  source   no-op  milter cofferd  kernel   total   other"
