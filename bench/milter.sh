@@ -2,17 +2,29 @@
 # Milter benchmark (design.md §6): what coffer-milter + cofferd cost a real Postfix.
 #
 # One throwaway Postfix instance (private config, queue and data dirs under a temp dir,
-# delivering to the discard transport) with two smtpd services on 127.0.0.1:
+# delivering to the discard transport) with three smtpd services on 127.0.0.1:
 #   plain   `-o smtpd_milters=`: Postfix alone (accept into its queue, with its fsyncs)
+#   noop    the same with a no-op milter (milter/examples/noop_milter.rs: negotiates
+#           what coffer-milter negotiates, receives every header and body chunk, keeps
+#           nothing, answers at once): the floor, what the milter protocol costs
+#           Postfix itself
 #   milter  smtpd_milters = { unix:…/milter.sock, default_action=tempfail }: the same
 #           Postfix with coffer-milter handing every message to cofferd (release
 #           builds, a temp store) before Postfix may accept it
-# Same queue, same cleanup and qmgr, so the difference is the milter and the archive.
+# Same queue, same cleanup and qmgr, so the differences are the milter protocol and
+# the archive.
 #
 # 1. Capacity: `smtp-source -s SESSIONS -m MESSAGES -l SIZE` (one message per
-#    connection) against each service, alternating (plain first on odd rounds, milter
-#    first on even ones), BENCH_ROUNDS times; the median msg/s of each and their ratio
-#    (target >= 0.85). The queue is drained before each run.
+#    connection) against each service, the order rotating from round to round,
+#    BENCH_ROUNDS times; the median msg/s of each and the ratios to Postfix alone
+#    (target for coffer-milter >= 0.85), and the median of the ratios within each round
+#    (whose three runs are next to each other in time). The queue is drained before each run. For
+#    each service the CPU time per message of Postfix (master and all its children),
+#    smtp-source, the no-op milter, coffer-milter, cofferd and kernel threads, their
+#    total, and "other": CPU that no part of the benchmark used (another process on the
+#    machine; when it is large the rates are not to be trusted), over all its runs,
+#    from /proc. And how many messages cofferd committed per log fdatasync (its
+#    /metrics, read with curl) during the coffer-milter runs.
 # 2. Half load: the milter service is offered HALF_FRACTION of its measured capacity,
 #    open loop (a new smtp-source batch every TICK_MS ms) for HALF_SECONDS. Meanwhile
 #    an fsync probe writes and fdatasyncs 4 KiB in a loop on the store's filesystem.
@@ -39,7 +51,9 @@
 # Needs root (a Postfix instance), postfix (smtp-source, postfix), cargo unless
 # BENCH_NO_BUILD=1, and python3 for the fsync probe (without it the probe falls back
 # to dd oflag=dsync, which gives a mean only).
-# Everything started here is stopped by PID on exit, also on error or Ctrl-C.
+# Everything started here is stopped by PID on exit, also on error or Ctrl-C. The
+# figures are only as good as the machine is quiet: the "rest" CPU column shows how
+# much else ran meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +86,7 @@ done
 TMP="$(mktemp -d /tmp/coffer-milterbench.XXXXXX)"
 COFFERD_PID=""
 MILTER_PID=""
+NOOP_PID=""
 PROBE_PID=""
 POSTFIX_DIR="$TMP/postfix"
 POSTFIX_STARTED=0
@@ -81,6 +96,7 @@ cleanup() {
     stop_pid "$PROBE_PID" "fsync probe"
     stop_postfix
     stop_pid "$MILTER_PID" coffer-milter
+    stop_pid "$NOOP_PID" "no-op milter"
     stop_pid "$COFFERD_PID" cofferd
     if [ "${BENCH_KEEP:-}" = 1 ]; then
         say "kept $TMP"
@@ -107,10 +123,11 @@ wait_socket() {
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 BIN="$TARGET_DIR/release"
 if [ "${BENCH_NO_BUILD:-}" != 1 ]; then
-    say "cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter"
-    cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter
+    say "cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter --example noop_milter"
+    cargo build --release --locked --bin cofferd --bin coffer --bin coffer-milter \
+        -p coffer-archiver -p coffer-milter --example noop_milter
 fi
-for b in cofferd coffer coffer-milter; do
+for b in cofferd coffer coffer-milter examples/noop_milter; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing (cargo build --release)"
 done
 
@@ -120,6 +137,7 @@ chmod 755 "$TMP"
 C="$TMP/coffer"
 mkdir -p "$C"
 chmod 755 "$C"
+CONSOLE_PORT="$(free_port 127.0.0.1)"
 cat >"$C/coffer.toml" <<EOF_TOML
 # Throwaway store for bench/milter.sh.
 [node]
@@ -146,6 +164,9 @@ listen = "unix:milter.sock"
 target = "unix:lmtp.sock"
 socket_mode = 0o666
 timeout = "60s"
+
+[console]
+bind = "127.0.0.1:$CONSOLE_PORT"
 EOF_TOML
 "$BIN/cofferd" --config "$C/coffer.toml" >"$C/cofferd.log" 2>&1 &
 COFFERD_PID=$!
@@ -154,57 +175,162 @@ RUST_LOG=info "$BIN/coffer-milter" --config "$C/coffer.toml" >"$C/coffer-milter.
 MILTER_PID=$!
 wait_socket "$C/milter.sock" "$MILTER_PID" ||
     die "coffer-milter did not start: $(tail -20 "$C/coffer-milter.log")"
-say "cofferd (pid $COFFERD_PID) and coffer-milter (pid $MILTER_PID) up in $C"
+"$BIN/examples/noop_milter" "unix:$C/noop.sock" >"$C/noop-milter.log" 2>&1 &
+NOOP_PID=$!
+wait_socket "$C/noop.sock" "$NOOP_PID" ||
+    die "the no-op milter did not start: $(tail -20 "$C/noop-milter.log")"
+say "cofferd (pid $COFFERD_PID), coffer-milter (pid $MILTER_PID), no-op milter (pid $NOOP_PID) up in $C"
 
 # --- the throwaway Postfix --------------------------------------------------------------
 PLAIN_PORT="$(free_port 127.0.0.1)"
+NOOP_PORT="$(free_port 127.0.0.1)"
 MILTER_PORT="$(free_port 127.0.0.1)"
-[ "$PLAIN_PORT" != "$MILTER_PORT" ] || die "port clash, run again"
+[ "$(printf '%s\n' "$PLAIN_PORT" "$NOOP_PORT" "$MILTER_PORT" | sort -u | wc -l)" = 3 ] ||
+    die "port clash, run again"
 d="$POSTFIX_DIR"
-say "postfix -c $d/etc start (plain smtpd on :$PLAIN_PORT, with milter on :$MILTER_PORT)"
+say "postfix -c $d/etc start (plain smtpd on :$PLAIN_PORT, no-op milter on :$NOOP_PORT, coffer-milter on :$MILTER_PORT)"
 # coffer-milter as in production (docs/milter.md), failing closed; the plain smtpd
-# service turns it off with -o smtpd_milters=.
+# service turns it off with -o smtpd_milters=, the no-op one swaps in the no-op milter.
 write_postfix "milter_protocol = 6
 smtpd_milters = { unix:$C/milter.sock, default_action=tempfail }
+bench_noop_milters = { unix:$C/noop.sock, default_action=tempfail }
 non_smtpd_milters =
 milter_connect_timeout = 30s
 milter_command_timeout = 30s
 milter_content_timeout = 300s" \
     "127.0.0.1:$PLAIN_PORT inet n  -       n       -       -       smtpd -o smtpd_milters=
+127.0.0.1:$NOOP_PORT inet n  -       n       -       -       smtpd -o smtpd_milters=\$bench_noop_milters
 127.0.0.1:$MILTER_PORT inet n -       n       -       -       smtpd"
-for p in "$PLAIN_PORT" "$MILTER_PORT"; do
+for p in "$PLAIN_PORT" "$NOOP_PORT" "$MILTER_PORT"; do
     wait_smtp 127.0.0.1 "$p" "" || die "Postfix did not greet on $p: $(tail -20 "$d/maillog" 2>/dev/null)"
 done
 
-declare -A PORT=([plain]="$PLAIN_PORT" [milter]="$MILTER_PORT")
-declare -A LABEL=([plain]="postfix alone" [milter]="postfix + coffer-milter")
+TARGETS=(plain noop milter)
+declare -A PORT=([plain]="$PLAIN_PORT" [noop]="$NOOP_PORT" [milter]="$MILTER_PORT")
+declare -A LABEL=([plain]="postfix alone" [noop]="postfix + no-op milter" [milter]="postfix + coffer-milter")
+
+# --- CPU accounting ---------------------------------------------------------------------
+# Clock ticks of CPU (user + system) used so far, from /proc, as "postfix source milter
+# cofferd noop kernel busy": Postfix's master with every child it reaped plus its live
+# children; this shell's reaped children (smtp-source, under timeout); the three
+# daemons; kernel threads (writeback, block I/O) plus interrupt time; and the whole
+# machine's busy time (everything but idle, iowait and steal). Busy minus the rest is "other":
+# processes that are no part of the benchmark.
+HZ="$(getconf CLK_TCK)"
+MASTER_PID=""
+proc_ticks() { # PID [1 = with reaped children]
+    local stat f
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || {
+        echo 0
+        return
+    }
+    read -r -a f <<<"${stat##*) }"
+    if [ "${2:-0}" = 1 ]; then
+        echo $((f[11] + f[12] + f[13] + f[14]))
+    else
+        echo $((f[11] + f[12]))
+    fi
+}
+cpu_snapshot() { # FILE: where the kernel threads' "pid ticks" go (see kthread_ticks)
+    local kids sys
+    [ -n "$MASTER_PID" ] || MASTER_PID="$(tr -dc 0-9 <"$POSTFIX_DIR/spool/pid/master.pid")"
+    # Live children of master (smtpd, cleanup, qmgr, ...): utime + stime; each kernel
+    # thread (child of kthreadd, pid 2) apart, since they come and go. (cat, not awk,
+    # opens the files: a process may end meanwhile.)
+    kids="$({ cat /proc/[0-9]*/stat 2>/dev/null || true; } |
+        awk -v m="$MASTER_PID" -v kt="$1" '{ pid = $1; sub(/^.*\) /, "")
+            if ($2 == m) p += $12 + $13
+            if ($2 == 2 || pid == 2) print pid, $12 + $13 >kt }
+            END { print p + 0 }')"
+    # busy (user nice system irq softirq) and irq + softirq
+    sys="$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $7 + $8; exit }' /proc/stat)"
+    echo "$(($(proc_ticks "$MASTER_PID" 1) + kids)) \
+$(awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$$/stat") \
+$(proc_ticks "$MILTER_PID") $(proc_ticks "$COFFERD_PID") $(proc_ticks "$NOOP_PID") \
+${sys#* } ${sys% *}"
+}
+# Ticks kernel threads used between two cpu_snapshot files: those in both by their
+# difference, new ones whole (one that ended meanwhile is lost: a small undercount).
+kthread_ticks() {
+    awk 'NR == FNR { b[$1] = $2; next } { d += ($1 in b) ? $2 - b[$1] : $2 } END { print d + 0 }' "$1" "$2"
+}
+# cofferd's group commits so far, "messages batches" (its /metrics; "0 0" without curl).
+commits() {
+    command -v curl >/dev/null 2>&1 || {
+        echo "0 0"
+        return
+    }
+    curl -fsS --max-time 5 "http://127.0.0.1:$CONSOLE_PORT/metrics" 2>/dev/null |
+        awk '/^coffer_commit_batch_messages_sum / { s = $2 } /^coffer_commit_batch_messages_count / { c = $2 }
+            END { printf "%d %d\n", s, c }'
+}
+COMMITTED_MESSAGES=0
+COMMIT_BATCHES=0
+declare -A CPU=() # per target: summed ticks, as cpu_snapshot
+declare -A CPU_MESSAGES=()
+cpu_add() { # TARGET "before" "after" MESSAGES KTHREAD_TICKS
+    local -a before after sum
+    read -r -a before <<<"$2"
+    read -r -a after <<<"$3"
+    read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0 0}"
+    local i out=""
+    after[5]=$((after[5] + $5))
+    for i in 0 1 2 3 4 5 6; do out+="$((sum[i] + after[i] - before[i])) "; done
+    CPU[$1]="$out"
+    CPU_MESSAGES[$1]=$((${CPU_MESSAGES[$1]:-0} + $4))
+}
+# One line of µs of CPU per message for a target.
+cpu_line() {
+    local -a sum
+    read -r -a sum <<<"${CPU[$1]:-0 0 0 0 0 0 0}"
+    awk -v n="${CPU_MESSAGES[$1]:-0}" -v hz="$HZ" -v pf="${sum[0]}" -v src="${sum[1]}" \
+        -v mil="${sum[2]}" -v cd="${sum[3]}" -v noop="${sum[4]}" -v kern="${sum[5]}" \
+        -v busy="${sum[6]}" 'BEGIN {
+        if (n == 0) { print "not measured"; exit }
+        u = 1e6 / hz / n
+        other = busy - pf - src - mil - cd - noop - kern
+        printf "%5.0f %7.0f %7.0f %7.0f %7.0f %7.0f %7.0f %7.0f\n",
+            pf * u, src * u, noop * u, mil * u, cd * u, kern * u, (pf + src + noop + mil + cd + kern) * u, other * u
+    }'
+}
 
 # --- 1. capacity ------------------------------------------------------------------------
 declare -A RESULTS=()
 MILTER_SENT=0
 FAILED=0
 run_one() {
-    local t="$1" start end ms rate
+    local t="$1" start end ms rate cpu0 cpu1 commits0 commits1
     drain "$DRAIN_DEADLINE"
+    read -r -a commits0 <<<"$(commits)"
+    cpu0="$(cpu_snapshot "$TMP/kthreads.0")"
     start="${EPOCHREALTIME/./}"
     if ! timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" \
         -f bench@example.org -t archive@example.net "127.0.0.1:${PORT[$t]}" >"$TMP/run.log" 2>&1; then
         say "${LABEL[$t]}: smtp-source failed: $(tail -5 "$TMP/run.log")"
         FAILED=1
         RESULTS[$t]+="failed "
+        LAST[$t]=failed
         return 0
     fi
     end="${EPOCHREALTIME/./}"
+    cpu1="$(cpu_snapshot "$TMP/kthreads.1")"
+    cpu_add "$t" "$cpu0" "$cpu1" "$MESSAGES" "$(kthread_ticks "$TMP/kthreads.0" "$TMP/kthreads.1")"
+    if [ "$t" = milter ]; then
+        read -r -a commits1 <<<"$(commits)"
+        COMMITTED_MESSAGES=$((COMMITTED_MESSAGES + commits1[0] - commits0[0]))
+        COMMIT_BATCHES=$((COMMIT_BATCHES + commits1[1] - commits0[1]))
+    fi
     ms=$(((end - start) / 1000))
     rate="$(awk -v m="$MESSAGES" -v ms="$ms" 'BEGIN { printf "%.0f", m * 1000 / (ms > 0 ? ms : 1) }')"
     say "${LABEL[$t]}: $MESSAGES messages in ${ms} ms = $rate msg/s"
     RESULTS[$t]+="$rate "
+    LAST[$t]="$rate"
     [ "$t" = milter ] && MILTER_SENT=$((MILTER_SENT + MESSAGES))
     return 0
 }
 
 if ((WARMUP > 0)); then
-    for t in plain milter; do
+    for t in "${TARGETS[@]}"; do
         say "${LABEL[$t]}: warm-up, $WARMUP messages (not counted)"
         timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$WARMUP" -l "$SIZE" \
             -f bench@example.org -t archive@example.net "127.0.0.1:${PORT[$t]}" \
@@ -212,20 +338,30 @@ if ((WARMUP > 0)); then
     done
     MILTER_SENT=$((MILTER_SENT + WARMUP))
 fi
-for ((round = 1; round <= ROUNDS; round++)); do
-    if ((round % 2)); then order=(plain milter); else order=(milter plain); fi
-    for t in "${order[@]}"; do run_one "$t"; done
-done
-
-median() {
-    # shellcheck disable=SC2086
-    printf '%s\n' $1 | grep -v failed | sort -n |
-        awk '{ v[NR] = $1 } END { if (NR == 0) print "failed"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
 ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a / b; else print "n/a" }'
 }
+# Ratios within each round too: the three runs of a round are next to each other in
+# time, so a slow drift in what else runs on the machine cancels out of them.
+declare -A LAST=()
+ROUND_NOOP=""
+ROUND_MILTER=""
+for ((round = 1; round <= ROUNDS; round++)); do
+    # Rotate the order: each service goes first, second and third in turn.
+    for ((i = 0; i < ${#TARGETS[@]}; i++)); do
+        run_one "${TARGETS[$(((round - 1 + i) % ${#TARGETS[@]}))]}"
+    done
+    ROUND_NOOP+="$(ratio "${LAST[noop]}" "${LAST[plain]}") "
+    ROUND_MILTER+="$(ratio "${LAST[milter]}" "${LAST[plain]}") "
+done
+
+median() { # WORDS [printf format of an even count's mean]
+    # shellcheck disable=SC2086
+    printf '%s\n' $1 | grep -E '^[0-9.]+$' | sort -n |
+        awk -v f="${2:-%.0f}" '{ v[NR] = $1 } END { if (NR == 0) print "failed"; else if (NR % 2) print v[(NR + 1) / 2]; else printf f "\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 PLAIN_MED="$(median "${RESULTS[plain]:-}")"
+NOOP_MED="$(median "${RESULTS[noop]:-}")"
 MILTER_MED="$(median "${RESULTS[milter]:-}")"
 
 # --- 2. half load: milter latency beside the disk's fsync latency -----------------------
@@ -375,8 +511,21 @@ ARRIVALS="$("$BIN/coffer" --config "$C/coffer.toml" status --json 2>/dev/null |
 echo
 echo "Postfix with and without coffer-milter + cofferd: $SESSIONS sessions, $MESSAGES messages of $SIZE B per run, one message per connection; msg/s (median of $ROUNDS)"
 printf '%-34s%10s   %s\n' "postfix alone" "$PLAIN_MED" "runs: ${RESULTS[plain]:-}"
+printf '%-34s%10s   %s\n' "postfix + no-op milter" "$NOOP_MED" "runs: ${RESULTS[noop]:-}"
 printf '%-34s%10s   %s\n' "postfix + coffer-milter" "$MILTER_MED" "runs: ${RESULTS[milter]:-}"
-printf '%-34s%10s   %s\n' "ratio (with / without)" "$(ratio "$MILTER_MED" "$PLAIN_MED")" "target >= 0.85"
+printf '%-34s%10s   %s\n' "ratio no-op milter / alone" "$(ratio "$NOOP_MED" "$PLAIN_MED")" "the floor: the milter protocol in Postfix"
+printf '%-34s%10s   %s\n' "ratio coffer-milter / alone" "$(ratio "$MILTER_MED" "$PLAIN_MED")" "target >= 0.85"
+printf '%-34s%10s   %s\n' "ratio coffer-milter / no-op" "$(ratio "$MILTER_MED" "$NOOP_MED")" "what archiving costs beyond the protocol"
+printf '%-34s%10s   %s\n' "per round: no-op / alone" "$(median "$ROUND_NOOP" %.2f)" "median of rounds: $ROUND_NOOP"
+printf '%-34s%10s   %s\n' "per round: coffer-milter / alone" "$(median "$ROUND_MILTER" %.2f)" "median of rounds: $ROUND_MILTER"
+echo
+echo "CPU per message, µs (user + system, all $ROUNDS runs of each; $(nproc) CPUs; other = not part of the benchmark):"
+printf '%-34s%s\n' "" "postfix  source   no-op  milter cofferd  kernel   total   other"
+for t in "${TARGETS[@]}"; do printf '%-34s%s\n' "${LABEL[$t]}" "$(cpu_line "$t")"; done
+if ((COMMIT_BATCHES > 0)); then
+    printf '%-34s%s\n' "cofferd group commit" "$(awk -v m="$COMMITTED_MESSAGES" -v b="$COMMIT_BATCHES" \
+        'BEGIN { printf "%.1f messages per log fdatasync (%d batches in the coffer-milter runs)", m / b, b }')"
+fi
 echo
 echo "half load: $HALF_LINE"
 printf '%-34s%s\n' "milter end-of-message latency" "${LAT_LINE:-not measured}  (target p99 < 20 ms)"

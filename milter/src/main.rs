@@ -173,9 +173,7 @@ fn check_config(args: &Args) -> ExitCode {
 }
 
 fn run(config: MilterConfig, config_path: Option<&Path>) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = server::runtime()?;
     let config_path = config_path.map(Path::to_path_buf);
     rt.block_on(async move {
         let bound = server::bind(&config)?;

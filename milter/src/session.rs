@@ -214,7 +214,7 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Conn> {
 }
 
 /// The NOREPLY options we take when offered: every stage before end-of-message.
-const NOREPLY: [ProtoOpts; 8] = [
+pub const NOREPLY: [ProtoOpts; 8] = [
     ProtoOpts::NOREPLY_CONNECT,
     ProtoOpts::NOREPLY_HELO,
     ProtoOpts::NOREPLY_MAIL,
@@ -287,7 +287,13 @@ fn text(s: &CStr) -> String {
     String::from_utf8_lossy(s.to_bytes()).into_owned()
 }
 
-/// Copies every macro now defined into `into`, except the per-recipient ones.
+/// Copies every macro now defined into `into`, except the per-recipient ones (taken
+/// one by one at RCPT).
+///
+/// A stage's macros stay defined until the MTA starts an earlier stage again (a new
+/// MAIL or RCPT), so at end-of-message every macro of the message is there: they are
+/// taken once, then (or when the first chunk of a big message goes out), not at each
+/// stage.
 fn take_macros(macros: &Macros, into: &mut BTreeMap<String, String>) {
     let rcpt: Vec<&str> = RCPT_MACROS.split(' ').collect();
     for (k, v) in macros.to_hash_map() {
@@ -337,9 +343,7 @@ async fn mail(shared: &Shared, cx: &mut Context<Conn>, args: Vec<CString>) -> St
     drop_message(shared, conn.msg.take()).await;
     let mut args = args.iter().map(|a| text(a));
     let sender = args.next().unwrap_or_default();
-    let mut msg = Msg::new(unbracket(&sender).to_owned(), args.collect());
-    take_macros(&cx.macros, &mut msg.macros);
-    conn.msg = Some(msg);
+    conn.msg = Some(Msg::new(unbracket(&sender).to_owned(), args.collect()));
     go_on(cx.data.as_ref(), ProtoOpts::NOREPLY_MAIL)
 }
 
@@ -361,9 +365,6 @@ fn rcpt(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
 }
 
 fn data(cx: &mut Context<Conn>) -> Status {
-    if let Some(msg) = cx.data.as_mut().and_then(|c| c.msg.as_mut()) {
-        take_macros(&cx.macros, &mut msg.macros);
-    }
     go_on(cx.data.as_ref(), ProtoOpts::NOREPLY_DATA)
 }
 
@@ -388,7 +389,6 @@ async fn header(shared: &Shared, cx: &mut Context<Conn>, name: &CStr, value: &CS
 async fn eoh(shared: &Shared, cx: &mut Context<Conn>) -> Status {
     if let Some(conn) = cx.data.as_mut() {
         if let Some(msg) = conn.msg.as_mut() {
-            take_macros(&cx.macros, &mut msg.macros);
             end_headers(msg);
             send_full_chunks(shared, conn, &cx.macros).await;
         }
@@ -424,16 +424,26 @@ async fn body(shared: &Shared, cx: &mut Context<Conn>, chunk: &[u8]) -> Status {
 /// transaction first if needed. A failure is recorded in the message, not returned:
 /// it is answered at end-of-message.
 async fn send_full_chunks(shared: &Shared, conn: &mut Conn, macros: &Macros) {
-    let Some(msg) = conn.msg.as_mut() else {
+    let Conn {
+        macros: conn_macros,
+        client_name,
+        client_addr,
+        helo,
+        msg,
+        ..
+    } = conn;
+    let Some(msg) = msg.as_mut() else {
         return;
     };
     if msg.failed.is_some() || msg.buf.len() < MAX_CHUNK {
         return;
     }
     take_macros(macros, &mut msg.macros);
-    let facts = ConnFacts::of(conn);
-    let Some(msg) = conn.msg.as_mut() else {
-        return;
+    let facts = ConnFacts {
+        macros: conn_macros,
+        client_name: client_name.as_deref(),
+        client_addr: client_addr.as_deref(),
+        helo: helo.as_deref(),
     };
     // Bounded: each round removes MAX_CHUNK bytes from the buffer, or fails the message.
     while msg.failed.is_none() && msg.buf.len() >= MAX_CHUNK {
@@ -445,21 +455,21 @@ async fn send_full_chunks(shared: &Shared, conn: &mut Conn, macros: &Macros) {
     }
 }
 
-/// The connection facts a transaction needs, copied out of [`Conn`].
-struct ConnFacts {
-    macros: BTreeMap<String, String>,
-    client_name: Option<String>,
-    client_addr: Option<String>,
-    helo: Option<String>,
+/// The connection facts a transaction needs, borrowed from [`Conn`].
+struct ConnFacts<'a> {
+    macros: &'a BTreeMap<String, String>,
+    client_name: Option<&'a str>,
+    client_addr: Option<&'a str>,
+    helo: Option<&'a str>,
 }
 
-impl ConnFacts {
-    fn of(conn: &Conn) -> Self {
+impl<'a> ConnFacts<'a> {
+    fn of(conn: &'a Conn) -> Self {
         Self {
-            macros: conn.macros.clone(),
-            client_name: conn.client_name.clone(),
-            client_addr: conn.client_addr.clone(),
-            helo: conn.helo.clone(),
+            macros: &conn.macros,
+            client_name: conn.client_name.as_deref(),
+            client_addr: conn.client_addr.as_deref(),
+            helo: conn.helo.as_deref(),
         }
     }
 }
@@ -467,37 +477,62 @@ impl ConnFacts {
 /// Sends one chunk, opening the transaction first when none is open.
 async fn send(
     shared: &Shared,
-    facts: &ConnFacts,
+    facts: &ConnFacts<'_>,
     msg: &mut Msg,
     chunk: &[u8],
     last: bool,
 ) -> Result<Option<String>, HandoffError> {
-    if msg.tx.is_none() {
-        let line = mail_line(facts, msg);
-        let mut tx = shared.pool.get().await?;
-        match tx.begin(&line, &msg.rcpts).await {
-            Ok(()) => msg.tx = Some(tx),
-            Err(e) => {
-                release(shared, tx, &e).await;
-                return Err(e);
-            }
+    let rcpts = msg.rcpts.len();
+    let (tx, result) = match msg.tx.take() {
+        Some(mut tx) => {
+            let result = tx.chunk(chunk, last, rcpts).await;
+            (tx, result)
         }
-    }
-    let tx = msg.tx.as_mut().expect("transaction open");
-    match tx.chunk(chunk, last, msg.rcpts.len()).await {
+        None => {
+            let line = mail_line(facts, msg);
+            let mut tx = shared.pool.get().await?;
+            let mut result = first_chunk(&mut tx, &line, &msg.rcpts, chunk, last).await;
+            if let Err(e) = &result {
+                if tx.retryable(e) {
+                    // cofferd closed the pooled connection while it sat idle. Whatever
+                    // it may have stored of this message, sending it again adds no
+                    // arrival (a repeat).
+                    tracing::debug!(queue_id = %msg.queue_id(), error = %e,
+                        "pooled LMTP connection broke before answering; sending on a new one");
+                    tx = shared.pool.connect().await?;
+                    result = first_chunk(&mut tx, &line, &msg.rcpts, chunk, last).await;
+                }
+            }
+            (tx, result)
+        }
+    };
+    match result {
         Ok(reply) => {
             if last {
-                let tx = msg.tx.take().expect("transaction open");
                 shared.pool.put(tx);
+            } else {
+                msg.tx = Some(tx);
             }
             Ok(reply.map(|r| r.text().to_owned()))
         }
         Err(e) => {
-            let tx = msg.tx.take().expect("transaction open");
             release(shared, tx, &e).await;
             Err(e)
         }
     }
+}
+
+/// Opens the transaction and sends its first chunk (pipelined where the connection
+/// allows, see [`crate::lmtp`]).
+async fn first_chunk(
+    tx: &mut LmtpConn,
+    mail_line: &str,
+    rcpts: &[String],
+    chunk: &[u8],
+    last: bool,
+) -> Result<Option<crate::lmtp::Reply>, HandoffError> {
+    tx.begin(mail_line, rcpts).await?;
+    tx.chunk(chunk, last, rcpts.len()).await
 }
 
 /// After a failure: a connection that still answers is reset and pooled; a broken one
@@ -521,7 +556,7 @@ async fn fail(shared: &Shared, msg: &mut Msg, e: HandoffError) {
 /// takes; every original parameter also travels in XCOFFER), and `XCOFFER=`. When the
 /// line would be too long, the per-recipient macros, then the recipient parameters are
 /// left out of XCOFFER.
-fn mail_line(facts: &ConnFacts, msg: &Msg) -> String {
+fn mail_line(facts: &ConnFacts<'_>, msg: &Msg) -> String {
     let mut line = format!("MAIL FROM:<{}>", msg.sender);
     for p in &msg.mail_params {
         let key = p.split('=').next().unwrap_or("");
@@ -531,24 +566,25 @@ fn mail_line(facts: &ConnFacts, msg: &Msg) -> String {
         }
     }
     let mut x = xcoffer(facts, msg);
-    let fits = |x: &Xcoffer| {
-        line.len() + " XCOFFER=".len() + coffer_proto::encode(x).len() + 2 <= MAX_MAIL_LINE
-    };
-    if !fits(&x) {
+    let fits = |encoded: &str| line.len() + " XCOFFER=".len() + encoded.len() + 2 <= MAX_MAIL_LINE;
+    let mut encoded = coffer_proto::encode(&x);
+    if !fits(&encoded) {
         x.macros.retain(|k, _| !k.contains('#'));
         tracing::info!(queue_id = %msg.queue_id(), "XCOFFER too long: per-recipient macros left out");
+        encoded = coffer_proto::encode(&x);
     }
-    if !fits(&x) {
+    if !fits(&encoded) {
         x.rcpt_params.clear();
         tracing::info!(queue_id = %msg.queue_id(), "XCOFFER too long: recipient parameters left out");
+        encoded = coffer_proto::encode(&x);
     }
     line.push_str(" XCOFFER=");
-    line.push_str(&coffer_proto::encode(&x));
+    line.push_str(&encoded);
     line
 }
 
 /// What standard LMTP cannot carry faithfully (docs/milter.md "Metadata").
-fn xcoffer(facts: &ConnFacts, msg: &Msg) -> Xcoffer {
+fn xcoffer(facts: &ConnFacts<'_>, msg: &Msg) -> Xcoffer {
     let mut macros = facts.macros.clone();
     macros.extend(msg.macros.iter().map(|(k, v)| (k.clone(), v.clone())));
     macros.retain(|k, _| !k.is_empty());
@@ -565,6 +601,15 @@ fn xcoffer(facts: &ConnFacts, msg: &Msg) -> Xcoffer {
     } else {
         None
     };
+    let client_addr = facts
+        .client_addr
+        .map(str::to_owned)
+        .or_else(|| get("{client_addr}"));
+    let client_name = facts
+        .client_name
+        .map(str::to_owned)
+        .or_else(|| get("{client_name}"));
+    let (auth_user, queue_id) = (get("{auth_authen}"), get("i"));
     Xcoffer {
         mail_params: msg.mail_params.clone(),
         rcpt_params: if msg.rcpt_params.iter().any(|p| !p.is_empty()) {
@@ -572,13 +617,13 @@ fn xcoffer(facts: &ConnFacts, msg: &Msg) -> Xcoffer {
         } else {
             Vec::new()
         },
-        client_addr: facts.client_addr.clone().or_else(|| get("{client_addr}")),
-        client_name: facts.client_name.clone().or_else(|| get("{client_name}")),
-        helo: facts.helo.clone(),
-        auth_user: get("{auth_authen}"),
+        client_addr,
+        client_name,
+        helo: facts.helo.map(str::to_owned),
+        auth_user,
         tls,
-        queue_id: get("i"),
-        macros: macros.clone(),
+        queue_id,
+        macros,
         ..Xcoffer::default()
     }
 }
@@ -724,8 +769,8 @@ mod tests {
         m
     }
 
-    fn facts() -> ConnFacts {
-        ConnFacts {
+    fn conn() -> Conn {
+        Conn {
             macros: [
                 ("{tls_version}".to_owned(), "TLSv1.3".to_owned()),
                 ("{cipher_bits}".to_owned(), "256".to_owned()),
@@ -736,12 +781,13 @@ mod tests {
             client_name: Some("client.test".into()),
             client_addr: Some("192.0.2.1:1234".into()),
             helo: Some("evil \u{1} helo".into()),
+            ..Conn::default()
         }
     }
 
     #[test]
     fn mail_line_carries_what_cofferd_takes_and_xcoffer_the_rest() {
-        let line = mail_line(&facts(), &msg());
+        let line = mail_line(&ConnFacts::of(&conn()), &msg());
         let (head, value) = line.split_once(" XCOFFER=").unwrap();
         assert_eq!(head, "MAIL FROM:<a@b.test> BODY=8BITMIME");
         let x = coffer_proto::decode(value).unwrap();
@@ -768,7 +814,7 @@ mod tests {
             m.macros
                 .insert(format!("{{rcpt_addr}}#{i}"), format!("r{i}@d.test"));
         }
-        let line = mail_line(&facts(), &m);
+        let line = mail_line(&ConnFacts::of(&conn()), &m);
         assert!(line.len() + 2 <= MAX_MAIL_LINE, "{}", line.len());
         let x = coffer_proto::decode(line.split_once(" XCOFFER=").unwrap().1).unwrap();
         assert!(x.rcpt_params.is_empty());

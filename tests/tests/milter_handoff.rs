@@ -95,6 +95,9 @@ fn ok(s: Status) {
 
 /// Sends everything up to (not including) end-of-message.
 async fn send_until_eom(conn: &mut TestConnection, mail: &Mail) {
+    conn.macros(MacroStage::Mail, [("{auth_authen}", "alice")])
+        .await
+        .unwrap();
     ok(conn.mail([mail.from, "BODY=8BITMIME"]).await.unwrap());
     for r in &mail.rcpts {
         conn.macros(MacroStage::Rcpt, [("{rcpt_mailer}", "smtp")])
@@ -145,6 +148,12 @@ fn assert_archived(m: &MilterNode, mail: &Mail) -> String {
         .map(|r| r.trim_start_matches('<').trim_end_matches('>').to_owned())
         .collect();
     assert_eq!(a["rcpt_to"], serde_json::json!(rcpts), "{text}");
+    // Macros of every stage reach XCOFFER: connect, mail, data.
+    let x = &a["xcoffer"];
+    assert_eq!(x["macros"]["j"], "mx.example.org", "{text}");
+    assert_eq!(x["macros"]["{daemon_name}"], "smtpd", "{text}");
+    assert_eq!(x["auth_user"], "alice", "{text}");
+    assert_eq!(x["queue_id"], mail.queue_id.as_str(), "{text}");
     id
 }
 

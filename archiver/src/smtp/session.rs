@@ -734,8 +734,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 tls: self.tls.clone(),
             },
         };
-        // Whatever is pending (the 354 at least) goes out before we wait on the store.
-        self.flush().await?;
+        // Replies still pending here answer commands the client pipelined with this
+        // message (its MAIL and RCPT before a `BDAT LAST`): it reads them with the answer
+        // to the message, so they go out together, in one write, once the store answers.
+        // (A 354 was written before the content could come; a client that does not
+        // pipeline has nothing pending.)
         let result = self.sink.ingest(incoming).await;
         // The content is gone (stored or refused): its memory budget is free again.
         self.codec.release_budget();
