@@ -9,8 +9,8 @@ use std::io;
 use coffer_archiver::store::io::VFile;
 use coffer_archiver::store::log::scan;
 use coffer_archiver::store::record::{
-    check_crc, decode_payload, encode_record, RecordHeader, SegmentHeader, RECORD_HEADER_LEN,
-    RECORD_TRAILER_LEN,
+    check_crc, decode_payload, encode_record, no_dicts, RecordHeader, SegmentHeader,
+    RECORD_HEADER_LEN, RECORD_TRAILER_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -65,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(again[8..total - 4], record[8..total - 4]);
                 // Bound what a hostile raw length may make the decoder allocate.
                 if h.raw_len <= 1 << 20 {
-                    if let Ok(raw) = decode_payload(&h, payload) {
+                    if let Ok(raw) = decode_payload(&h, payload, &no_dicts) {
                         assert_eq!(raw.len(), h.raw_len as usize);
                     }
                 }
