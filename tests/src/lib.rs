@@ -25,6 +25,7 @@ pub mod run;
 pub mod sink;
 pub mod smtp;
 pub mod tls;
+pub mod tmpfs;
 pub mod wire;
 
 use std::fs::{self, File};
@@ -400,6 +401,13 @@ forward = []
             .unwrap_or_else(|e| panic!("send: {e:#}"));
         let _ = c.quit();
         acc
+    }
+
+    /// The daemon's whole log so far, as text.
+    pub fn log_text(&self) -> String {
+        fs::read(&self.log_path)
+            .map(|b| lossy(&b))
+            .unwrap_or_default()
     }
 
     /// The last 60 lines of the daemon's log, for failure messages.
