@@ -7,9 +7,9 @@
 //!   (`coffer_connections_refused_total{reason="not_allowed"}`); the allowed client is
 //!   served;
 //! - cofferd never relays: mail for any recipient on a listener whose route forwards
-//!   nowhere reaches no other host — an `smtp-sink` on 127.0.0.4:25 (another host's SMTP
-//!   port) gets nothing — and a route forwards only to its configured connection.
-//!   (Address literals such as `user@[127.0.0.4]` are refused at RCPT, `501 5.1.3`.)
+//!   nowhere reaches no other host — an `smtp-sink` on 127.0.0.4:25, where an open relay
+//!   would deliver `victim@[127.0.0.4]`, gets nothing — and a route forwards only to its
+//!   configured connection;
 //! - a `unix:` listener's socket gets the configured `socket_mode` and `socket_group`.
 //!
 //! An HA listener with `require_client_cert` refusing a peer without a certificate is
@@ -28,7 +28,7 @@ use coffer_e2e::{require_tool, wait_until, Accepted, CofferCli};
 
 const ALLOWED: &str = "127.0.0.2";
 const STRANGER: &str = "127.0.0.3";
-/// Another host's SMTP port, where nothing may arrive.
+/// Where an open relay would deliver mail for `victim@[127.0.0.4]`.
 const ELSEWHERE: &str = "127.0.0.4";
 
 struct Setup {
@@ -170,7 +170,7 @@ fn only_allowed_clients_get_in_and_nothing_is_relayed() {
         .unwrap();
     c.expect("EHLO allowed.test", 250).unwrap();
     let to_anyone = [
-        "victim@elsewhere.example",
+        "victim@[127.0.0.4]",
         "postmaster@localhost",
         "someone@example.com",
     ];
@@ -187,7 +187,7 @@ fn only_allowed_clients_get_in_and_nothing_is_relayed() {
     c.expect("EHLO relay.test", 250).unwrap();
     let forwarded = send(
         &mut c,
-        &["victim@elsewhere.example"],
+        &["victim@[127.0.0.4]"],
         b"Subject: forwarded\r\nMessage-ID: <forwarded@access.test>\r\n\r\nto the sink\r\n",
     );
     c.quit().unwrap();
