@@ -643,6 +643,18 @@ pub fn crash_iterations(default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// How many messages one client thread of a crash scenario may send at most, for
+/// `iterations` kills: enough that every kill lands under load (the clients are
+/// stopped once the kills are done and some mail has flowed after the last one).
+pub fn crash_per_thread(iterations: usize) -> usize {
+    150 + 80 * iterations
+}
+
+/// How long the clients of a crash scenario may run at most, for `iterations` kills.
+pub fn crash_time_cap(iterations: usize) -> Duration {
+    Duration::from_secs(120 + 30 * iterations as u64)
+}
+
 /// `COFFER_E2E_SEED`, or a fresh random seed; printed by the caller so a run can be
 /// replayed.
 pub fn e2e_seed() -> u64 {

@@ -27,16 +27,12 @@ use coffer_e2e::ha::{converge, lag_zero, start_pair};
 use coffer_e2e::milter::LMTP_TOML;
 use coffer_e2e::wire::Wire;
 use coffer_e2e::{
-    archived_form, crash_iterations, e2e_seed, export_all, sha256_hex, wait_until, Accepted,
-    CofferCli, Node, NodeOptions, SmtpClient,
+    archived_form, crash_iterations, crash_per_thread, crash_time_cap, e2e_seed, export_all,
+    sha256_hex, wait_until, Accepted, CofferCli, Node, NodeOptions, SmtpClient,
 };
 use coffer_proto::xcoffer::{encode, Xcoffer};
 use rand::{Rng, SeedableRng};
 
-/// Messages per client thread, at most (the clients stop early once the kills are done
-/// and enough has flowed after the last one).
-const PER_THREAD: usize = 400;
-const CLIENT_TIME_CAP: Duration = Duration::from_secs(240);
 const ATTEMPTS_PER_MESSAGE: usize = 20;
 const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -69,10 +65,21 @@ fn message(tag: &str, thread: usize, n: usize, rng: &mut impl Rng) -> Vec<u8> {
 }
 
 /// Shared between the client threads and the killer.
-#[derive(Default)]
 struct Flow {
     stop: AtomicBool,
     acked: AtomicUsize,
+    /// Kills planned: bounds the clients.
+    iterations: usize,
+}
+
+impl Flow {
+    fn new(iterations: usize) -> Arc<Flow> {
+        Arc::new(Flow {
+            stop: AtomicBool::new(false),
+            acked: AtomicUsize::new(0),
+            iterations,
+        })
+    }
 }
 
 /// One LMTP transaction as coffer-milter sends it. All recipients' replies must be 250
@@ -111,10 +118,10 @@ fn lmtp_transaction(c: &mut Wire, s: &Sent) -> anyhow::Result<Accepted> {
 
 fn lmtp_client(thread: usize, sock: &Path, seed: u64, flow: &Flow) -> Vec<Sent> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let end = Instant::now() + CLIENT_TIME_CAP;
+    let end = Instant::now() + crash_time_cap(flow.iterations);
     let mut out = Vec::new();
     let mut session: Option<Wire> = None;
-    for n in 0..PER_THREAD {
+    for n in 0..crash_per_thread(flow.iterations) {
         if flow.stop.load(Ordering::Relaxed) || Instant::now() >= end {
             break;
         }
@@ -170,10 +177,10 @@ fn lmtp_client(thread: usize, sock: &Path, seed: u64, flow: &Flow) -> Vec<Sent> 
 
 fn smtp_client(thread: usize, addr: std::net::SocketAddr, seed: u64, flow: &Flow) -> Vec<Sent> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let end = Instant::now() + CLIENT_TIME_CAP;
+    let end = Instant::now() + crash_time_cap(flow.iterations);
     let mut out = Vec::new();
     let mut session: Option<SmtpClient> = None;
-    for n in 0..PER_THREAD {
+    for n in 0..crash_per_thread(flow.iterations) {
         if flow.stop.load(Ordering::Relaxed) || Instant::now() >= end {
             break;
         }
@@ -364,7 +371,7 @@ fn lmtp_ingest_survives_kill9() {
         ..NodeOptions::default()
     });
     let sock: PathBuf = node.dir().join("lmtp.sock");
-    let flow = Arc::new(Flow::default());
+    let flow = Flow::new(iterations);
     let clients: Vec<_> = (0..2)
         .map(|t| {
             let (flow, sock) = (flow.clone(), sock.clone());
@@ -405,7 +412,7 @@ fn replication_survives_kill9_of_receiver_and_sender() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (mut a, mut b) = start_pair(|_| String::new());
     let addr = a.addr;
-    let flow = Arc::new(Flow::default());
+    let flow = Flow::new(iterations);
     let clients: Vec<_> = (0..2)
         .map(|t| {
             let flow = flow.clone();
