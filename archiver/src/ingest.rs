@@ -64,6 +64,10 @@ impl Sink for ListenerSink {
         self.metrics.refusal(listener, error);
     }
 
+    fn connection_refused(&self, listener: &str, reason: crate::smtp::ConnRefusal) {
+        self.metrics.connection_refused(listener, reason);
+    }
+
     fn ingest(
         &self,
         msg: Incoming,

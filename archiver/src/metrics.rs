@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::smtp::ConnRefusal;
 use crate::store::stats::Histogram;
 use crate::store::{IngestError, Receipt, StoreHandle};
 
@@ -61,11 +62,16 @@ pub struct ListenerCounters {
     /// Retries of arrivals already stored (acknowledged, nothing added).
     pub repeats: AtomicU64,
     refusals: [AtomicU64; 4],
+    connections_refused: [AtomicU64; 2],
 }
 
 impl ListenerCounters {
     pub fn refusals(&self, r: Refusal) -> u64 {
         self.refusals[r as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn connections_refused(&self, r: ConnRefusal) -> u64 {
+        self.connections_refused[r as usize].load(Ordering::Relaxed)
     }
 }
 
@@ -120,6 +126,13 @@ impl Metrics {
     pub fn refusal(&self, listener: &str, e: &IngestError) {
         if let Some(c) = self.listeners.get(listener) {
             c.refusals[Refusal::of(e) as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a connection turned away before its session (allow-list, connection limit).
+    pub fn connection_refused(&self, listener: &str, r: ConnRefusal) {
+        if let Some(c) = self.listeners.get(listener) {
+            c.connections_refused[r as usize].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -181,6 +194,22 @@ impl Metrics {
                     "coffer_refusals_total{{listener=\"{name}\",reason=\"{}\"}} {}",
                     r.label(),
                     c.refusals(r)
+                );
+            }
+        }
+        family(
+            &mut out,
+            "coffer_connections_refused_total",
+            "counter",
+            "Connections turned away before a session, by listener and reason.",
+        );
+        for (name, c) in &self.listeners {
+            for r in ConnRefusal::ALL {
+                let _ = writeln!(
+                    out,
+                    "coffer_connections_refused_total{{listener=\"{name}\",reason=\"{}\"}} {}",
+                    r.label(),
+                    c.connections_refused(r)
                 );
             }
         }
@@ -500,6 +529,9 @@ mod tests {
         sink.ingest(incoming(b"Subject: 2\r\n\r\nyy\r\n"))
             .await
             .unwrap();
+        sink.connection_refused("journal", crate::smtp::ConnRefusal::NotAllowed);
+        sink.connection_refused("journal", crate::smtp::ConnRefusal::NotAllowed);
+        sink.connection_refused("ha", crate::smtp::ConnRefusal::MaxConnections);
         // Store totals are published when the index commits, a moment after the answers.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let stats = |h: &StoreHandle| {
@@ -520,6 +552,9 @@ mod tests {
             "coffer_received_bytes_total{listener=\"journal\"} 35",
             "coffer_repeats_total{listener=\"journal\"} 1",
             "coffer_received_messages_total{listener=\"ha\"} 0",
+            "coffer_connections_refused_total{listener=\"journal\",reason=\"not_allowed\"} 2",
+            "coffer_connections_refused_total{listener=\"journal\",reason=\"max_connections\"} 0",
+            "coffer_connections_refused_total{listener=\"ha\",reason=\"max_connections\"} 1",
             "coffer_store_messages 2",
             "coffer_store_arrivals 2",
             "coffer_store_repeats_total 1",

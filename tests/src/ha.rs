@@ -114,3 +114,19 @@ pub fn converge(
         panic!("{e}{report}")
     })
 }
+
+/// Waits until `node`'s only connection is up with nothing left to send
+/// (`lag_arrivals` 0 in `coffer status --json`): its cursor has caught up.
+///
+/// # Panics
+/// Not within [`CONVERGE`] (the connection's status and the log are printed).
+pub fn lag_zero(node: &Node) {
+    let connection = || node.status()["connections"][0].clone();
+    let r = wait_until("the replication lag to drop to zero", CONVERGE, || {
+        let c = connection();
+        (c["lag_arrivals"] == 0 && c["state"] == "up").then_some(())
+    });
+    if let Err(e) = r {
+        panic!("{e}: {}\n{}", connection(), node.log_tail());
+    }
+}

@@ -25,6 +25,7 @@ pub mod run;
 pub mod sink;
 pub mod smtp;
 pub mod tls;
+pub mod tmpfs;
 pub mod wire;
 
 use std::fs::{self, File};
@@ -402,6 +403,13 @@ forward = []
         acc
     }
 
+    /// The daemon's whole log so far, as text.
+    pub fn log_text(&self) -> String {
+        fs::read(&self.log_path)
+            .map(|b| lossy(&b))
+            .unwrap_or_default()
+    }
+
     /// The last 60 lines of the daemon's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let Ok(f) = File::open(&self.log_path) else {
@@ -573,4 +581,85 @@ impl CofferCli for Node {
     fn cli_log_tail(&self) -> String {
         self.log_tail()
     }
+}
+
+/// One stored message as `coffer export --format eml` writes it: its bytes and its
+/// arrival list (the `.json` beside the `.eml`).
+pub struct Exported {
+    pub bytes: Vec<u8>,
+    pub arrivals: Vec<serde_json::Value>,
+}
+
+/// Exports the whole archive of `node` into `out` (created) and reads it back, keyed by
+/// message id. The crash tests check a whole store at once this way.
+///
+/// # Panics
+/// The export failed or wrote something unreadable.
+pub fn export_all(
+    node: &impl CofferCli,
+    out: &Path,
+) -> std::collections::BTreeMap<String, Exported> {
+    node.coffer_ok(&[
+        "export",
+        "--format",
+        "eml",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    let mut map = std::collections::BTreeMap::new();
+    for e in fs::read_dir(out).expect("read the export") {
+        let p = e.expect("export entry").path();
+        if p.extension().is_some_and(|x| x == "eml") {
+            let id = p
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .expect("id")
+                .to_owned();
+            let bytes = fs::read(&p).expect("read .eml");
+            let json: serde_json::Value =
+                serde_json::from_slice(&fs::read(p.with_extension("json")).expect("read .json"))
+                    .unwrap_or_else(|e| panic!("{id}.json: {e}"));
+            let arrivals = match json {
+                serde_json::Value::Array(a) => a,
+                serde_json::Value::Object(o) => o
+                    .get("arrivals")
+                    .and_then(serde_json::Value::as_array)
+                    .cloned()
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            map.insert(id, Exported { bytes, arrivals });
+        }
+    }
+    map
+}
+
+/// `COFFER_CRASH_ITERATIONS` (the crash matrix's kills per scenario), or `default`.
+pub fn crash_iterations(default: usize) -> usize {
+    std::env::var("COFFER_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
+
+/// How many messages one client thread of a crash scenario may send at most, for
+/// `iterations` kills: enough that every kill lands under load (the clients are
+/// stopped once the kills are done and some mail has flowed after the last one).
+pub fn crash_per_thread(iterations: usize) -> usize {
+    150 + 80 * iterations
+}
+
+/// How long the clients of a crash scenario may run at most, for `iterations` kills.
+pub fn crash_time_cap(iterations: usize) -> Duration {
+    Duration::from_secs(120 + 30 * iterations as u64)
+}
+
+/// `COFFER_E2E_SEED`, or a fresh random seed; printed by the caller so a run can be
+/// replayed.
+pub fn e2e_seed() -> u64 {
+    std::env::var("COFFER_E2E_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
 }

@@ -130,6 +130,14 @@ impl MilterNode {
         }
     }
 
+    /// SIGKILL to coffer-milter, and wait for it to be gone.
+    pub fn kill9_milter(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The last 60 lines of the milter's log, then cofferd's.
     pub fn log_tail(&self) -> String {
         let lines: Vec<String> = File::open(&self.milter_log)

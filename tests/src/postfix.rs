@@ -95,10 +95,18 @@ impl Postfix {
 
     fn start_sink(&mut self) {
         let log = fs::File::create(self.dir().join("smtp-sink.log")).expect("sink log");
+        // Every message the sink accepts is dumped to a file of its own (`-d`, as user
+        // nobody): what Postfix delivered, for tests that compare it with the archive.
+        let dump = self.sink_dump_dir();
+        fs::create_dir_all(&dump).expect("sink dump dir");
+        fs::set_permissions(&dump, fs::Permissions::from_mode(0o777)).expect("chmod dump");
+        let template = format!("{}/%H%M%S.", dump.display());
         let child = Command::new(crate::find_tool("smtp-sink").expect("smtp-sink"))
             .args([
                 "-u",
                 "nobody",
+                "-d",
+                &template,
                 &format!("127.0.0.1:{}", self.sink_port),
                 "100",
             ])
@@ -199,6 +207,58 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         let mut cmd = Command::new(crate::find_tool("postfix").expect("postfix"));
         cmd.arg("-c").arg(self.config_dir()).args(args);
         run(cmd, Duration::from_secs(120)).expect("run postfix")
+    }
+
+    fn sink_dump_dir(&self) -> PathBuf {
+        self.dir().join("sink-dump")
+    }
+
+    /// Every message the sink accepted so far (smtp-sink's own headers first, then the
+    /// message as Postfix delivered it).
+    pub fn sink_dumped(&self) -> Vec<Vec<u8>> {
+        let Ok(dir) = fs::read_dir(self.sink_dump_dir()) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .take(100_000)
+            .filter_map(|e| fs::read(e.path()).ok())
+            .collect()
+    }
+
+    /// Runs `postqueue -c DIR ARGS`.
+    pub fn postqueue(&self, args: &[&str]) -> CmdOutput {
+        let mut cmd = Command::new(crate::find_tool("postqueue").expect("postqueue"));
+        cmd.arg("-c").arg(self.config_dir()).args(args);
+        run(cmd, Duration::from_secs(120)).expect("run postqueue")
+    }
+
+    /// Asks Postfix to deliver its deferred mail now (`postqueue -f`) and waits until its
+    /// queue is empty (`postqueue -p` says so), flushing again every few seconds.
+    ///
+    /// # Panics
+    /// The queue did not empty within `deadline` (the queue and the log are printed).
+    pub fn flush_until_empty(&self, deadline: Duration) {
+        let mut last_flush = std::time::Instant::now();
+        let _ = self.postqueue(&["-f"]);
+        let r = wait_until("Postfix's queue to empty", deadline, || {
+            if last_flush.elapsed() > Duration::from_secs(5) {
+                let _ = self.postqueue(&["-f"]);
+                last_flush = std::time::Instant::now();
+            }
+            self.postqueue(&["-p"])
+                .stdout_str()
+                .contains("Mail queue is empty")
+                .then_some(())
+        });
+        if let Err(e) = r {
+            panic!(
+                "{e}
+{}
+{}",
+                self.postqueue(&["-p"]),
+                self.log_tail()
+            );
+        }
     }
 
     /// The last 60 lines of Postfix's log.

@@ -13,9 +13,11 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{free_port, greets, wait_until, START_DEADLINE};
 
-/// A running `smtp-sink` on 127.0.0.1.
+/// A running `smtp-sink` on a loopback address.
 pub struct SmtpSink {
     tool: PathBuf,
+    /// The loopback address it listens on (127.0.0.1 unless [`SmtpSink::start_on`]).
+    pub ip: String,
     pub port: u16,
     /// Where accepted messages are dumped, one file each (writable by `nobody`).
     pub dump_dir: PathBuf,
@@ -25,30 +27,41 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     /// Starts `smtp-sink` (found at `tool`) with the fault options `opts` (e.g.
-    /// `["-r", "RCPT"]`) on a free port, dumping into a new folder inside `dir`.
+    /// `["-r", "RCPT"]`) on a free port of 127.0.0.1, dumping into a new folder inside
+    /// `dir` (`sink-dump-IP-PORT`).
     ///
     /// # Panics
     /// The sink does not greet within [`START_DEADLINE`].
     pub fn start(tool: &Path, dir: &Path, opts: &[&str]) -> SmtpSink {
-        let dump_dir = dir.join("sink-dump");
+        Self::start_on(tool, dir, "127.0.0.1", free_port("127.0.0.1"), opts)
+    }
+
+    /// Like [`SmtpSink::start`], on `ip:port` (e.g. `127.0.0.4:25`, where an open relay
+    /// would deliver mail for `user@[127.0.0.4]`),
+    ///
+    /// # Panics
+    /// The sink does not greet within [`START_DEADLINE`].
+    pub fn start_on(tool: &Path, dir: &Path, ip: &str, port: u16, opts: &[&str]) -> SmtpSink {
+        let dump_dir = dir.join(format!("sink-dump-{ip}-{port}"));
         fs::create_dir_all(&dump_dir).expect("dump dir");
         // As root, smtp-sink runs as `nobody` (-u): it must reach and write the folder.
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
         fs::set_permissions(&dump_dir, fs::Permissions::from_mode(0o777)).expect("chmod dump");
         let mut sink = SmtpSink {
             tool: tool.to_path_buf(),
-            port: free_port("127.0.0.1"),
+            ip: ip.to_owned(),
+            port,
             dump_dir,
-            log: dir.join("smtp-sink.log"),
+            log: dir.join(format!("smtp-sink-{ip}-{port}.log")),
             child: None,
         };
         sink.spawn(opts);
         sink
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT`.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// Replaces the running sink by one with `opts`, on the same port.

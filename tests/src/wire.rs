@@ -104,6 +104,31 @@ impl Wire {
         Self::from_conn(Conn::Tcp(s))
     }
 
+    /// Connects over TCP from the local address `from` (e.g. `127.0.0.3`, to be a client
+    /// some `allow` list does or does not name) and reads the greeting.
+    ///
+    /// # Errors
+    /// Binding, connecting, a timeout, or a malformed greeting.
+    pub fn tcp_from(from: std::net::IpAddr, addr: SocketAddr) -> anyhow::Result<Wire> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let stream = rt.block_on(async {
+            let s = if from.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            s.bind(SocketAddr::new(from, 0))?;
+            let stream = tokio::time::timeout(Duration::from_secs(10), s.connect(addr))
+                .await
+                .map_err(|_| anyhow::anyhow!("connect {addr} from {from}: timed out"))??;
+            anyhow::Ok(stream.into_std()?)
+        })?;
+        stream.set_nonblocking(false)?;
+        Self::from_conn(Conn::Tcp(stream))
+    }
+
     /// Connects to a Unix socket and reads the greeting.
     ///
     /// # Errors

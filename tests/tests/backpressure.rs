@@ -10,16 +10,16 @@
 //! `COFFER_E2E_NO_TMPFS=1` forces the fallback.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use coffer_e2e::daemon::{free_addr, http_get, metric, smtp_daemon, Daemon, Launched, Probe};
 use coffer_e2e::smtp::{dot_stuff, Reply};
+use coffer_e2e::tmpfs::Tmpfs;
 use coffer_e2e::wire::Wire;
 use coffer_e2e::CofferCli;
-use coffer_e2e::{archived_form, lossy, run, sha256_hex, wait_until, Accepted};
+use coffer_e2e::{archived_form, sha256_hex, wait_until, Accepted};
 use rand::{Rng, SeedableRng};
 
 const MSG_SIZE: usize = 50 * 1024;
@@ -178,38 +178,6 @@ fn min_free_disk_above_any_disk_answers_452_and_health_503() {
     assert_eq!(d.counts(), (0, 0));
 }
 
-/// An 8 MiB tmpfs, unmounted on drop (lazily if still busy).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path) -> Result<Tmpfs, String> {
-        if std::env::var_os("COFFER_E2E_NO_TMPFS").is_some() {
-            return Err("COFFER_E2E_NO_TMPFS is set".into());
-        }
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new("mount");
-        cmd.args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(dir);
-        let out = run(cmd, Duration::from_secs(20)).map_err(|e| format!("{e:#}"))?;
-        if out.code != Some(0) {
-            return Err(format!("mount failed: {}", lossy(&out.stderr).trim()));
-        }
-        Ok(Tmpfs(dir.to_owned()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        for args in [&[][..], &["-l"][..]] {
-            let mut cmd = Command::new("umount");
-            cmd.args(args).arg(&self.0);
-            if run(cmd, Duration::from_secs(20)).is_ok_and(|o| o.code == Some(0)) {
-                return;
-            }
-        }
-        eprintln!("could not unmount {}", self.0.display());
-    }
-}
-
 /// A daemon whose store is in `data_dir`, with the given `min_free_disk`, a console.
 fn daemon_on(data_dir: &Path, min_free_disk: &str) -> (Daemon, SocketAddr, SocketAddr) {
     let mut picked = (free_addr(), free_addr());
@@ -289,7 +257,7 @@ fn full_disk(filler_size: usize, size: usize, max: usize, index_may_fail: bool) 
         .tempdir()
         .unwrap();
     let mnt = root.path().join("disk");
-    let _tmpfs = match Tmpfs::mount(&mnt) {
+    let _tmpfs = match Tmpfs::mount(&mnt, "8m") {
         Ok(t) => t,
         Err(why) => {
             eprintln!(

@@ -6,11 +6,11 @@
 //! Clients connect from chosen loopback sources (127.0.0.1 and 127.0.0.2: every
 //! 127.0.0.0/8 address is local on Linux).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use coffer_e2e::daemon::{free_addr, Daemon, Probe};
 use coffer_e2e::smtp::dot_stuff;
-use coffer_e2e::wire::{Conn, Wire};
+use coffer_e2e::wire::Wire;
 use coffer_e2e::Accepted;
 
 const A: &str = "127.0.0.1";
@@ -49,22 +49,7 @@ fn start() -> (Daemon, SocketAddr) {
 
 /// Connects to `addr` from the source address `from` and reads the greeting.
 fn connect_from(from: &str, addr: SocketAddr) -> Wire {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let std_stream = rt.block_on(async {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))
-            .unwrap();
-        let stream = tokio::time::timeout(std::time::Duration::from_secs(10), s.connect(addr))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-        stream.into_std().unwrap()
-    });
-    std_stream.set_nonblocking(false).unwrap();
-    Wire::from_conn(Conn::Tcp(std_stream)).unwrap()
+    Wire::tcp_from(from.parse().unwrap(), addr).unwrap()
 }
 
 fn assert_refused(from: &str, addr: SocketAddr) {

@@ -705,6 +705,11 @@ fn validate_with_smtp_proto(verb: Verb, path: &[u8], params: &[&[u8]]) -> Result
         Verb::Mail => (b"MAIL FROM:<", CommandError::BadSender, MAIL_SYNTAX),
         Verb::Rcpt => (b"RCPT TO:<", CommandError::BadRecipient, RCPT_SYNTAX),
     };
+    // smtp-proto refuses address literals (`user@[192.0.2.1]`, RFC 5321 4.1.3), which
+    // MTAs accept and hand on: check such a path with a placeholder domain instead. The
+    // address is kept as sent.
+    let placeholder = with_literal_replaced(path);
+    let path = placeholder.as_deref().unwrap_or(path);
     let mut canon = Vec::with_capacity(
         prefix.len() + path.len() + 3 + params.iter().map(|p| p.len() + 1).sum::<usize>(),
     );
@@ -721,6 +726,26 @@ fn validate_with_smtp_proto(verb: Verb, path: &[u8], params: &[&[u8]]) -> Result
         (_, Ok(_)) => Err(CommandError::Syntax(syntax)),
         (_, Err(e)) => Err(map_proto_error(e, bad_address, syntax)),
     }
+}
+
+/// `local@[literal]` with a valid IPv4 or `IPv6:` address literal, as
+/// `local@address-literal.invalid`; `None` for any other path.
+fn with_literal_replaced(path: &[u8]) -> Option<Vec<u8>> {
+    let at = path.iter().rposition(|&b| b == b'@')?;
+    let inner = path[at + 1..].strip_prefix(b"[")?.strip_suffix(b"]")?;
+    let inner = std::str::from_utf8(inner).ok()?;
+    let valid = inner.parse::<std::net::Ipv4Addr>().is_ok()
+        || inner
+            .get(..5)
+            .filter(|tag| tag.eq_ignore_ascii_case("IPv6:"))
+            .and_then(|_| inner[5..].parse::<std::net::Ipv6Addr>().ok())
+            .is_some();
+    if !valid {
+        return None;
+    }
+    let mut out = path[..=at].to_vec();
+    out.extend_from_slice(b"address-literal.invalid");
+    Some(out)
 }
 
 fn map_proto_error(
@@ -1241,6 +1266,27 @@ mod tests {
                 })),
             ),
             ("RCPT TO:<>", Err(E::BadRecipient)),
+            (
+                "RCPT TO:<c@[192.0.2.1]>",
+                Ok(Command::Rcpt(RcptTo {
+                    address: "c@[192.0.2.1]".into(),
+                    params: vec![],
+                })),
+            ),
+            (
+                "RCPT TO:<c@[IPv6:2001:db8::1]>",
+                Ok(Command::Rcpt(RcptTo {
+                    address: "c@[IPv6:2001:db8::1]".into(),
+                    params: vec![],
+                })),
+            ),
+            ("RCPT TO:<c@[192.0.2.256]>", Err(E::BadRecipient)),
+            ("RCPT TO:<c@[2001:db8::1]>", Err(E::BadRecipient)),
+            ("RCPT TO:<@[192.0.2.1]>", Err(E::BadRecipient)),
+            (
+                "MAIL FROM:<a@[192.0.2.1]>",
+                mail("a@[192.0.2.1]", &[], None, None),
+            ),
             (
                 "RCPT TO:<c@d.example> NOTIFY=NEVER",
                 Err(E::UnsupportedParam("NOTIFY".into())),

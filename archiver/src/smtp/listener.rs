@@ -54,7 +54,7 @@ use tokio::task::JoinSet;
 
 use super::proxy::{self, Parsed, ProxyHeader};
 use super::session::{self, SessionConfig};
-use super::Sink;
+use super::{ConnRefusal, Sink};
 use crate::config::{BindAddr, ListenerConfig};
 
 /// First pause after a failed accept (EMFILE and the like); doubled up to
@@ -433,6 +433,9 @@ fn admit(
             if !via_proxy && !allowed(&config.allow, peer.ip()) {
                 tracing::warn!(listener = %config.name, client = %peer,
                     "connection refused: address not in allow list");
+                shared
+                    .sink
+                    .connection_refused(&config.name, ConnRefusal::NotAllowed);
                 conn.refuse(&format!("554 5.7.1 {} not allowed", peer.ip()));
                 return;
             }
@@ -444,6 +447,9 @@ fn admit(
         let client = peer.map_or_else(|| "unix".to_owned(), |p| p.to_string());
         tracing::warn!(listener = %config.name, client = %client, via_proxy,
             max = config.max_connections, "connection refused: too many connections");
+        shared
+            .sink
+            .connection_refused(&config.name, ConnRefusal::MaxConnections);
         conn.refuse(&format!(
             "421 4.7.0 {} too many connections",
             session_config.hostname
@@ -462,7 +468,7 @@ fn admit(
                 let peer = canonical(peer);
                 let (stream, client, proxy) = if via_proxy {
                     let Some((stream, client)) =
-                        accept_proxied(stream, peer, &config, &mut shutdown).await
+                        accept_proxied(stream, peer, &config, &*sink, &mut shutdown).await
                     else {
                         return;
                     };
@@ -496,6 +502,7 @@ async fn accept_proxied(
     mut stream: tokio::net::TcpStream,
     proxy: SocketAddr,
     config: &ListenerConfig,
+    sink: &dyn Sink,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<(Prefixed<tokio::net::TcpStream>, SocketAddr)> {
     let read = tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(&mut stream));
@@ -521,6 +528,7 @@ async fn accept_proxied(
     if !allowed(&config.allow, client.ip()) {
         tracing::warn!(listener = %config.name, client = %client, proxy = %proxy,
             "connection refused: address not in allow list");
+        sink.connection_refused(&config.name, ConnRefusal::NotAllowed);
         refuse_tcp(&stream, &format!("554 5.7.1 {} not allowed", client.ip()));
         return None;
     }

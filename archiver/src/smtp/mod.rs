@@ -51,4 +51,27 @@ pub trait Sink: Send + Sync + 'static {
     /// Counts a message a session refused itself, before handing it over (the memory
     /// budget was exhausted while it arrived).
     fn refused(&self, _listener: &str, _error: &IngestError) {}
+
+    /// Counts a connection a listener turned away before any session began.
+    fn connection_refused(&self, _listener: &str, _reason: ConnRefusal) {}
+}
+
+/// Why a listener turned a connection away, as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnRefusal {
+    /// The client's address is not in `allow` (554 5.7.1).
+    NotAllowed,
+    /// `max_connections` reached (421 4.7.0).
+    MaxConnections,
+}
+
+impl ConnRefusal {
+    pub const ALL: [ConnRefusal; 2] = [ConnRefusal::NotAllowed, ConnRefusal::MaxConnections];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnRefusal::NotAllowed => "not_allowed",
+            ConnRefusal::MaxConnections => "max_connections",
+        }
+    }
 }

@@ -81,8 +81,7 @@ pub fn read_block(
     file.read_exact_at(&mut head, offset)?;
     let header = BlockHeader::decode(&head).map_err(bad)?;
     let len = header.total_len();
-    let mut whole = vec![0u8; usize::try_from(len).map_err(|_| io::ErrorKind::InvalidData)?];
-    file.read_exact_at(&mut whole, offset)?;
+    let whole = super::log::read_declared(file, offset, len)?;
     if !super::record::check_crc(&whole) {
         return Err(bad("block checksum mismatch".into()));
     }

@@ -117,8 +117,7 @@ pub fn read_record(file: &dyn VFile, offset: u64) -> io::Result<RawRecord> {
     file.read_exact_at(&mut head, offset)?;
     let header =
         RecordHeader::decode(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut whole = vec![0u8; usize::try_from(header.total_len()).unwrap_or(usize::MAX)];
-    file.read_exact_at(&mut whole, offset)?;
+    let mut whole = read_declared(file, offset, header.total_len())?;
     if !check_crc(&whole) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -132,6 +131,28 @@ pub fn read_record(file: &dyn VFile, offset: u64) -> io::Result<RawRecord> {
         payload,
         offset,
     })
+}
+
+/// Reads the `len` bytes at `offset` that a record or block header declares. The length
+/// comes from the file itself (up to [`MAX_PAYLOAD`](super::record::MAX_PAYLOAD) plus
+/// framing), so it is checked against the file's size before anything is allocated: a
+/// damaged or torn header that claims a gigabyte in a small file is the same
+/// `UnexpectedEof` a short read gives, without the gigabyte buffer.
+///
+/// # Errors
+/// I/O errors; `UnexpectedEof` when the file ends before `offset + len`.
+pub fn read_declared(file: &dyn VFile, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    let file_len = file.len()?;
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("a record of {len} bytes at {offset} runs past the end of the file ({file_len} bytes)"),
+        ));
+    }
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    let mut whole = vec![0u8; len];
+    file.read_exact_at(&mut whole, offset)?;
+    Ok(whole)
 }
 
 /// Outcome of scanning a segment from some offset.
@@ -293,5 +314,99 @@ impl Log {
             self.dir_dirty = false;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::MessageId;
+    use crate::store::record::{encode_record, RecordHeader, KIND_MESSAGE};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// An in-memory file that remembers the largest buffer a read asked it to fill.
+    #[derive(Debug, Default)]
+    struct Probe {
+        bytes: Mutex<Vec<u8>>,
+        largest_read: AtomicUsize,
+    }
+
+    impl VFile for Probe {
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.bytes.lock().unwrap().len() as u64)
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.largest_read.fetch_max(buf.len(), Ordering::Relaxed);
+            let b = self.bytes.lock().unwrap();
+            let start = usize::try_from(offset).unwrap();
+            let src = b
+                .get(start..start + buf.len())
+                .ok_or(io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn write_all_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            unreachable!("read-only in these tests")
+        }
+        fn set_len(&self, _: u64) -> io::Result<()> {
+            unreachable!("read-only in these tests")
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn record(stored_len: u32, payload: &[u8]) -> Vec<u8> {
+        let h = RecordHeader {
+            kind: KIND_MESSAGE,
+            flags: 0,
+            codec: 0,
+            dict_id: 0,
+            key_id: 0,
+            stored_len,
+            raw_len: stored_len,
+            message: MessageId([7; 32]),
+        };
+        let mut out = Vec::new();
+        encode_record(&mut out, &h, payload);
+        out
+    }
+
+    #[test]
+    fn a_valid_record_reads_back() {
+        let f = Probe::default();
+        *f.bytes.lock().unwrap() = record(5, b"hello");
+        let r = read_record(&f, 0).unwrap();
+        assert_eq!(r.payload, b"hello");
+    }
+
+    #[test]
+    fn a_header_declaring_a_gigabyte_in_a_small_file_is_short_without_allocating_it() {
+        // A real record's header with its length field rewritten to 1 GiB: the header
+        // decodes (the length is within MAX_PAYLOAD), the file holds 70 bytes.
+        let mut bytes = record(5, b"hello");
+        bytes[16..20].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        let f = Probe::default();
+        *f.bytes.lock().unwrap() = bytes;
+        let e = read_record(&f, 0).err().expect("a short record");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(
+            f.largest_read.load(Ordering::Relaxed) <= RECORD_HEADER_LEN,
+            "read_record asked for a {} byte buffer",
+            f.largest_read.load(Ordering::Relaxed)
+        );
+        // A scan stops there as at any torn tail.
+        let s = scan::<io::Error>(&f, 0, |_| Ok(())).unwrap();
+        assert_eq!(s.valid_end, 0);
+        assert!(s.stopped.is_some());
+    }
+
+    #[test]
+    fn a_declared_length_past_u64_is_short_too() {
+        let f = Probe::default();
+        *f.bytes.lock().unwrap() = vec![0; 10];
+        let e = read_declared(&f, u64::MAX - 2, 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -102,7 +102,8 @@ pub struct Receipt {
 pub enum IngestError {
     #[error("too much mail waiting to be committed (max_pending)")]
     Busy,
-    #[error("free disk space below min_free_disk")]
+    /// The disk is full: a write met ENOSPC, or free space is below `min_free_disk`.
+    #[error("disk full (no space left on the device, or free space below min_free_disk)")]
     DiskFull,
     #[error("the store is unavailable: {0}")]
     Unavailable(String),

@@ -227,6 +227,8 @@ fn enospc_rolls_back_and_ingest_resumes() {
     vfs.set_enospc(true);
     let err = h.ingest_blocking(msg(M1, "a@x", &["b@y"])).unwrap_err();
     assert!(matches!(err, IngestError::DiskFull), "{err}");
+    // What the session logs must not blame min_free_disk alone: it is 0 here.
+    assert!(err.to_string().contains("no space left"), "{err}");
     vfs.set_enospc(false);
     // The idle writer re-measures free disk and lifts the refusal by itself.
     let mut ok = None;
