@@ -33,12 +33,34 @@ pub const BY_MESSAGE: MultimapTableDefinition<'_, [u8; 32], u64> =
     MultimapTableDefinition::new("by_message");
 /// (arrival time µs, local arrival number) → message id.
 pub const BY_TIME: TableDefinition<'_, (i64, u64), [u8; 32]> = TableDefinition::new("by_time");
-/// `f:addr`, `f:@domain`, `t:addr`, `t:@domain` → message ids.
-pub const ADDRS: MultimapTableDefinition<'_, &str, [u8; 32]> =
+/// `f:addr`, `f:@domain`, `t:addr`, `t:@domain` → [`id_prefix`] of message ids. A
+/// prefix stands for every message whose id starts with it; search checks each message
+/// it finds against the query, so a shared prefix never adds a wrong result.
+pub const ADDRS: MultimapTableDefinition<'_, &str, [u8; 8]> =
+    MultimapTableDefinition::new("addr_keys");
+/// Message-ID header (lowercased, no brackets) → [`id_prefix`] of message ids.
+pub const MSGIDS: MultimapTableDefinition<'_, &str, [u8; 8]> =
+    MultimapTableDefinition::new("msgid_keys");
+/// `addrs` of index formats 1 and 2 (whole message ids); moved into [`ADDRS`] on open.
+pub const ADDRS_V2: MultimapTableDefinition<'_, &str, [u8; 32]> =
     MultimapTableDefinition::new("addrs");
-/// Message-ID header (lowercased, no brackets) → message ids.
-pub const MSGIDS: MultimapTableDefinition<'_, &str, [u8; 32]> =
+/// `msgids` of index formats 1 and 2; moved into [`MSGIDS`] on open.
+pub const MSGIDS_V2: MultimapTableDefinition<'_, &str, [u8; 32]> =
     MultimapTableDefinition::new("msgids");
+
+/// The first 8 bytes of a message id: what [`ADDRS`] and [`MSGIDS`] hold.
+pub fn id_prefix(id: &[u8; 32]) -> [u8; 8] {
+    id[..8].try_into().expect("8 bytes")
+}
+
+/// The range of message ids that start with `prefix`, for a range read of `messages`.
+pub fn prefix_range(prefix: [u8; 8]) -> std::ops::RangeInclusive<[u8; 32]> {
+    let mut lo = [0u8; 32];
+    let mut hi = [0xffu8; 32];
+    lo[..8].copy_from_slice(&prefix);
+    hi[..8].copy_from_slice(&prefix);
+    lo..=hi
+}
 /// connection name → JSON [`CursorState`]: replication progress. Not in the log: after a
 /// rebuilt index a connection starts again from zero (an idempotent resend).
 pub const CURSORS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("cursors");
@@ -237,8 +259,8 @@ pub struct Tables<'t> {
     arrival_keys: redb::Table<'t, [u8; 32], u64>,
     by_message: redb::MultimapTable<'t, [u8; 32], u64>,
     by_time: redb::Table<'t, (i64, u64), [u8; 32]>,
-    addrs: redb::MultimapTable<'t, &'static str, [u8; 32]>,
-    msgids: redb::MultimapTable<'t, &'static str, [u8; 32]>,
+    addrs: redb::MultimapTable<'t, &'static str, [u8; 8]>,
+    msgids: redb::MultimapTable<'t, &'static str, [u8; 8]>,
     cursors: redb::Table<'t, &'static str, &'static [u8]>,
     parked: redb::Table<'t, (&'static str, u64), &'static str>,
     segments: redb::Table<'t, u32, &'static [u8]>,
@@ -294,9 +316,10 @@ impl<'t> Tables<'t> {
         id: &MessageId,
     ) -> Result<(), redb::Error> {
         let a = addr.to_lowercase();
-        self.addrs.insert(format!("{prefix}{a}").as_str(), id.0)?;
+        let p = id_prefix(&id.0);
+        self.addrs.insert(format!("{prefix}{a}").as_str(), p)?;
         if let Some(d) = domain_of(&a) {
-            self.addrs.insert(format!("{prefix}{d}").as_str(), id.0)?;
+            self.addrs.insert(format!("{prefix}{d}").as_str(), p)?;
         }
         Ok(())
     }
@@ -325,7 +348,8 @@ impl<'t> Tables<'t> {
             self.index_address("t:", a, id)?;
         }
         if let Some(mid) = &summary.message_id {
-            self.msgids.insert(mid.to_lowercase().as_str(), id.0)?;
+            self.msgids
+                .insert(mid.to_lowercase().as_str(), id_prefix(&id.0))?;
         }
         self.counters.messages += 1;
         self.counters.raw_bytes += u64::from(loc.raw_len);
@@ -505,7 +529,34 @@ pub fn upgrade_values(txn: &WriteTransaction) -> Result<(u64, u64), redb::Error>
             }
         }
     }
+    for (old, new) in [(ADDRS_V2, ADDRS), (MSGIDS_V2, MSGIDS)] {
+        move_to_prefixes(txn, old, new)?;
+    }
     Ok(counts)
+}
+
+/// Moves a format-2 multimap of whole message ids into its format-3 table of prefixes.
+fn move_to_prefixes(
+    txn: &WriteTransaction,
+    old: MultimapTableDefinition<'_, &str, [u8; 32]>,
+    new: MultimapTableDefinition<'_, &str, [u8; 8]>,
+) -> Result<(), redb::Error> {
+    {
+        let src = match txn.open_multimap_table(old) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut dst = txn.open_multimap_table(new)?;
+        for e in src.iter()? {
+            let (k, vs) = e?;
+            for v in vs {
+                dst.insert(k.value(), id_prefix(&v?.value()))?;
+            }
+        }
+    }
+    txn.delete_multimap_table(old)?;
+    Ok(())
 }
 
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(

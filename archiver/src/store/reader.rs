@@ -401,9 +401,16 @@ impl StoreReader {
         let mut out = Vec::new();
         if let Some((table, key)) = key_lookup {
             let t = txn.open_multimap_table(table).map_err(idx_err)?;
+            let messages = txn.open_table(MESSAGES).map_err(idx_err)?;
             let mut ids = BTreeSet::new();
             for v in t.get(key.as_str()).map_err(idx_err)? {
-                ids.insert(v.map_err(idx_err)?.value());
+                let prefix = v.map_err(idx_err)?.value();
+                for m in messages
+                    .range(index::prefix_range(prefix))
+                    .map_err(idx_err)?
+                {
+                    ids.insert(m.map_err(idx_err)?.0.value());
+                }
             }
             for id in ids {
                 if let Some(r) = Self::record_in(&txn, &MessageId(id))? {
