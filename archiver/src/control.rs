@@ -241,7 +241,7 @@ fn parked(store: &StoreHandle) -> Result<Vec<Value>, String> {
         let a: Option<Arrival> = arrivals
             .get(local)
             .map_err(|x| e(x.into()))?
-            .and_then(|j| serde_json::from_slice(j.value()).ok());
+            .and_then(|j| crate::store::codec::decode_arrival(j.value()).ok());
         out.push(json!({
             "connection": conn,
             "local": local,

@@ -294,7 +294,7 @@ impl Replicator {
             let (k, v) = entry.map_err(|e| ie(e.into()))?;
             let local = k.value();
             self.next_scan = local + 1;
-            let arrival: Arrival = match serde_json::from_slice(v.value()) {
+            let arrival: Arrival = match crate::store::codec::decode_arrival(v.value()) {
                 Ok(a) => a,
                 Err(e) => {
                     warn!(connection = %self.cfg.name, local, error = %e,
@@ -678,7 +678,7 @@ impl Replicator {
             .open_table(index::ARRIVALS)
             .map_err(|e| StoreError::Index(e.to_string()))?;
         let v = t.get(local).map_err(|e| StoreError::Index(e.to_string()))?;
-        Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
+        Ok(v.and_then(|v| crate::store::codec::decode_arrival(v.value()).ok()))
     }
 
     fn publish(&mut self) {

@@ -415,11 +415,19 @@ fn lower_priority() {
     }
 }
 
-/// Makes `index.redb` as small as its content (redb's own compaction). Only with the
-/// store closed and its lock free; `coffer compact` runs it when no daemon does.
+/// Name of the index being rewritten by [`compact_index`]; a leftover is removed.
+pub const REWRITE_INDEX_FILE: &str = "index.redb.rewrite";
+
+/// Makes `index.redb` as small as its content: copies every table in key order into a
+/// fresh file (the pages come out full; random inserts leave B-tree pages about
+/// half full), lets redb compact that, and renames it over the index. The copy must
+/// hold the same tables with the same entries, or the index is left as it was. Only
+/// with the store closed and its lock free; `coffer compact` runs it when no daemon
+/// does.
 ///
 /// # Errors
-/// The daemon holds the store, or redb failed.
+/// The daemon holds the store, or redb or the file system failed (the index is then
+/// unchanged).
 pub fn compact_index(data_dir: &std::path::Path) -> Result<(u64, u64), StoreError> {
     use super::io::Vfs;
     let lock_path = data_dir.join(super::engine::LOCK_FILE);
@@ -428,14 +436,35 @@ pub fn compact_index(data_dir: &std::path::Path) -> Result<(u64, u64), StoreErro
         .map_err(io_err(&lock_path))?
         .ok_or_else(|| StoreError::DaemonRunning(lock_path.clone()))?;
     let path = data_dir.join(super::engine::INDEX_FILE);
+    let tmp = data_dir.join(REWRITE_INDEX_FILE);
     let before = std::fs::metadata(&path).map_err(io_err(&path))?.len();
-    let mut b = redb::Builder::new();
-    b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
-    let mut db = b.create(&path).map_err(idx_err)?;
-    db.compact().map_err(idx_err)?;
-    // A read proves it opens after the compaction.
-    drop(db.begin_read().map_err(idx_err)?);
-    drop(db);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
+        _ => {}
+    }
+    let rewritten = (|| -> Result<(), StoreError> {
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+        let src = b.open(&path).map_err(idx_err)?;
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+        let mut dst = b.create(&tmp).map_err(idx_err)?;
+        let r = src.begin_read().map_err(idx_err)?;
+        let w = dst.begin_write().map_err(idx_err)?;
+        index::copy_tables(&r, &w).map_err(idx_err)?;
+        w.commit().map_err(idx_err)?;
+        dst.compact().map_err(idx_err)?;
+        let check = dst.begin_read().map_err(idx_err)?;
+        index::same_tables(&r, &check).map_err(StoreError::Corrupt)?;
+        Ok(())
+    })();
+    if let Err(e) = rewritten {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let rt = super::io::RealVfs;
+    rt.rename(&tmp, &path).map_err(io_err(&path))?;
+    rt.sync_dir(data_dir).map_err(io_err(data_dir))?;
     let after = std::fs::metadata(&path).map_err(io_err(&path))?.len();
     Ok((before, after))
 }

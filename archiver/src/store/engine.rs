@@ -157,14 +157,15 @@ impl Engine {
         };
 
         let txn = db.begin_write().map_err(idx_err)?;
-        let stored_epoch: Option<[u8; 16]> = {
+        let (stored_epoch, stored_format): (Option<[u8; 16]>, Option<u32>) = {
             let meta = txn.open_table(META).map_err(idx_err)?;
             let format = meta
                 .get(index::K_FORMAT)
                 .map_err(idx_err)?
                 .map(|v| v.value().to_vec());
-            if let Some(f) = format {
-                let v = u32::from_le_bytes(f.as_slice().try_into().unwrap_or([0; 4]));
+            let format =
+                format.map(|f| u32::from_le_bytes(f.as_slice().try_into().unwrap_or([0; 4])));
+            if let Some(v) = format {
                 if !(1..=INDEX_FORMAT).contains(&v) {
                     return Err(StoreError::Unsupported(format!(
                         "index format {v}; this build reads formats 1 to {INDEX_FORMAT}"
@@ -172,8 +173,15 @@ impl Engine {
                 }
             }
             let e = meta.get(index::K_EPOCH).map_err(idx_err)?;
-            e.and_then(|v| v.value().try_into().ok())
+            (e.and_then(|v| v.value().try_into().ok()), format)
         };
+        if stored_format.is_some_and(|v| v < 3) {
+            let (arrivals, summaries) = index::upgrade_values(&txn).map_err(idx_err)?;
+            info!(
+                arrivals,
+                summaries, "index values re-encoded for index format {INDEX_FORMAT}"
+            );
+        }
         settle_compactions(&*vfs, &txn, &log_dir, &segments)?;
         let mut segments = list_log(&*vfs, &log_dir).map_err(io_err(&log_dir))?;
         let first_header_epoch = match segments.first() {

@@ -5,10 +5,13 @@
 //! uses, so a replayed store and a live one cannot differ.
 
 use redb::{
-    MultimapTableDefinition, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    MultimapTableDefinition, ReadTransaction, ReadableMultimapTable, ReadableTable,
+    ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
 
+use std::ops::Bound;
+
+use super::codec;
 use super::summary::{domain_of, Summary};
 use super::Arrival;
 use crate::ids::MessageId;
@@ -30,12 +33,34 @@ pub const BY_MESSAGE: MultimapTableDefinition<'_, [u8; 32], u64> =
     MultimapTableDefinition::new("by_message");
 /// (arrival time µs, local arrival number) → message id.
 pub const BY_TIME: TableDefinition<'_, (i64, u64), [u8; 32]> = TableDefinition::new("by_time");
-/// `f:addr`, `f:@domain`, `t:addr`, `t:@domain` → message ids.
-pub const ADDRS: MultimapTableDefinition<'_, &str, [u8; 32]> =
+/// `f:addr`, `f:@domain`, `t:addr`, `t:@domain` → [`id_prefix`] of message ids. A
+/// prefix stands for every message whose id starts with it; search checks each message
+/// it finds against the query, so a shared prefix never adds a wrong result.
+pub const ADDRS: MultimapTableDefinition<'_, &str, [u8; 8]> =
+    MultimapTableDefinition::new("addr_keys");
+/// Message-ID header (lowercased, no brackets) → [`id_prefix`] of message ids.
+pub const MSGIDS: MultimapTableDefinition<'_, &str, [u8; 8]> =
+    MultimapTableDefinition::new("msgid_keys");
+/// `addrs` of index formats 1 and 2 (whole message ids); moved into [`ADDRS`] on open.
+pub const ADDRS_V2: MultimapTableDefinition<'_, &str, [u8; 32]> =
     MultimapTableDefinition::new("addrs");
-/// Message-ID header (lowercased, no brackets) → message ids.
-pub const MSGIDS: MultimapTableDefinition<'_, &str, [u8; 32]> =
+/// `msgids` of index formats 1 and 2; moved into [`MSGIDS`] on open.
+pub const MSGIDS_V2: MultimapTableDefinition<'_, &str, [u8; 32]> =
     MultimapTableDefinition::new("msgids");
+
+/// The first 8 bytes of a message id: what [`ADDRS`] and [`MSGIDS`] hold.
+pub fn id_prefix(id: &[u8; 32]) -> [u8; 8] {
+    id[..8].try_into().expect("8 bytes")
+}
+
+/// The range of message ids that start with `prefix`, for a range read of `messages`.
+pub fn prefix_range(prefix: [u8; 8]) -> std::ops::RangeInclusive<[u8; 32]> {
+    let mut lo = [0u8; 32];
+    let mut hi = [0xffu8; 32];
+    lo[..8].copy_from_slice(&prefix);
+    hi[..8].copy_from_slice(&prefix);
+    lo..=hi
+}
 /// connection name → JSON [`CursorState`]: replication progress. Not in the log: after a
 /// rebuilt index a connection starts again from zero (an idempotent resend).
 pub const CURSORS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("cursors");
@@ -234,8 +259,8 @@ pub struct Tables<'t> {
     arrival_keys: redb::Table<'t, [u8; 32], u64>,
     by_message: redb::MultimapTable<'t, [u8; 32], u64>,
     by_time: redb::Table<'t, (i64, u64), [u8; 32]>,
-    addrs: redb::MultimapTable<'t, &'static str, [u8; 32]>,
-    msgids: redb::MultimapTable<'t, &'static str, [u8; 32]>,
+    addrs: redb::MultimapTable<'t, &'static str, [u8; 8]>,
+    msgids: redb::MultimapTable<'t, &'static str, [u8; 8]>,
     cursors: redb::Table<'t, &'static str, &'static [u8]>,
     parked: redb::Table<'t, (&'static str, u64), &'static str>,
     segments: redb::Table<'t, u32, &'static [u8]>,
@@ -291,9 +316,10 @@ impl<'t> Tables<'t> {
         id: &MessageId,
     ) -> Result<(), redb::Error> {
         let a = addr.to_lowercase();
-        self.addrs.insert(format!("{prefix}{a}").as_str(), id.0)?;
+        let p = id_prefix(&id.0);
+        self.addrs.insert(format!("{prefix}{a}").as_str(), p)?;
         if let Some(d) = domain_of(&a) {
-            self.addrs.insert(format!("{prefix}{d}").as_str(), id.0)?;
+            self.addrs.insert(format!("{prefix}{d}").as_str(), p)?;
         }
         Ok(())
     }
@@ -313,8 +339,8 @@ impl<'t> Tables<'t> {
             return Ok(false);
         }
         self.messages.insert(id.0, loc.encode().as_slice())?;
-        let json = serde_json::to_vec(summary).expect("summary serializes");
-        self.summaries.insert(id.0, json.as_slice())?;
+        self.summaries
+            .insert(id.0, codec::encode_summary(summary).as_slice())?;
         for a in &summary.from {
             self.index_address("f:", a, id)?;
         }
@@ -322,7 +348,8 @@ impl<'t> Tables<'t> {
             self.index_address("t:", a, id)?;
         }
         if let Some(mid) = &summary.message_id {
-            self.msgids.insert(mid.to_lowercase().as_str(), id.0)?;
+            self.msgids
+                .insert(mid.to_lowercase().as_str(), id_prefix(&id.0))?;
         }
         self.counters.messages += 1;
         self.counters.raw_bytes += u64::from(loc.raw_len);
@@ -416,8 +443,8 @@ impl<'t> Tables<'t> {
         self.counters.next_local = local + 1;
         self.arrival_ids.insert(id.as_str(), local)?;
         let message: MessageId = arrival.message.parse().expect("arrival names a message id");
-        let json = serde_json::to_vec(arrival).expect("arrival serializes");
-        self.arrivals.insert(local, json.as_slice())?;
+        self.arrivals
+            .insert(local, codec::encode_arrival(arrival).as_slice())?;
         self.by_message.insert(message.0, local)?;
         self.by_time
             .insert((time_us(&arrival.time), local), message.0)?;
@@ -432,6 +459,196 @@ impl<'t> Tables<'t> {
         }
         self.counters.arrivals += 1;
         Ok(Some(local))
+    }
+}
+
+/// Re-encodes the JSON values of `arrivals` and `summaries` (index formats 1 and 2) in
+/// the binary form of format 3, in key order and in chunks (memory stays bounded).
+/// Returns how many of each it re-encoded. Nothing else changes.
+///
+/// # Errors
+/// redb errors; a value that is neither form is left as it is (verify reports it).
+pub fn upgrade_values(txn: &WriteTransaction) -> Result<(u64, u64), redb::Error> {
+    const CHUNK: usize = 4096;
+    let mut counts = (0, 0);
+    {
+        let mut t = txn.open_table(ARRIVALS)?;
+        let mut from: Option<u64> = None;
+        loop {
+            let mut chunk = Vec::new();
+            let mut last = None;
+            let range = match from {
+                Some(f) => t.range::<u64>((Bound::Excluded(f), Bound::Unbounded))?,
+                None => t.range::<u64>(..)?,
+            };
+            for e in range.take(CHUNK) {
+                let (k, v) = e?;
+                last = Some(k.value());
+                if v.value().first() == Some(&b'{') {
+                    if let Ok(a) = codec::decode_arrival(v.value()) {
+                        chunk.push((k.value(), codec::encode_arrival(&a)));
+                    }
+                }
+            }
+            for (k, v) in chunk {
+                t.insert(k, v.as_slice())?;
+                counts.0 += 1;
+            }
+            match last {
+                Some(l) => from = Some(l),
+                None => break,
+            }
+        }
+    }
+    {
+        let mut t = txn.open_table(SUMMARIES)?;
+        let mut from: Option<[u8; 32]> = None;
+        loop {
+            let mut chunk = Vec::new();
+            let mut last = None;
+            let range = match from {
+                Some(f) => t.range::<[u8; 32]>((Bound::Excluded(f), Bound::Unbounded))?,
+                None => t.range::<[u8; 32]>(..)?,
+            };
+            for e in range.take(CHUNK) {
+                let (k, v) = e?;
+                last = Some(k.value());
+                if v.value().first() == Some(&b'{') {
+                    if let Ok(s) = codec::decode_summary(v.value()) {
+                        chunk.push((k.value(), codec::encode_summary(&s)));
+                    }
+                }
+            }
+            for (k, v) in chunk {
+                t.insert(k, v.as_slice())?;
+                counts.1 += 1;
+            }
+            match last {
+                Some(l) => from = Some(l),
+                None => break,
+            }
+        }
+    }
+    for (old, new) in [(ADDRS_V2, ADDRS), (MSGIDS_V2, MSGIDS)] {
+        move_to_prefixes(txn, old, new)?;
+    }
+    Ok(counts)
+}
+
+/// Moves a format-2 multimap of whole message ids into its format-3 table of prefixes.
+fn move_to_prefixes(
+    txn: &WriteTransaction,
+    old: MultimapTableDefinition<'_, &str, [u8; 32]>,
+    new: MultimapTableDefinition<'_, &str, [u8; 8]>,
+) -> Result<(), redb::Error> {
+    {
+        let src = match txn.open_multimap_table(old) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut dst = txn.open_multimap_table(new)?;
+        for e in src.iter()? {
+            let (k, vs) = e?;
+            for v in vs {
+                dst.insert(k.value(), id_prefix(&v?.value()))?;
+            }
+        }
+    }
+    txn.delete_multimap_table(old)?;
+    Ok(())
+}
+
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    r: &ReadTransaction,
+    w: &WriteTransaction,
+    def: TableDefinition<'_, K, V>,
+) -> Result<(), redb::Error> {
+    let src = match r.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut dst = w.open_table(def)?;
+    for e in src.iter()? {
+        let (k, v) = e?;
+        dst.insert(k.value(), v.value())?;
+    }
+    Ok(())
+}
+
+fn copy_multimap<K: redb::Key + 'static, V: redb::Key + 'static>(
+    r: &ReadTransaction,
+    w: &WriteTransaction,
+    def: MultimapTableDefinition<'_, K, V>,
+) -> Result<(), redb::Error> {
+    let src = match r.open_multimap_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut dst = w.open_multimap_table(def)?;
+    for e in src.iter()? {
+        let (k, vs) = e?;
+        for v in vs {
+            dst.insert(k.value(), v?.value())?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies every table of the index from `r` into the empty database of `w`, each in
+/// key order (so that redb fills its pages: [`super::compactor::compact_index`]).
+///
+/// # Errors
+/// redb errors.
+pub fn copy_tables(r: &ReadTransaction, w: &WriteTransaction) -> Result<(), redb::Error> {
+    copy_table(r, w, META)?;
+    copy_table(r, w, MESSAGES)?;
+    copy_table(r, w, SUMMARIES)?;
+    copy_table(r, w, ARRIVALS)?;
+    copy_table(r, w, ARRIVAL_IDS)?;
+    copy_table(r, w, ARRIVAL_KEYS)?;
+    copy_multimap(r, w, BY_MESSAGE)?;
+    copy_table(r, w, BY_TIME)?;
+    copy_multimap(r, w, ADDRS)?;
+    copy_multimap(r, w, MSGIDS)?;
+    copy_table(r, w, CURSORS)?;
+    copy_table(r, w, PARKED)?;
+    copy_table(r, w, SEGMENTS)?;
+    Ok(())
+}
+
+/// Every table of `txn` by name, kind and number of entries.
+fn table_census(txn: &ReadTransaction) -> Result<Vec<(String, bool, u64)>, redb::Error> {
+    use redb::{MultimapTableHandle, TableHandle};
+    let mut out = Vec::new();
+    for h in txn.list_tables()? {
+        let name = h.name().to_owned();
+        let t = txn.open_untyped_table(h)?;
+        out.push((name, false, t.len()?));
+    }
+    for h in txn.list_multimap_tables()? {
+        let name = h.name().to_owned();
+        let t = txn.open_untyped_multimap_table(h)?;
+        out.push((name, true, t.len()?));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether two indexes hold the same tables with as many entries each (a copy made by
+/// [`copy_tables`] misses nothing).
+///
+/// # Errors
+/// What differs, or a redb error.
+pub fn same_tables(a: &ReadTransaction, b: &ReadTransaction) -> Result<(), String> {
+    let a = table_census(a).map_err(|e| e.to_string())?;
+    let b = table_census(b).map_err(|e| e.to_string())?;
+    if a == b {
+        Ok(())
+    } else {
+        Err(format!("the rewritten index differs: {a:?} became {b:?}"))
     }
 }
 

@@ -15,6 +15,7 @@
 //! See `docs/store-format.md` for the byte layout, the commit order and the invariants.
 
 pub mod backup;
+pub mod codec;
 pub mod compact;
 pub mod compactor;
 pub mod dict;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
+use super::codec;
 use super::compact::{self, DecodedBlock};
 use super::dict::Dicts;
 use super::engine::{idx_err, io_err, Engine, INDEX_FILE, LOCK_FILE};
@@ -333,7 +334,7 @@ impl StoreReader {
         for local in by_msg.get(id.0).map_err(idx_err)? {
             let local = local.map_err(idx_err)?.value();
             if let Some(json) = arrivals.get(local).map_err(idx_err)? {
-                let a: Arrival = serde_json::from_slice(json.value())
+                let a: Arrival = codec::decode_arrival(json.value())
                     .map_err(|e| StoreError::Corrupt(format!("arrival {local}: {e}")))?;
                 out.push(a);
             }
@@ -359,7 +360,7 @@ impl StoreReader {
         };
         let summaries = txn.open_table(SUMMARIES).map_err(idx_err)?;
         let summary: Summary = match summaries.get(id.0).map_err(idx_err)? {
-            Some(v) => serde_json::from_slice(v.value())
+            Some(v) => codec::decode_summary(v.value())
                 .map_err(|e| StoreError::Corrupt(format!("summary of {id}: {e}")))?,
             None => Summary::default(),
         };
@@ -400,9 +401,16 @@ impl StoreReader {
         let mut out = Vec::new();
         if let Some((table, key)) = key_lookup {
             let t = txn.open_multimap_table(table).map_err(idx_err)?;
+            let messages = txn.open_table(MESSAGES).map_err(idx_err)?;
             let mut ids = BTreeSet::new();
             for v in t.get(key.as_str()).map_err(idx_err)? {
-                ids.insert(v.map_err(idx_err)?.value());
+                let prefix = v.map_err(idx_err)?.value();
+                for m in messages
+                    .range(index::prefix_range(prefix))
+                    .map_err(idx_err)?
+                {
+                    ids.insert(m.map_err(idx_err)?.0.value());
+                }
             }
             for id in ids {
                 if let Some(r) = Self::record_in(&txn, &MessageId(id))? {
@@ -485,7 +493,7 @@ impl StoreReader {
         for entry in arrivals.iter().map_err(idx_err)? {
             let (k, v) = entry.map_err(idx_err)?;
             report.arrivals_checked += 1;
-            match serde_json::from_slice::<Arrival>(v.value()) {
+            match codec::decode_arrival(v.value()) {
                 Ok(a) => match a.message.parse::<MessageId>() {
                     Ok(m) if messages.get(m.0).map_err(idx_err)?.is_some() => {}
                     _ => report.problems.push(format!(

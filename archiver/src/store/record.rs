@@ -26,7 +26,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Format version of the index (META `format`): 2 added block locations and the
 /// `segments` table. An index of format 1 is read as is and marked 2 on open, so that
 /// an older build, which cannot read compacted segments, refuses the store instead.
-pub const INDEX_FORMAT: u32 = 2;
+/// 3 stores `arrivals` and `summaries` values in the binary form of [`super::codec`]
+/// instead of JSON; an index of format 1 or 2 has those two tables re-encoded on open
+/// (every other table, `cursors`, `parked` and the counters included, stays as it is).
+pub const INDEX_FORMAT: u32 = 3;
 pub const SEGMENT_HEADER_LEN: u64 = 64;
 pub const RECORD_HEADER_LEN: usize = 56;
 pub const RECORD_TRAILER_LEN: usize = 4;

@@ -316,3 +316,258 @@ fn backup_without_a_daemon_and_into_an_empty_folder() {
     assert_eq!(a, b);
     assert!(!dir.path().join(".dest.coffer-backup").exists());
 }
+
+/// Rewrites a format-3 index as format 2 wrote it: JSON `arrivals` and `summaries`,
+/// whole message ids in `addrs` and `msgids`.
+fn downgrade_to_format_2(dir: &Path) {
+    use redb::{ReadableMultimapTable, ReadableTable};
+    let db = redb::Database::open(dir.join(engine::INDEX_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut t = txn.open_table(index::ARRIVALS).unwrap();
+        let all: Vec<(u64, Arrival)> = t
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.value(), codec::decode_arrival(v.value()).unwrap())
+            })
+            .collect();
+        for (k, a) in all {
+            t.insert(k, serde_json::to_vec(&a).unwrap().as_slice())
+                .unwrap();
+        }
+        let mut t = txn.open_table(index::SUMMARIES).unwrap();
+        let all: Vec<([u8; 32], summary::Summary)> = t
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.value(), codec::decode_summary(v.value()).unwrap())
+            })
+            .collect();
+        for (k, s) in all {
+            t.insert(k, serde_json::to_vec(&s).unwrap().as_slice())
+                .unwrap();
+        }
+        let ids: Vec<[u8; 32]> = txn
+            .open_table(index::MESSAGES)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap().0.value())
+            .collect();
+        for (new, old) in [
+            (index::ADDRS, index::ADDRS_V2),
+            (index::MSGIDS, index::MSGIDS_V2),
+        ] {
+            {
+                let src = txn.open_multimap_table(new).unwrap();
+                let mut dst = txn.open_multimap_table(old).unwrap();
+                for e in src.iter().unwrap() {
+                    let (k, vs) = e.unwrap();
+                    for v in vs {
+                        let p = v.unwrap().value();
+                        for id in ids.iter().filter(|id| index::id_prefix(id) == p) {
+                            dst.insert(k.value(), id).unwrap();
+                        }
+                    }
+                }
+            }
+            txn.delete_multimap_table(new).unwrap();
+        }
+        let mut meta = txn.open_table(index::META).unwrap();
+        meta.insert(index::K_FORMAT, 2u32.to_le_bytes().as_slice())
+            .unwrap();
+        let state = index::CursorState {
+            cursor: 3,
+            peer_epoch: Some("0badcafe".into()),
+            resync_until: 2,
+        };
+        txn.open_table(index::CURSORS)
+            .unwrap()
+            .insert("peer", serde_json::to_vec(&state).unwrap().as_slice())
+            .unwrap();
+        txn.open_table(index::PARKED)
+            .unwrap()
+            .insert(("peer", 2), "550 refused")
+            .unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// (format, JSON values left, cursors, parked) of a closed store's index.
+type IndexState = (
+    u32,
+    usize,
+    Vec<(String, Vec<u8>)>,
+    Vec<(String, u64, String)>,
+);
+
+fn index_state(dir: &Path) -> IndexState {
+    use redb::{ReadableDatabase, ReadableTable};
+    let db = redb::Database::open(dir.join(engine::INDEX_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(index::META).unwrap();
+    let format = u32::from_le_bytes(
+        meta.get(index::K_FORMAT)
+            .unwrap()
+            .unwrap()
+            .value()
+            .try_into()
+            .unwrap(),
+    );
+    let arrivals = txn.open_table(index::ARRIVALS).unwrap();
+    let summaries = txn.open_table(index::SUMMARIES).unwrap();
+    let json = arrivals
+        .iter()
+        .unwrap()
+        .map(|e| e.unwrap().1.value().to_vec())
+        .chain(
+            summaries
+                .iter()
+                .unwrap()
+                .map(|e| e.unwrap().1.value().to_vec()),
+        )
+        .filter(|v| v.first() == Some(&b'{'))
+        .count();
+    let cursors = txn
+        .open_table(index::CURSORS)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|e| {
+            let (k, v) = e.unwrap();
+            (k.value().to_owned(), v.value().to_vec())
+        })
+        .collect();
+    let parked = txn
+        .open_table(index::PARKED)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|e| {
+            let (k, v) = e.unwrap();
+            let (c, l) = k.value();
+            (c.to_owned(), l, v.value().to_owned())
+        })
+        .collect();
+    (format, json, cursors, parked)
+}
+
+#[test]
+fn a_format_2_index_is_upgraded_on_open_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let receipts = filled(dir.path(), 40, 8192);
+    let (records, status) = all(dir.path());
+    assert_eq!(status.repeats, 1);
+    assert_eq!(records.len(), 40);
+    downgrade_to_format_2(dir.path());
+    let (format, json, cursors, parked) = index_state(dir.path());
+    assert_eq!((format, json), (2, 41 + 40));
+
+    let store = Store::open(opts(dir.path(), 8192)).unwrap();
+    store.close();
+    let (format, json, cursors_after, parked_after) = index_state(dir.path());
+    assert_eq!((format, json), (3, 0));
+    assert_eq!(cursors_after, cursors);
+    assert_eq!(parked_after, parked);
+    assert_eq!(
+        parked_after,
+        vec![("peer".to_owned(), 2, "550 refused".to_owned())]
+    );
+
+    let (again, after) = all(dir.path());
+    assert_eq!(again, records);
+    assert_eq!(after, status);
+    let r = StoreReader::open(dir.path()).unwrap();
+    for (i, receipt) in receipts.iter().take(40).enumerate() {
+        let q = Query {
+            from: Some(format!("sender{i}@example.org")),
+            ..Query::default()
+        };
+        let found = r.search(&q).unwrap();
+        assert_eq!(found.len(), 1, "{i}");
+        assert_eq!(found[0].id, receipt.message_id.to_hex());
+        let q = Query {
+            message_id: Some(format!("<m{i}@example.org>")),
+            ..Query::default()
+        };
+        assert_eq!(r.search(&q).unwrap()[0].id, receipt.message_id.to_hex());
+    }
+    drop(r);
+    assert!(verify(dir.path(), true).problems.is_empty());
+    // Reindexing the upgraded store gives the same answers.
+    reindex::reindex(dir.path(), "node-a", &mut |_, _| {}).unwrap();
+    assert_eq!(all(dir.path()).0, records);
+}
+
+#[test]
+fn the_index_rewrite_keeps_every_entry_and_shrinks_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 300, 64 << 20);
+    downgrade_to_format_2(dir.path()); // adds a cursor and a parked arrival
+    drop(Store::open(opts(dir.path(), 64 << 20)).unwrap()); // upgrades in place
+    let (records, status) = all(dir.path());
+    let state = index_state(dir.path());
+    let (before, after) = compactor::compact_index(dir.path()).unwrap();
+    assert!(after < before, "{before} -> {after}");
+    assert_eq!(
+        std::fs::metadata(dir.path().join(engine::INDEX_FILE))
+            .unwrap()
+            .len(),
+        after
+    );
+    assert!(!dir.path().join(compactor::REWRITE_INDEX_FILE).exists());
+    assert_eq!(all(dir.path()), (records, status));
+    assert_eq!(index_state(dir.path()), state);
+    assert!(verify(dir.path(), true).problems.is_empty());
+    // The rewritten index takes writes again.
+    let store = Store::open(opts(dir.path(), 64 << 20)).unwrap();
+    store
+        .handle()
+        .ingest_blocking(msg(1000, "late@example.org"))
+        .unwrap();
+    store.close();
+    assert_eq!(all(dir.path()).1.messages, 301);
+
+    // Held by an open store: refused, and the index is left alone.
+    let store = Store::open(opts(dir.path(), 64 << 20)).unwrap();
+    assert!(matches!(
+        compactor::compact_index(dir.path()),
+        Err(StoreError::DaemonRunning(_))
+    ));
+    store.close();
+}
+
+#[test]
+fn search_by_address_checks_what_an_id_prefix_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let receipts = filled(dir.path(), 3, 64 << 20);
+    // Point sender0's address key at the prefix of message 1 as well, as if the two ids
+    // shared their first 8 bytes: search still answers only message 0.
+    {
+        let db = redb::Database::open(dir.path().join(engine::INDEX_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_multimap_table(index::ADDRS)
+            .unwrap()
+            .insert(
+                "f:sender0@example.org",
+                index::id_prefix(&receipts[1].message_id.0),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let r = StoreReader::open(dir.path()).unwrap();
+    let q = Query {
+        from: Some("sender0@example.org".into()),
+        ..Query::default()
+    };
+    let found: Vec<String> = r.search(&q).unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(found, vec![receipts[0].message_id.to_hex()]);
+    let q = Query {
+        from: Some("@example.org".into()),
+        ..Query::default()
+    };
+    assert_eq!(r.search(&q).unwrap().len(), 3);
+}

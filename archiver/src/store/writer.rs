@@ -844,7 +844,7 @@ fn lookup_key(snapshot: &ReadTransaction, key: [u8; 32]) -> Result<Option<Arriva
     let json = arrivals.get(local).map_err(idx_err)?.ok_or_else(|| {
         StoreError::Corrupt(format!("arrival key points at missing arrival {local}"))
     })?;
-    let a: Arrival = serde_json::from_slice(json.value())
+    let a: Arrival = super::codec::decode_arrival(json.value())
         .map_err(|e| StoreError::Corrupt(format!("arrival {local}: {e}")))?;
     Ok(Some(a.id))
 }
