@@ -271,6 +271,10 @@ struct BlockWriter<'a> {
     segment: u32,
     compressor: zstd::bulk::Compressor<'static>,
     dict_id: u32,
+    /// With a dictionary: a compressor without it, tried on the segment's first block.
+    /// The smaller frame decides for the whole segment — a dictionary pays for small
+    /// blocks, while inside a block of megabytes the earlier messages are the better one.
+    plain: Option<zstd::bulk::Compressor<'static>>,
     pos: u64,
     moves: Vec<Move>,
     blocks: u64,
@@ -291,10 +295,16 @@ impl BlockWriter<'_> {
         }
         payload.extend_from_slice(&f.records);
         drop(f.records);
-        let frame = self
-            .compressor
-            .compress(&payload)
-            .map_err(|e| StoreError::Unsupported(format!("zstd: {e}")))?;
+        let zstd_err = |e: std::io::Error| StoreError::Unsupported(format!("zstd: {e}"));
+        let mut frame = self.compressor.compress(&payload).map_err(zstd_err)?;
+        if let Some(mut plain) = self.plain.take() {
+            let without = plain.compress(&payload).map_err(zstd_err)?;
+            if without.len() < frame.len() {
+                frame = without;
+                self.compressor = plain;
+                self.dict_id = 0;
+            }
+        }
         let bh = BlockHeader {
             codec: BLOCK_CODEC_ZSTD,
             dict_id: self.dict_id,
@@ -361,17 +371,23 @@ pub fn rewrite(
     let out = vfs.create_new(&tmp).map_err(io_err(&tmp))?;
     out.write_all_at(&header.encode_blk(), 0)
         .map_err(io_err(&tmp))?;
+    let level_err = |e| StoreError::Unsupported(format!("zstd level {}: {e}", opts.level));
     let compressor = match dict {
         Some((_, d)) => zstd::bulk::Compressor::with_dictionary(opts.level, d),
         None => zstd::bulk::Compressor::new(opts.level),
     }
-    .map_err(|e| StoreError::Unsupported(format!("zstd level {}: {e}", opts.level)))?;
+    .map_err(level_err)?;
+    let plain = match dict {
+        Some(_) => Some(zstd::bulk::Compressor::new(opts.level).map_err(level_err)?),
+        None => None,
+    };
     let mut w = BlockWriter {
         out: &*out,
         path: &tmp,
         segment: n,
         compressor,
         dict_id: dict.map_or(0, |(id, _)| id),
+        plain,
         pos: SEGMENT_HEADER_LEN,
         moves: Vec::new(),
         blocks: 0,

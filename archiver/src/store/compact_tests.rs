@@ -272,3 +272,76 @@ fn a_compaction_interrupted_by_a_failed_store_loses_nothing() {
         &ids,
     );
 }
+
+/// A segment's first block is compressed with and without the dictionary; the smaller
+/// frame decides for the segment. A dictionary made of mail like the segment's wins in
+/// small blocks; one of random bytes never does.
+#[test]
+fn a_dictionary_is_used_only_where_it_makes_blocks_smaller() {
+    let vfs = FaultVfs::new();
+    let dir = Path::new("/d");
+    let log_dir = dir.join(LOG_DIR);
+    let store = Store::open_with(Arc::new(vfs.clone()), opts(dir, 32 << 10, false)).unwrap();
+    let h = store.handle();
+    let ids = ingest(&h, 0..60);
+    h.update_state_blocking(writer::StateOp::Seal).unwrap();
+    drop(h);
+    store.close();
+    let n = list_log(&vfs, &log_dir).unwrap()[0].number;
+    let epoch = *uuid::Uuid::parse_str(
+        &StoreReader::open_with(Arc::new(vfs.clone()), dir)
+            .unwrap()
+            .status()
+            .unwrap()
+            .epoch,
+    )
+    .unwrap()
+    .as_bytes();
+    let like_the_mail: Vec<u8> = (1000..1040).flat_map(message).collect();
+    let mut rng_state = 0x9e37_79b9_7f4a_7c15_u64;
+    let random: Vec<u8> = (0..like_the_mail.len())
+        .map(|_| {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state as u8
+        })
+        .collect();
+    for (dict, helps) in [(like_the_mail, true), (random, false)] {
+        let shared = Arc::new(dict.clone());
+        let lookup = move |id: u32| -> Result<Arc<Vec<u8>>, String> {
+            if id == 7 {
+                Ok(shared.clone())
+            } else {
+                Err(format!("no dictionary {id}"))
+            }
+        };
+        let written = compact::rewrite(
+            &vfs,
+            &log_dir,
+            n,
+            epoch,
+            &CompactOptions {
+                block_size: 4096,
+                level: 3,
+                dictionary: true,
+            },
+            Some((7, &dict)),
+            &lookup,
+            &mut || false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(written.info.blocks > 1, "{:?}", written.info);
+        assert_eq!(
+            written.info.dict,
+            if helps { 7 } else { 0 },
+            "helps: {helps}"
+        );
+        assert!(!written.moves.is_empty());
+        // Not switched in: the next round rewrites the same segment again.
+        vfs.remove_file(&blk_path(&log_dir, n)).unwrap();
+    }
+    let reader = StoreReader::open_with(Arc::new(vfs.clone()), dir).unwrap();
+    check_all(&reader, &ids);
+}
