@@ -67,6 +67,7 @@ cargo build --release --locked -p coffer-archiver --example storegen >&2
 COFFER="$TARGET/release/coffer"
 GEN="$TARGET/release/examples/storegen"
 
+on_disk() { stat -c '%b %B' "$1" | awk '{print $1 * $2}'; }
 data_bytes() { find "$1" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
 
@@ -163,14 +164,17 @@ trap 'stop_pid "${COFFERD_PID:-}" cofferd' EXIT
 wait_smtp 127.0.0.1 "$DPORT" "$COFFERD_PID" ||
     die "cofferd did not start: $(tail -20 "$DIR/daemon/cofferd.log")"
 D_INDEX_BEFORE="$(find "$DSTORE" -maxdepth 1 -name index.redb -printf '%s')"
+D_DISK_BEFORE="$(on_disk "$DSTORE/index.redb")"
 D_REPLY="$("${D[@]}" compact --wait --json)"
 D_INDEX_AFTER="$(find "$DSTORE" -maxdepth 1 -name index.redb -printf '%s')"
+D_DISK_AFTER="$(on_disk "$DSTORE/index.redb")"
 D_MILLIS="$(tr -d ' \n' <<<"$D_REPLY" | sed -n 's/.*"millis":\([0-9]*\).*/\1/p')"
 D_SKIPPED="$(tr -d '\n' <<<"$D_REPLY" | sed -n 's/.*"skipped": *"\([^"]*\)".*/\1/p')"
 [ -z "$D_SKIPPED" ] || say "the daemon did not rewrite its index: $D_SKIPPED"
 stop_pid "$COFFERD_PID" cofferd
 COFFERD_PID=
 D_INDEX_STOPPED="$(find "$DSTORE" -maxdepth 1 -name index.redb -printf '%s')"
+D_DISK_STOPPED="$(on_disk "$DSTORE/index.redb")"
 D_DATA="$(data_bytes "$DSTORE")"
 "${D[@]}" verify --deep >&2 || die "verify --deep failed after the daemon's compaction"
 
@@ -216,6 +220,7 @@ echo "| index.redb after the next write transaction | $INDEX_LIVE | $(ratio "$IN
 echo "| daemon: index.redb after the import, cofferd started | $D_INDEX_BEFORE | $(ratio "$D_INDEX_BEFORE" "$RAW") |"
 echo "| daemon: index.redb after coffer compact --wait through cofferd | $D_INDEX_AFTER | $(ratio "$D_INDEX_AFTER" "$RAW") |"
 echo "| daemon: index.redb once cofferd stopped | $D_INDEX_STOPPED | $(ratio "$D_INDEX_STOPPED" "$RAW") |"
+echo "| daemon: index.redb on disk (allocated blocks): started, after compact, stopped | $D_DISK_BEFORE / $D_DISK_AFTER / $D_DISK_STOPPED | $(ratio "$D_DISK_BEFORE" "$RAW") / $(ratio "$D_DISK_AFTER" "$RAW") / $(ratio "$D_DISK_STOPPED" "$RAW") |"
 echo "| daemon: data folder once cofferd stopped | $D_DATA | $(ratio "$D_DATA" "$RAW") |"
 echo
 echo "gzip -6 / coffer (target ≈ 1.8): $(ratio "$GZIP_BYTES" "$AFTER")"

@@ -164,7 +164,9 @@ fn through_daemon(
             index["bytes_after"].as_u64(),
         ) {
             (Some(b), Some(a)) => format!(
-                "; index {b} -> {a} bytes (ingest waited {} ms)",
+                "; index {b} -> {a} bytes, {} -> {} on disk (ingest waited {} ms)",
+                index["disk_bytes_before"].as_u64().unwrap_or(0),
+                index["disk_bytes_after"].as_u64().unwrap_or(0),
                 index["millis"].as_u64().unwrap_or(0)
             ),
             _ => match index["skipped"].as_str() {

@@ -56,6 +56,9 @@ pub struct IndexOutcome {
     /// `index.redb`'s size before and after, when it was rewritten.
     pub bytes_before: Option<u64>,
     pub bytes_after: Option<u64>,
+    /// The disk space it used before and after (redb grows the file sparsely).
+    pub disk_bytes_before: Option<u64>,
+    pub disk_bytes_after: Option<u64>,
     /// How long ingest waited for it, in milliseconds.
     pub millis: Option<u64>,
     /// Why the index was left as it was, if it was.
@@ -282,6 +285,8 @@ impl StoreHandle {
             Ok(r) => IndexOutcome {
                 bytes_before: Some(r.before),
                 bytes_after: Some(r.after),
+                disk_bytes_before: Some(r.disk_before),
+                disk_bytes_after: Some(r.disk_after),
                 millis: Some(r.millis),
                 skipped: None,
             },

@@ -593,6 +593,7 @@ fn an_open_store_rewrites_its_index_and_serves_on() {
     assert_eq!(r.before, before);
     assert_eq!(r.after, size());
     assert!(r.after < r.before, "{} -> {}", r.before, r.after);
+    assert!(r.disk_after < r.disk_before, "{r:?}");
     assert!(!dir.path().join(compactor::REWRITE_INDEX_FILE).exists());
     assert_eq!(h.shared.stats.reopens.load(Ordering::Relaxed), 0);
     assert!(!h.failed());

@@ -93,6 +93,9 @@ pub type StateReply = Box<dyn FnOnce(Result<(), IngestError>) + Send>;
 pub struct IndexRewrite {
     pub before: u64,
     pub after: u64,
+    /// The same as disk space in use (redb grows the file ahead of its need, sparsely).
+    pub disk_before: u64,
+    pub disk_after: u64,
     /// How long ingest waited: from closing the index to reopening it.
     pub millis: u64,
 }
@@ -388,8 +391,13 @@ impl Writer {
         }
         let data_dir = self.shared.data_dir.clone();
         let path = data_dir.join(super::engine::INDEX_FILE);
-        let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len());
-        let before = size(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let size = |p: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p)
+                .map(|m| (m.len(), m.blocks() * 512))
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let (before, disk_before) = size(&path)?;
         let started = Instant::now();
         let live = self.live.as_mut().expect("live after ensure_live");
         if !live.stop() {
@@ -452,12 +460,17 @@ impl Writer {
                 "replacing the index failed ({e}); the old index is kept"
             ));
         }
-        let after = size(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (after, disk_after) = size(&path)?;
         let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        info!(before, after, millis, "index rewritten in key order");
+        info!(
+            before,
+            after, disk_before, disk_after, millis, "index rewritten in key order"
+        );
         Ok(IndexRewrite {
             before,
             after,
+            disk_before,
+            disk_after,
             millis,
         })
     }
