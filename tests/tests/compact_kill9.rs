@@ -233,6 +233,14 @@ fn compaction_survives_kill9_and_loses_nothing() {
     // A last compaction runs to its end.
     let out = d.coffer_ok(&["compact", "--wait", "--json"]);
     eprintln!("compact_kill9: {}", out.stdout_str().trim());
+    // It rewrote the index too; a rewrite cut short by a kill left nothing behind.
+    let doc = out.json();
+    assert!(
+        doc["index_bytes_after"].as_u64().is_some(),
+        "the index was not rewritten: {doc}\n{}",
+        d.log_tail()
+    );
+    assert!(!d.dir().join("data/index.redb.rewrite").exists());
     let logs = std::fs::read_dir(d.dir().join("data/log"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

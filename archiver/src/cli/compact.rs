@@ -24,10 +24,11 @@ const MAX_RESTARTS: u32 = 10;
 #[derive(Args, Debug)]
 #[command(
     after_help = "With the daemon running, the request goes over its control socket and \
-                  the daemon's low-priority compactor does the work (ingest goes on); \
-                  without --wait the command returns once the request is taken. With no \
-                  daemon, the command compacts the store itself and returns when done \
-                  (and also compacts index.redb)."
+                  the daemon's low-priority compactor does the work (ingest goes on), then \
+                  rewrites index.redb in key order (ingest waits for that part); without \
+                  --wait the command returns once the request is taken. With no daemon, \
+                  the command compacts the store and index.redb itself and returns when \
+                  done."
 )]
 pub struct CompactArgs {
     /// Return only once the compaction has finished.
@@ -145,18 +146,38 @@ fn through_daemon(
         }
     }
     let mut doc = status.clone();
+    let index = &status["index"];
     if let Some(o) = doc.as_object_mut() {
         o.remove("ok");
         o.insert("daemon".into(), Value::Bool(true));
         o.insert("request".into(), request.into());
+        if a.wait {
+            o.insert("index_bytes_before".into(), index["bytes_before"].clone());
+            o.insert("index_bytes_after".into(), index["bytes_after"].clone());
+        }
     }
     if a.json {
         output::write_json(out, &doc).map_err(CliError::Output)?;
     } else if a.wait {
+        let index_text = match (
+            index["bytes_before"].as_u64(),
+            index["bytes_after"].as_u64(),
+        ) {
+            (Some(b), Some(a)) => format!(
+                "; index {b} -> {a} bytes, {} -> {} on disk (ingest waited {} ms)",
+                index["disk_bytes_before"].as_u64().unwrap_or(0),
+                index["disk_bytes_after"].as_u64().unwrap_or(0),
+                index["millis"].as_u64().unwrap_or(0)
+            ),
+            _ => match index["skipped"].as_str() {
+                Some(why) => format!("; index not rewritten: {why}"),
+                None => String::new(),
+            },
+        };
         writeln!(
             out,
             "compaction done: {} segment(s) compacted since the daemon started ({} bytes of \
-             log became {})",
+             log became {}){index_text}",
             status["segments_compacted"], status["bytes_in"], status["bytes_out"]
         )
         .map_err(CliError::Output)?;

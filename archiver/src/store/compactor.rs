@@ -46,6 +46,23 @@ pub struct CompactionState {
     pub raw_bytes: AtomicU64,
     /// Why the last run failed, if it did (cleared by a good run).
     pub last_error: Mutex<Option<String>>,
+    /// The last index rewrite (after a requested run): what it did or why it did not.
+    pub last_index: Mutex<Option<IndexOutcome>>,
+}
+
+/// What the index rewrite after a requested compaction did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IndexOutcome {
+    /// `index.redb`'s size before and after, when it was rewritten.
+    pub bytes_before: Option<u64>,
+    pub bytes_after: Option<u64>,
+    /// The disk space it used before and after (redb grows the file sparsely).
+    pub disk_bytes_before: Option<u64>,
+    pub disk_bytes_after: Option<u64>,
+    /// How long ingest waited for it, in milliseconds.
+    pub millis: Option<u64>,
+    /// Why the index was left as it was, if it was.
+    pub skipped: Option<String>,
 }
 
 /// What one run did.
@@ -70,6 +87,8 @@ pub struct CompactionStatus {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub last_error: Option<String>,
+    /// The index rewrite of the last requested run, if one ran.
+    pub index: Option<IndexOutcome>,
 }
 
 impl StoreHandle {
@@ -255,6 +274,29 @@ impl StoreHandle {
         Ok(n)
     }
 
+    /// [`StoreHandle::rewrite_index`], one compaction at a time, as the status says it.
+    pub fn rewrite_index_outcome(&self) -> IndexOutcome {
+        let _one = self
+            .shared
+            .compact_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match self.rewrite_index() {
+            Ok(r) => IndexOutcome {
+                bytes_before: Some(r.before),
+                bytes_after: Some(r.after),
+                disk_bytes_before: Some(r.disk_before),
+                disk_bytes_after: Some(r.disk_after),
+                millis: Some(r.millis),
+                skipped: None,
+            },
+            Err(why) => IndexOutcome {
+                skipped: Some(why),
+                ..IndexOutcome::default()
+            },
+        }
+    }
+
     pub fn compaction_status(&self) -> CompactionStatus {
         let c = &self.shared.compaction;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -268,6 +310,11 @@ impl StoreHandle {
             bytes_out: get(&c.bytes_out),
             last_error: c
                 .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            index: c
+                .last_index
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
@@ -384,6 +431,14 @@ fn run(h: &StoreHandle, rx: &crossbeam_channel::Receiver<bool>, stop: &AtomicBoo
         }
         c.running.store(true, Ordering::Relaxed);
         let result = h.compact(asked, &|| stop.load(Ordering::Relaxed));
+        // Only a requested run (`coffer compact`) rewrites the index: ingest waits
+        // while it does.
+        if asked && result.is_ok() && !stop.load(Ordering::Relaxed) {
+            let outcome = h.rewrite_index_outcome();
+            *c.last_index
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(outcome);
+        }
         c.running.store(false, Ordering::Relaxed);
         let mut last = c
             .last_error
@@ -415,7 +470,8 @@ fn lower_priority() {
     }
 }
 
-/// Name of the index being rewritten by [`compact_index`]; a leftover is removed.
+/// Name of the index being rewritten ([`compact_index`], or the daemon after a
+/// requested compaction); a leftover is removed when the store opens.
 pub const REWRITE_INDEX_FILE: &str = "index.redb.rewrite";
 
 /// Makes `index.redb` as small as its content: copies every table in key order into a
@@ -436,16 +492,36 @@ pub fn compact_index(data_dir: &std::path::Path) -> Result<(u64, u64), StoreErro
         .map_err(io_err(&lock_path))?
         .ok_or_else(|| StoreError::DaemonRunning(lock_path.clone()))?;
     let path = data_dir.join(super::engine::INDEX_FILE);
-    let tmp = data_dir.join(REWRITE_INDEX_FILE);
     let before = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+    {
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+        let src = b.open(&path).map_err(idx_err)?;
+        write_rewrite(data_dir, &src)?;
+    }
+    install_rewrite(data_dir)?;
+    let after = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+    Ok((before, after))
+}
+
+/// The first half of an index rewrite, for a caller holding the store's lock: copies
+/// every table of `src` (the open `index.redb`) in key order into
+/// [`REWRITE_INDEX_FILE`], lets redb compact it, and checks it holds the same tables
+/// with the same entries. Nothing writes `src` meanwhile (the caller sees to it). On
+/// failure the copy is removed and `index.redb` is untouched.
+///
+/// # Errors
+/// redb or the file system failed, or the copy differs.
+pub(crate) fn write_rewrite(
+    data_dir: &std::path::Path,
+    src: &redb::Database,
+) -> Result<(), StoreError> {
+    let tmp = data_dir.join(REWRITE_INDEX_FILE);
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
         _ => {}
     }
     let rewritten = (|| -> Result<(), StoreError> {
-        let mut b = redb::Builder::new();
-        b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
-        let src = b.open(&path).map_err(idx_err)?;
         let mut b = redb::Builder::new();
         b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
         let mut dst = b.create(&tmp).map_err(idx_err)?;
@@ -462,9 +538,20 @@ pub fn compact_index(data_dir: &std::path::Path) -> Result<(u64, u64), StoreErro
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
+    Ok(())
+}
+
+/// The second half: renames [`REWRITE_INDEX_FILE`] over `index.redb` and syncs the
+/// folder. Only once nothing in this process has the old index open any more.
+///
+/// # Errors
+/// The rename or the folder's sync failed.
+pub(crate) fn install_rewrite(data_dir: &std::path::Path) -> Result<(), StoreError> {
+    use super::io::Vfs;
+    let path = data_dir.join(super::engine::INDEX_FILE);
+    let tmp = data_dir.join(REWRITE_INDEX_FILE);
     let rt = super::io::RealVfs;
     rt.rename(&tmp, &path).map_err(io_err(&path))?;
     rt.sync_dir(data_dir).map_err(io_err(data_dir))?;
-    let after = std::fs::metadata(&path).map_err(io_err(&path))?.len();
-    Ok((before, after))
+    Ok(())
 }

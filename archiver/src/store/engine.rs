@@ -144,6 +144,14 @@ impl Engine {
         dicts
             .remove_leftovers()
             .map_err(io_err(&data_dir.join(super::dict::DICT_DIR)))?;
+        // An index rewrite cut short (crash, kill): `index.redb` is still the old one.
+        let rewrite = data_dir.join(super::compactor::REWRITE_INDEX_FILE);
+        match vfs.remove_file(&rewrite) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err(&rewrite)(e));
+            }
+            _ => {}
+        }
 
         let index_path = data_dir.join(INDEX_FILE);
         let db = match open_index(&*vfs, &index_path) {

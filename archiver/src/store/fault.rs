@@ -415,6 +415,10 @@ impl Vfs for FaultVfs {
         Ok(Some(Box::new(NoLock)))
     }
 
+    fn index_is_real_file(&self) -> bool {
+        false
+    }
+
     fn index_backend(&self, path: &Path) -> io::Result<Option<Box<dyn redb::StorageBackend>>> {
         if !self.exists(path) {
             self.create_new(path)?;

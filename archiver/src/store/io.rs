@@ -52,6 +52,11 @@ pub trait Vfs: Send + Sync + Debug + 'static {
     /// A redb storage backend for `path`, or `None` to let redb open the real file itself
     /// (with its multi-process byte-range locks, which the daemon and CLI need).
     fn index_backend(&self, path: &Path) -> io::Result<Option<Box<dyn redb::StorageBackend>>>;
+    /// Whether `index.redb` is a real file redb opens itself (see
+    /// [`Vfs::index_backend`]), so that the daemon can rewrite it in place.
+    fn index_is_real_file(&self) -> bool {
+        true
+    }
 }
 
 /// The real filesystem.

@@ -722,6 +722,24 @@ impl StoreHandle {
         rx.recv().unwrap_or(Err(IngestError::ShuttingDown))
     }
 
+    /// Rewrites `index.redb` in key order on the writer thread (ingest waits meanwhile):
+    /// see `Writer::rewrite_index`. `Err` says why the index was left as it was; the
+    /// store serves on either way.
+    ///
+    /// # Errors
+    /// The index was not rewritten (the reason), or the store is shutting down.
+    pub fn rewrite_index(&self) -> Result<writer::IndexRewrite, String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let work = writer::Work::RewriteIndex(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        self.tx
+            .send(work)
+            .map_err(|_| IngestError::ShuttingDown.to_string())?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(IngestError::ShuttingDown.to_string()))
+    }
+
     /// A read snapshot of the committed index, for in-process readers.
     ///
     /// # Errors

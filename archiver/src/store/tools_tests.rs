@@ -571,3 +571,82 @@ fn search_by_address_checks_what_an_id_prefix_finds() {
     };
     assert_eq!(r.search(&q).unwrap().len(), 3);
 }
+
+#[test]
+fn an_open_store_rewrites_its_index_and_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(opts(dir.path(), 64 << 10)).unwrap();
+    let h = store.handle();
+    let mut receipts: Vec<Receipt> = (0..600)
+        .map(|i| h.ingest_blocking(msg(i, "a@example.org")).unwrap())
+        .collect();
+    h.compact(true, &|| false).unwrap();
+    let index = dir.path().join(engine::INDEX_FILE);
+    let size = || std::fs::metadata(&index).unwrap().len();
+    // A reader beside the store, opened before the rewrite: it keeps the old file.
+    let early = StoreReader::open(dir.path()).unwrap();
+    assert!(early.daemon_running());
+    assert_eq!(early.search(&Query::default()).unwrap().len(), 600);
+
+    let before = size();
+    let r = h.rewrite_index().unwrap();
+    assert_eq!(r.before, before);
+    assert_eq!(r.after, size());
+    assert!(r.after < r.before, "{} -> {}", r.before, r.after);
+    assert!(r.disk_after < r.disk_before, "{r:?}");
+    assert!(!dir.path().join(compactor::REWRITE_INDEX_FILE).exists());
+    assert_eq!(h.shared.stats.reopens.load(Ordering::Relaxed), 0);
+    assert!(!h.failed());
+    // The early reader finishes on the old file; in-process reads use the new one.
+    for rc in &receipts {
+        assert!(!early.read_message(&rc.message_id).unwrap().is_empty());
+        assert!(!h.read_message(&rc.message_id).unwrap().is_empty());
+    }
+    drop(early);
+    // Ingest goes on, into the new index.
+    receipts.push(h.ingest_blocking(msg(5000, "late@example.org")).unwrap());
+    let late = StoreReader::open(dir.path()).unwrap();
+    assert_eq!(late.search(&Query::default()).unwrap().len(), 601);
+    for rc in &receipts {
+        assert!(!late.read_message(&rc.message_id).unwrap().is_empty());
+    }
+    drop(late);
+
+    // A rewrite that fails (its file cannot be made) leaves the index as it was.
+    let blocker = dir.path().join(compactor::REWRITE_INDEX_FILE);
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("x"), b"x").unwrap();
+    let size_now = size();
+    let failed = h.rewrite_index().unwrap_err();
+    assert!(failed.contains("old index is kept"), "{failed}");
+    assert_eq!(size(), size_now);
+    std::fs::remove_dir_all(&blocker).unwrap();
+    receipts.push(h.ingest_blocking(msg(5002, "after@example.org")).unwrap());
+
+    // An in-process holder that does not let go: the index is left as it was, the
+    // store carries on.
+    let held = h.shared.db.read().unwrap().clone().unwrap();
+    let size_now = size();
+    let refused = h.rewrite_index().unwrap_err();
+    assert!(refused.contains("not rewritten"), "{refused}");
+    drop(held);
+    assert_eq!(size(), size_now);
+    receipts.push(h.ingest_blocking(msg(5001, "later@example.org")).unwrap());
+    drop(h);
+    store.close();
+    let (records, status) = all(dir.path());
+    assert_eq!((records.len(), status.messages), (603, 603));
+    assert!(verify(dir.path(), true).problems.is_empty());
+}
+
+#[test]
+fn a_leftover_index_rewrite_is_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 20, 64 << 20);
+    let leftover = dir.path().join(compactor::REWRITE_INDEX_FILE);
+    std::fs::write(&leftover, b"half a copy").unwrap();
+    let store = Store::open(opts(dir.path(), 64 << 20)).unwrap();
+    assert!(!leftover.exists());
+    store.close();
+    assert_eq!(all(dir.path()).1.messages, 20);
+}

@@ -62,6 +62,8 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 const DISK_FULL_MARGIN: u64 = 16 << 20;
 /// How long a poisoned writer waits between attempts to reopen the store.
 const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
+/// How long an index rewrite waits for in-process readers to let go of the index.
+const REWRITE_HOLDER_WAIT: Duration = Duration::from_secs(5);
 
 /// A message made ready for the log off the writer thread: hashed, compressed, parsed.
 pub struct Prepared {
@@ -86,6 +88,21 @@ pub struct Job {
 /// Answer to a [`StateOp`], given once the index committed it.
 pub type StateReply = Box<dyn FnOnce(Result<(), IngestError>) + Send>;
 
+/// What an index rewrite did: `index.redb`'s size before and after, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexRewrite {
+    pub before: u64,
+    pub after: u64,
+    /// The same as disk space in use (redb grows the file ahead of its need, sparsely).
+    pub disk_before: u64,
+    pub disk_after: u64,
+    /// How long ingest waited: from closing the index to reopening it.
+    pub millis: u64,
+}
+
+/// Answer to [`Work::RewriteIndex`]: the sizes, or why the index was left as it was.
+pub type RewriteReply = Box<dyn FnOnce(Result<IndexRewrite, String>) + Send>;
+
 /// What the writer's channel carries.
 #[allow(clippy::large_enum_variant)] // nearly every item is an `Ingest`: boxing it costs more
 pub enum Work {
@@ -93,6 +110,9 @@ pub enum Work {
     Ingest(Job),
     /// A replication state change, applied by the index stage in log order.
     State(StateOp, StateReply),
+    /// Rewrite `index.redb` in key order (`coffer compact`): close the index, rewrite it,
+    /// reopen it. Ingest waits in the channel meanwhile.
+    RewriteIndex(RewriteReply),
 }
 
 pub fn now_rfc3339() -> String {
@@ -197,6 +217,21 @@ impl Live {
         drop(self.index_tx.take());
         self.indexer.take().is_none_or(|h| h.join().is_ok())
     }
+
+    /// Starts the index stage again after [`Live::stop`], on the same index, and shows
+    /// the index to in-process readers again.
+    fn resume(&mut self, shared: &Arc<Shared>) -> Result<(), StoreError> {
+        let (index_tx, rx) = crossbeam_channel::bounded(INDEX_QUEUE);
+        let (db2, shared2) = (self.db.clone(), shared.clone());
+        let indexer = std::thread::Builder::new()
+            .name("store-indexer".into())
+            .spawn(move || run_indexer(&db2, &rx, &shared2))
+            .map_err(StoreError::Os)?;
+        self.index_tx = Some(index_tx);
+        self.indexer = Some(indexer);
+        shared.set_db(Some(self.db.clone()));
+        Ok(())
+    }
 }
 
 impl Drop for Live {
@@ -251,6 +286,7 @@ impl Writer {
             let (mut batch, mut state) = (Vec::new(), Vec::new());
             let mut bytes = 0;
             let mut seal = false;
+            let mut rewrite = None;
             let mut next = Some(first);
             while let Some(work) = next.take() {
                 match work {
@@ -262,12 +298,19 @@ impl Writer {
                         seal |= op == StateOp::Seal;
                         state.push((op, reply));
                     }
+                    // What came before it is committed first; what comes after waits.
+                    Work::RewriteIndex(reply) => rewrite = Some(reply),
                 }
-                if batch.len() < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES {
+                if rewrite.is_none() && batch.len() < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES {
                     next = rx.try_recv().ok();
                 }
             }
-            self.commit_batch(batch, state, seal);
+            if !batch.is_empty() || !state.is_empty() {
+                self.commit_batch(batch, state, seal);
+            }
+            if let Some(reply) = rewrite {
+                reply(self.rewrite_index());
+            }
         }
         if let Some(mut live) = self.live.take() {
             if !live.stop() {
@@ -331,6 +374,105 @@ impl Writer {
                 Err(format!("the store failed and cannot be reopened: {e}"))
             }
         }
+    }
+
+    /// Rewrites `index.redb` in key order while the daemon keeps the store's lock: the
+    /// index stage commits what was synced and stops, in-process readers lose the index
+    /// (and are waited for, up to [`REWRITE_HOLDER_WAIT`]), the index is copied into
+    /// `index.redb.rewrite` and checked, closed, replaced, and reopened. Not a failure:
+    /// the store is not marked failed, nor the reopen counted. If the copy fails or a
+    /// reader does not let go, the old index stays and the store carries on with it.
+    ///
+    /// Processes reading the store keep the old file open until they finish.
+    fn rewrite_index(&mut self) -> Result<IndexRewrite, String> {
+        self.ensure_live()?;
+        if !self.shared.vfs.index_is_real_file() {
+            return Err("the index is not a plain file here; not rewritten".into());
+        }
+        let data_dir = self.shared.data_dir.clone();
+        let path = data_dir.join(super::engine::INDEX_FILE);
+        let size = |p: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p)
+                .map(|m| (m.len(), m.blocks() * 512))
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let (before, disk_before) = size(&path)?;
+        let started = Instant::now();
+        let live = self.live.as_mut().expect("live after ensure_live");
+        if !live.stop() {
+            self.poison("the index stage stopped");
+            return Err("the index stage had failed; the store reopens".into());
+        }
+        self.shared.set_db(None);
+        let deadline = Instant::now() + REWRITE_HOLDER_WAIT;
+        while Arc::strong_count(&live.db) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let outcome = if Arc::strong_count(&live.db) > 1 {
+            Err(format!(
+                "in-process readers held the index for more than {}s; it was not rewritten",
+                REWRITE_HOLDER_WAIT.as_secs()
+            ))
+        } else {
+            super::compactor::write_rewrite(&data_dir, &live.db)
+                .map_err(|e| format!("rewriting the index failed ({e}); the old index is kept"))
+        };
+        if let Err(why) = outcome {
+            warn!(error = %why, "index not rewritten");
+            if let Err(e) = live.resume(&self.shared) {
+                self.poison(&format!("restarting the index stage: {e}"));
+            }
+            return Err(why);
+        }
+        // Close the old index (the last `Arc` goes with `Live`), keeping the lock.
+        let mut live = self.live.take().expect("live");
+        let lock = live.lock.take().expect("a live store holds its lock");
+        drop(live);
+        let installed = super::compactor::install_rewrite(&data_dir);
+        if installed.is_err() {
+            let _ = std::fs::remove_file(data_dir.join(super::compactor::REWRITE_INDEX_FILE));
+        }
+        let reopened = Engine::open_locked(
+            self.shared.vfs.clone(),
+            &data_dir,
+            Some(&self.shared.node),
+            lock,
+        )
+        .map_err(|(e, lock)| {
+            self.held_lock = Some(lock);
+            e
+        })
+        .and_then(|engine| Live::start(engine, &self.shared));
+        match reopened {
+            Ok(live) => self.live = Some(live),
+            Err(e) => {
+                // As after a failure: refuse and retry reopening until it works.
+                error!(error = %e, "reopening the store after rewriting its index failed");
+                self.shared.failed.store(true, Ordering::Relaxed);
+                self.last_reopen = Some(Instant::now());
+                return Err(format!("reopening the store after the rewrite failed: {e}"));
+            }
+        }
+        if let Err(e) = installed {
+            warn!(error = %e, "index not rewritten");
+            return Err(format!(
+                "replacing the index failed ({e}); the old index is kept"
+            ));
+        }
+        let (after, disk_after) = size(&path)?;
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info!(
+            before,
+            after, disk_before, disk_after, millis, "index rewritten in key order"
+        );
+        Ok(IndexRewrite {
+            before,
+            after,
+            disk_before,
+            disk_after,
+            millis,
+        })
     }
 
     fn poison(&mut self, why: &str) {
