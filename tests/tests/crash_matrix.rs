@@ -116,17 +116,59 @@ fn lmtp_transaction(c: &mut Wire, s: &Sent) -> anyhow::Result<Accepted> {
     Ok(acc.expect("at least one recipient"))
 }
 
-fn lmtp_client(thread: usize, sock: &Path, seed: u64, flow: &Flow) -> Vec<Sent> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+/// One client thread: sends the messages `make` builds, each up to
+/// `ATTEMPTS_PER_MESSAGE` times within the time cap. A failure (killed mid-transaction, or
+/// refused while the daemon recovers) drops the session, and the same transaction goes
+/// again on a new one, as coffer-milter and MTAs do.
+fn run_client<C>(
+    flow: &Flow,
+    what: &str,
+    mut make: impl FnMut(usize) -> Sent,
+    connect: impl Fn() -> Option<C>,
+    mut transact: impl FnMut(&mut C, &Sent) -> anyhow::Result<Accepted>,
+    quit: impl FnOnce(C),
+) -> Vec<Sent> {
     let end = Instant::now() + crash_time_cap(flow.iterations);
     let mut out = Vec::new();
-    let mut session: Option<Wire> = None;
+    let mut session: Option<C> = None;
     for n in 0..crash_per_thread(flow.iterations) {
         if flow.stop.load(Ordering::Relaxed) || Instant::now() >= end {
             break;
         }
+        let mut s = make(n);
+        for _ in 0..ATTEMPTS_PER_MESSAGE {
+            if Instant::now() >= end {
+                break;
+            }
+            if session.is_none() {
+                session = wait_until(what, RECONNECT_DEADLINE, &connect).ok();
+            }
+            let Some(c) = session.as_mut() else { continue };
+            s.attempts += 1;
+            match transact(c, &s) {
+                Ok(acc) => {
+                    s.acked = Some(acc);
+                    break;
+                }
+                Err(_) => session = None,
+            }
+        }
+        if s.acked.is_some() {
+            flow.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        out.push(s);
+    }
+    if let Some(c) = session {
+        quit(c);
+    }
+    out
+}
+
+fn lmtp_client(thread: usize, sock: &Path, seed: u64, flow: &Flow) -> Vec<Sent> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let make = |n| {
         let rcpts = rng.gen_range(2..=4);
-        let mut s = Sent {
+        Sent {
             bytes: message("lmtp", thread, n, &mut rng),
             from: format!("t{thread}@example.org"),
             to: (0..rcpts)
@@ -135,97 +177,55 @@ fn lmtp_client(thread: usize, sock: &Path, seed: u64, flow: &Flow) -> Vec<Sent> 
             queue_id: format!("Q{thread}X{n}"),
             acked: None,
             attempts: 0,
-        };
-        for _ in 0..ATTEMPTS_PER_MESSAGE {
-            if Instant::now() >= end {
-                break;
-            }
-            if session.is_none() {
-                session = wait_until(
-                    "the LMTP socket to accept again",
-                    RECONNECT_DEADLINE,
-                    || {
-                        let mut c = Wire::unix(sock).ok()?.expect_220().ok()?;
-                        c.expect("LHLO crash.test", 250).ok()?;
-                        Some(c)
-                    },
-                )
-                .ok();
-            }
-            let Some(c) = session.as_mut() else { continue };
-            s.attempts += 1;
-            match lmtp_transaction(c, &s) {
-                Ok(acc) => {
-                    s.acked = Some(acc);
-                    break;
-                }
-                // Killed mid-transaction or refused while recovering: a new session and
-                // the same transaction again, as coffer-milter does.
-                Err(_) => session = None,
-            }
         }
-        if s.acked.is_some() {
-            flow.acked.fetch_add(1, Ordering::Relaxed);
-        }
-        out.push(s);
-    }
-    if let Some(c) = session {
-        let _ = c.quit();
-    }
-    out
+    };
+    let connect = || {
+        let mut c = Wire::unix(sock).ok()?.expect_220().ok()?;
+        c.expect("LHLO crash.test", 250).ok()?;
+        Some(c)
+    };
+    run_client(
+        flow,
+        "the LMTP socket to accept again",
+        make,
+        connect,
+        lmtp_transaction,
+        |c| {
+            let _ = c.quit();
+        },
+    )
 }
 
 fn smtp_client(thread: usize, addr: std::net::SocketAddr, seed: u64, flow: &Flow) -> Vec<Sent> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let end = Instant::now() + crash_time_cap(flow.iterations);
-    let mut out = Vec::new();
-    let mut session: Option<SmtpClient> = None;
-    for n in 0..crash_per_thread(flow.iterations) {
-        if flow.stop.load(Ordering::Relaxed) || Instant::now() >= end {
-            break;
-        }
-        let mut s = Sent {
-            bytes: message("repl", thread, n, &mut rng),
-            from: format!("t{thread}@example.org"),
-            to: vec![
-                format!("m{n}@t{thread}.example.net"),
-                "journal@example.net".into(),
-            ],
-            queue_id: String::new(),
-            acked: None,
-            attempts: 0,
-        };
-        let to: Vec<&str> = s.to.iter().map(String::as_str).collect();
-        for _ in 0..ATTEMPTS_PER_MESSAGE {
-            if Instant::now() >= end {
-                break;
-            }
-            if session.is_none() {
-                session = wait_until("cofferd to accept again", RECONNECT_DEADLINE, || {
-                    let mut c = SmtpClient::connect(addr).ok()?;
-                    (c.ehlo("crash.test").ok()?.code == 250).then_some(c)
-                })
-                .ok();
-            }
-            let Some(c) = session.as_mut() else { continue };
-            s.attempts += 1;
-            match c.send(&s.from, &to, &s.bytes) {
-                Ok(acc) => {
-                    s.acked = Some(acc);
-                    break;
-                }
-                Err(_) => session = None,
-            }
-        }
-        if s.acked.is_some() {
-            flow.acked.fetch_add(1, Ordering::Relaxed);
-        }
-        out.push(s);
-    }
-    if let Some(c) = session {
-        let _ = c.quit();
-    }
-    out
+    let make = |n| Sent {
+        bytes: message("repl", thread, n, &mut rng),
+        from: format!("t{thread}@example.org"),
+        to: vec![
+            format!("m{n}@t{thread}.example.net"),
+            "journal@example.net".into(),
+        ],
+        queue_id: String::new(),
+        acked: None,
+        attempts: 0,
+    };
+    let connect = || {
+        let mut c = SmtpClient::connect(addr).ok()?;
+        (c.ehlo("crash.test").ok()?.code == 250).then_some(c)
+    };
+    run_client(
+        flow,
+        "cofferd to accept again",
+        make,
+        connect,
+        |c: &mut SmtpClient, s: &Sent| {
+            let to: Vec<&str> = s.to.iter().map(String::as_str).collect();
+            c.send(&s.from, &to, &s.bytes)
+        },
+        |c| {
+            let _ = c.quit();
+        },
+    )
 }
 
 /// Waits for `more` further acknowledgements (or 90 s: clients done or stalled, the

@@ -180,20 +180,16 @@ fn reindex_and_backup_understand_compacted_segments_and_dictionaries() {
     check_all(&StoreReader::open(&dest).unwrap(), &ids);
 }
 
-#[test]
-fn a_half_done_compaction_is_settled_at_open() {
-    let vfs = FaultVfs::new();
-    let dir = Path::new("/h");
-    let log_dir = dir.join(LOG_DIR);
+/// A store of 60 messages with its active segment sealed: the messages, the first
+/// segment's number and the store's epoch.
+fn sealed_store(vfs: &FaultVfs, dir: &Path) -> (BTreeMap<usize, MessageId>, u32, [u8; 16]) {
     let store = Store::open_with(Arc::new(vfs.clone()), opts(dir, 32 << 10, false)).unwrap();
     let h = store.handle();
     let ids = ingest(&h, 0..60);
     h.update_state_blocking(writer::StateOp::Seal).unwrap();
     drop(h);
     store.close();
-    // Blocks written and renamed into place, the switch not committed: the `.blk` goes.
-    let n = list_log(&vfs, &log_dir).unwrap()[0].number;
-    let seg_bytes = vfs.file_bytes(&segment_path(&log_dir, n)).unwrap();
+    let n = list_log(vfs, &dir.join(LOG_DIR)).unwrap()[0].number;
     let epoch = *uuid::Uuid::parse_str(
         &StoreReader::open_with(Arc::new(vfs.clone()), dir)
             .unwrap()
@@ -203,6 +199,17 @@ fn a_half_done_compaction_is_settled_at_open() {
     )
     .unwrap()
     .as_bytes();
+    (ids, n, epoch)
+}
+
+#[test]
+fn a_half_done_compaction_is_settled_at_open() {
+    let vfs = FaultVfs::new();
+    let dir = Path::new("/h");
+    let log_dir = dir.join(LOG_DIR);
+    let (ids, n, epoch) = sealed_store(&vfs, dir);
+    // Blocks written and renamed into place, the switch not committed: the `.blk` goes.
+    let seg_bytes = vfs.file_bytes(&segment_path(&log_dir, n)).unwrap();
     let written = compact::rewrite(
         &vfs,
         &log_dir,
@@ -281,22 +288,7 @@ fn a_dictionary_is_used_only_where_it_makes_blocks_smaller() {
     let vfs = FaultVfs::new();
     let dir = Path::new("/d");
     let log_dir = dir.join(LOG_DIR);
-    let store = Store::open_with(Arc::new(vfs.clone()), opts(dir, 32 << 10, false)).unwrap();
-    let h = store.handle();
-    let ids = ingest(&h, 0..60);
-    h.update_state_blocking(writer::StateOp::Seal).unwrap();
-    drop(h);
-    store.close();
-    let n = list_log(&vfs, &log_dir).unwrap()[0].number;
-    let epoch = *uuid::Uuid::parse_str(
-        &StoreReader::open_with(Arc::new(vfs.clone()), dir)
-            .unwrap()
-            .status()
-            .unwrap()
-            .epoch,
-    )
-    .unwrap()
-    .as_bytes();
+    let (ids, n, epoch) = sealed_store(&vfs, dir);
     let like_the_mail: Vec<u8> = (1000..1040).flat_map(message).collect();
     let mut rng_state = 0x9e37_79b9_7f4a_7c15_u64;
     let random: Vec<u8> = (0..like_the_mail.len())
