@@ -30,7 +30,10 @@
 #    an fsync probe writes and fdatasyncs 4 KiB in a loop on the store's filesystem.
 #    Reported: coffer-milter's end-of-message latency p50/p90/p99/max over exactly that
 #    window (its SIGUSR1 report, docs/milter.md "Latency report"; target p99 < 20 ms),
-#    beside the probe's fdatasync p50/p99/max.
+#    beside the probe's fdatasync p50/p99/max, and where in cofferd the time went over
+#    the same window (its /metrics histograms, so bucket bounds, not exact values): from
+#    a message's hand-off to the store until the answer, and the log's group commits
+#    (write + fdatasync) alone.
 # 3. Peak RSS (VmHWM) of coffer-milter and cofferd, and a check that cofferd holds one
 #    arrival per message sent through the milter service.
 #
@@ -264,6 +267,22 @@ commits() {
         awk '/^coffer_commit_batch_messages_sum / { s = $2 } /^coffer_commit_batch_messages_count / { c = $2 }
             END { printf "%d %d\n", s, c }'
 }
+# One cofferd histogram's cumulative buckets, "le count" per line (empty without curl).
+hist_snapshot() {
+    command -v curl >/dev/null 2>&1 || return 0
+    curl -fsS --max-time 5 "http://127.0.0.1:$CONSOLE_PORT/metrics" 2>/dev/null |
+        sed -n "s/^$1_bucket{le=\"\([^\"]*\)\"} \([0-9]*\)$/\1 \2/p"
+}
+# The p50 and p99 of what a histogram observed between two snapshots, as the upper
+# bounds of the buckets they fall in: "p50 <= A ms, p99 <= B ms (n=N)".
+hist_quantiles() { # BEFORE AFTER UNIT_TO_MS
+    awk -v f="$3" 'NR == FNR { b[$1] = $2; next }
+        { le[++n] = $1; c[n] = $2 - (($1 in b) ? b[$1] : 0) }
+        function q(p,   i) { for (i = 1; i <= n; i++) if (c[i] >= p * c[n]) return le[i] == "+Inf" ? "+Inf" : le[i] * f; return "?" }
+        END { if (n == 0 || c[n] == 0) { print "no observations"; exit }
+              printf "p50 <= %s ms, p99 <= %s ms (n=%d; bucket bounds of its histogram)", q(0.5), q(0.99), c[n] }' \
+        <(printf '%s\n' "$1") <(printf '%s\n' "$2")
+}
 COMMITTED_MESSAGES=0
 COMMIT_BATCHES=0
 declare -A CPU=() # per target: summed ticks, as cpu_snapshot
@@ -443,6 +462,8 @@ if [[ "$MILTER_MED" =~ ^[0-9]+$ ]] && [ "$MILTER_MED" -gt 0 ]; then
     drain "$DRAIN_DEADLINE"
     say "half load: $target_rate msg/s offered for ${HALF_SECONDS}s (ticks of ${TICK_MS} ms)"
     milter_report >/dev/null # starts a new latency window
+    ingest_before="$(hist_snapshot coffer_ingest_seconds)"
+    commit_before="$(hist_snapshot coffer_commit_seconds)"
     start_probe "$((HALF_SECONDS + 30))"
     ticks=$((HALF_SECONDS * 1000 / TICK_MS))
     per_tick_milli=$((target_rate * TICK_MS)) # messages per tick, in thousandths
@@ -479,6 +500,8 @@ if [[ "$MILTER_MED" =~ ^[0-9]+$ ]] && [ "$MILTER_MED" -gt 0 ]; then
     t1="${EPOCHREALTIME/./}"
     MILTER_SENT=$((MILTER_SENT + sent))
     report="$(milter_report)"
+    INGEST_LINE="$(hist_quantiles "$ingest_before" "$(hist_snapshot coffer_ingest_seconds)" 1000)"
+    COMMIT_LINE="$(hist_quantiles "$commit_before" "$(hist_snapshot coffer_commit_seconds)" 1000)"
     stop_pid "$PROBE_PID" "fsync probe"
     PROBE_PID=""
     achieved="$(awk -v n="$sent" -v us="$((t1 - t0))" 'BEGIN { printf "%.0f", n * 1e6 / us }')"
@@ -530,6 +553,8 @@ echo
 echo "half load: $HALF_LINE"
 printf '%-34s%s\n' "milter end-of-message latency" "${LAT_LINE:-not measured}  (target p99 < 20 ms)"
 printf '%-34s%s\n' "disk fdatasync 4 KiB, same fs" "${FSYNC_LINE:-not measured}"
+printf '%-34s%s\n' "cofferd hand-off to answer" "${INGEST_LINE:-not measured}"
+printf '%-34s%s\n' "cofferd log commit (write+sync)" "${COMMIT_LINE:-not measured}"
 echo
 printf '%-34s%s\n' "peak RSS (VmHWM) coffer-milter" "$MILTER_HWM"
 printf '%-34s%s\n' "peak RSS (VmHWM) cofferd" "$COFFERD_HWM"

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use redb::ReadableDatabase;
 use serde::Serialize;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use super::compact;
 use super::dict;
@@ -23,6 +23,9 @@ use super::index::{self, SegmentInfo, StateOp, META, SEGMENTS};
 use super::log::{self, list_log, segment_path};
 use super::record::{decode_payload, KIND_MESSAGE, SEGMENT_HEADER_LEN};
 use super::{StoreError, StoreHandle};
+
+/// Nice value of the compactor thread: it takes only CPU time nothing else wants.
+const COMPACTOR_NICE: i32 = 19;
 
 /// How often the background compactor looks for sealed segments by itself.
 pub const AUTO_INTERVAL: Duration = Duration::from_secs(30);
@@ -410,7 +413,7 @@ impl Background {
 /// Wakes on a request (`true`: seal first), on a segment sealed by the writer (`false`),
 /// or every [`AUTO_INTERVAL`].
 fn run(h: &StoreHandle, rx: &crossbeam_channel::Receiver<bool>, stop: &AtomicBool) {
-    lower_priority();
+    super::io::lower_thread_priority(COMPACTOR_NICE, "compactor");
     let c = &h.shared.compaction;
     loop {
         let mut asked = match rx.recv_timeout(AUTO_INTERVAL) {
@@ -456,17 +459,6 @@ fn run(h: &StoreHandle, rx: &crossbeam_channel::Receiver<bool>, stop: &AtomicBoo
         }
         drop(last);
         c.done.fetch_max(covers, Ordering::AcqRel);
-    }
-}
-
-/// Puts the calling thread at nice 19, so compaction takes only CPU time ingest leaves.
-#[allow(unsafe_code)]
-fn lower_priority() {
-    // SAFETY: setpriority(2) takes plain integers; with PRIO_PROCESS and 0 Linux changes
-    // the calling thread's nice value only.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-    if r != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "could not lower the compactor's priority");
     }
 }
 

@@ -174,3 +174,17 @@ impl redb::StorageBackend for DynBackend {
         self.0.write(offset, data)
     }
 }
+
+/// Lowers the calling thread's scheduling priority to `nice` (Linux keeps a nice value
+/// per thread), so background work — the index stage, compaction — takes the CPU time
+/// the acknowledging path (sessions, the log stage) leaves. A failure is logged and
+/// otherwise ignored: the thread just keeps its priority.
+#[allow(unsafe_code)]
+pub fn lower_thread_priority(nice: i32, what: &str) {
+    // SAFETY: setpriority(2) takes plain integers; with PRIO_PROCESS and 0 Linux changes
+    // the calling thread's nice value only.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if r != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "could not lower the {what}'s priority");
+    }
+}

@@ -54,6 +54,11 @@ const MAX_BATCH_BYTES: usize = 64 << 20;
 const INDEX_QUEUE: usize = 64;
 /// Least time between the starts of two index commits while batches keep coming.
 const INDEX_COMMIT_SPACING: Duration = Duration::from_millis(50);
+/// Nice value of the index stage. Nobody waits on it (answers go out after the log sync),
+/// so under CPU contention it yields to the sessions and the log stage, which are on the
+/// path of every acknowledgement; when it falls behind, its batches grow and each
+/// message costs it less.
+const INDEXER_NICE: i32 = 10;
 /// Most log batches applied in one index transaction.
 const MAX_INDEX_BATCHES: usize = 64;
 /// How often an idle writer re-measures free disk (and retries a failed store).
@@ -766,6 +771,7 @@ impl Writer {
 
 /// The index stage: applies synced log batches to redb and commits.
 fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) {
+    super::io::lower_thread_priority(INDEXER_NICE, "index stage");
     let mut last_commit: Option<Instant> = None;
     let mut last_tail_seg: Option<u32> = None;
     while let Ok(first) = rx.recv() {
