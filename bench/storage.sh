@@ -15,7 +15,8 @@
 # with the mbox "From " line first; that line is dropped and the rest is imported with
 # `coffer import --format eml` exactly as it is.
 #
-# Usage: bench/storage.sh     One command; needs npm (the corpus), gzip, sha256sum.
+# Usage: bench/storage.sh     One command; needs npm (the corpus), gzip, sha256sum;
+#                             zstd (the command) for the log's floor, skipped without it.
 # Knobs: BENCH_CORPUS_DIR (kept between runs; default target/bench-corpus),
 #        BENCH_BLOCK_SIZE (4MiB), BENCH_BLOCK_LEVEL (19), BENCH_DICTIONARY (true),
 #        BENCH_GETS (50 messages read), BENCH_INGEST_MESSAGES (40000, 0 skips that part),
@@ -75,6 +76,22 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
 say "gzip -6 of each of the $FILES messages"
 GZIP_BYTES="$(find "$EML" -name '*.eml' -print0 | xargs -0 -n 200 sh -c \
     'for f; do gzip -6 -c "$f" | wc -c; done' sh | awk '{s += $1} END {print s}')"
+
+# The log's floor: the raw messages alone (no records, no arrivals), concatenated in
+# import order and cut into blocks of BLOCK_SIZE, each compressed at BLOCK_LEVEL by the
+# zstd command without a dictionary. What the log costs beyond this is its framing and
+# the arrival records it carries.
+FLOOR_BYTES=""
+if command -v zstd >/dev/null 2>&1; then
+    say "raw messages alone in $BLOCK_SIZE blocks, zstd -$BLOCK_LEVEL"
+    block_bytes="$(numfmt --from=iec-i "${BLOCK_SIZE%B}")"
+    mkdir -p "$DIR/floor"
+    find "$EML" -name '*.eml' -print0 | sort -z | xargs -0 cat |
+        split -b "$block_bytes" - "$DIR/floor/block."
+    FLOOR_BYTES="$(for f in "$DIR"/floor/block.*; do zstd -q --ultra -"$BLOCK_LEVEL" -c "$f" | wc -c; done |
+        awk '{s += $1} END {print s}')"
+    rm -rf "$DIR/floor"
+fi
 
 # 3. Import, measure, compact, measure.
 STORE="$DIR/data"
@@ -214,6 +231,9 @@ echo "| per-message gzip -6 (reference) | $GZIP_BYTES | $(ratio "$GZIP_BYTES" "$
 echo "| data folder after import (ingest records, index) | $BEFORE | $(ratio "$BEFORE" "$RAW") |"
 echo "| **data folder after coffer compact --wait** (target ≤ 0.22) | $AFTER | **$(ratio "$AFTER" "$RAW")** |"
 echo "| of which log (compacted segments + open segment) | $LOG_BYTES | $(ratio "$LOG_BYTES" "$RAW") |"
+if [ -n "$FLOOR_BYTES" ]; then
+    echo "| raw messages alone in $BLOCK_SIZE blocks, zstd -$BLOCK_LEVEL (the log's floor) | $FLOOR_BYTES | $(ratio "$FLOOR_BYTES" "$RAW") |"
+fi
 echo "| of which index.redb (just compacted by redb) | $INDEX_BYTES | $(ratio "$INDEX_BYTES" "$RAW") |"
 echo "| of which dictionaries | $DICT_BYTES | $(ratio "$DICT_BYTES" "$RAW") |"
 echo "| index.redb after the next write transaction | $INDEX_LIVE | $(ratio "$INDEX_LIVE" "$RAW") |"
