@@ -6,19 +6,19 @@
 //! Also the console's HTTP client ([`http_get`]) and a reader for Prometheus text
 //! ([`metric`]).
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::{bin, lossy, wait_until, CofferCli, START_DEADLINE};
+use crate::{lossy, wait_until, CofferCli, START_DEADLINE};
 
 /// Where the daemon is known to be up: it greets with 220 there.
 #[derive(Clone, Debug)]
@@ -90,37 +90,16 @@ impl Daemon {
 
     fn try_start(&mut self) -> anyhow::Result<()> {
         assert!(self.child.is_none(), "cofferd already running");
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)?;
-        writeln!(&log, "==== e2e: starting cofferd ({:?}) ====", self.probe)?;
-        let child = Command::new(bin("cofferd"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .current_dir(self.dir())
-            .env_remove("COFFER_CONFIG")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.child = Some(child);
         let probe = self.probe.clone();
-        let child = self.child.as_mut().unwrap();
-        let ready = wait_until("cofferd to greet with 220", START_DEADLINE, || {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(Err(anyhow::anyhow!("cofferd exited early: {status}")));
-            }
-            greets(&probe).then_some(Ok(()))
-        });
-        match ready.and_then(|r| r) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.kill9();
-                Err(e)
-            }
-        }
+        let child = crate::start_cofferd(
+            &self.config_path,
+            self.dir(),
+            &self.log_path,
+            &format!("({probe:?})"),
+            || greets(&probe),
+        )?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// Starts the daemon again on the same config and store (after [`Daemon::kill9`] or

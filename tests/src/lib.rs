@@ -55,6 +55,47 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Starts `cofferd --config CONFIG` in `dir`, its output appended to `log_path` after a
+/// line naming the start (`what`), and waits up to [`START_DEADLINE`] until `up` says it
+/// answers. A daemon that exits early or does not come up is killed and reaped.
+///
+/// # Errors
+/// The log could not be opened, the spawn failed, or the daemon did not come up.
+pub fn start_cofferd(
+    config: &Path,
+    dir: &Path,
+    log_path: &Path,
+    what: &str,
+    mut up: impl FnMut() -> bool,
+) -> anyhow::Result<Child> {
+    let log = File::options().create(true).append(true).open(log_path)?;
+    writeln!(&log, "==== e2e: starting cofferd {what} ====")?;
+    let mut child = Command::new(bin("cofferd"))
+        .arg("--config")
+        .arg(config)
+        .current_dir(dir)
+        .env_remove("COFFER_CONFIG")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let ready = wait_until("cofferd to greet with 220", START_DEADLINE, || {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(Err(anyhow::anyhow!("cofferd exited early: {status}")));
+        }
+        up().then_some(Ok(()))
+    });
+    match ready.and_then(|r| r) {
+        Ok(()) => Ok(child),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
 /// Checks `cond` until it returns `Some`, or fails after `deadline` with `what` in the
 /// message. The pause between checks is [`POLL_INTERVAL`]; the number of checks is
 /// bounded by the deadline.
@@ -294,37 +335,16 @@ forward = []
 
     fn try_start(&mut self) -> anyhow::Result<()> {
         assert!(self.child.is_none(), "cofferd already running");
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)?;
-        writeln!(&log, "==== e2e: starting cofferd on {} ====", self.addr)?;
-        let child = Command::new(bin("cofferd"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .current_dir(self.dir())
-            .env_remove("COFFER_CONFIG")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.child = Some(child);
         let addr = self.addr;
-        let child = self.child.as_mut().unwrap();
-        let ready = wait_until("cofferd to greet with 220", START_DEADLINE, || {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(Err(anyhow::anyhow!("cofferd exited early: {status}")));
-            }
-            greets(addr).then_some(Ok(()))
-        });
-        match ready.and_then(|r| r) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.kill9();
-                Err(e)
-            }
-        }
+        let child = start_cofferd(
+            &self.config_path,
+            self.dir(),
+            &self.log_path,
+            &format!("on {addr}"),
+            || greets(addr),
+        )?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// PID of the running daemon.

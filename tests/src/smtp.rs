@@ -157,35 +157,7 @@ impl SmtpClient {
     /// # Errors
     /// I/O, timeout, EOF, or a malformed or over-long reply.
     pub fn read_reply(&mut self) -> anyhow::Result<Reply> {
-        let mut lines = Vec::new();
-        for _ in 0..MAX_LINES {
-            let mut raw = Vec::new();
-            let n = (&mut self.reader)
-                .take(MAX_LINE)
-                .read_until(b'\n', &mut raw)?;
-            if n == 0 {
-                bail!("connection closed while waiting for a reply");
-            }
-            if !raw.ends_with(b"\n") {
-                bail!("reply line over {MAX_LINE} bytes or cut short");
-            }
-            let line = String::from_utf8_lossy(&raw);
-            let line = line.trim_end_matches(['\r', '\n']);
-            if line.len() < 3 || !line.is_char_boundary(3) {
-                bail!("malformed reply line {line:?}");
-            }
-            let code: u16 = line[..3]
-                .parse()
-                .map_err(|_| anyhow!("bad reply code {line:?}"))?;
-            let sep = line.as_bytes().get(3).copied();
-            lines.push(line.get(4..).unwrap_or("").to_owned());
-            match sep {
-                Some(b'-') => continue,
-                None | Some(b' ') => return Ok(Reply { code, lines }),
-                Some(_) => bail!("malformed reply line {line:?}"),
-            }
-        }
-        bail!("reply longer than {MAX_LINES} lines")
+        read_reply(&mut self.reader)
     }
 
     /// Sends one command line (CRLF added) and reads the reply.
@@ -284,6 +256,41 @@ impl SmtpClient {
         let _ = (&mut self.reader).take(64 * 1024).read_to_end(&mut rest);
         Ok(r)
     }
+}
+
+/// Reads one reply, all of its lines, from `reader`: at most [`MAX_LINES`] lines of at
+/// most [`MAX_LINE`] bytes each.
+///
+/// # Errors
+/// I/O, timeout, EOF, or a malformed or over-long reply.
+pub fn read_reply(reader: &mut impl BufRead) -> anyhow::Result<Reply> {
+    let mut lines = Vec::new();
+    for _ in 0..MAX_LINES {
+        let mut raw = Vec::new();
+        let n = reader.take(MAX_LINE).read_until(b'\n', &mut raw)?;
+        if n == 0 {
+            bail!("connection closed while waiting for a reply");
+        }
+        if !raw.ends_with(b"\n") {
+            bail!("reply line over {MAX_LINE} bytes or cut short");
+        }
+        let line = String::from_utf8_lossy(&raw);
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.len() < 3 || !line.is_char_boundary(3) {
+            bail!("malformed reply line {line:?}");
+        }
+        let code: u16 = line[..3]
+            .parse()
+            .map_err(|_| anyhow!("bad reply code {line:?}"))?;
+        let sep = line.as_bytes().get(3).copied();
+        lines.push(line.get(4..).unwrap_or("").to_owned());
+        match sep {
+            Some(b'-') => continue,
+            None | Some(b' ') => return Ok(Reply { code, lines }),
+            Some(_) => bail!("malformed reply line {line:?}"),
+        }
+    }
+    bail!("reply longer than {MAX_LINES} lines")
 }
 
 #[cfg(test)]

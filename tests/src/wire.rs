@@ -7,20 +7,16 @@
 //! reading to EOF is bounded in bytes, so a misbehaving server fails the test instead of
 //! hanging it.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 
 use crate::smtp::{Reply, IO_TIMEOUT};
 
-/// Longest reply line accepted.
-const MAX_LINE: u64 = 8192;
-/// Most lines in one multi-line reply.
-const MAX_LINES: usize = 200;
 /// Most bytes read by [`Wire::read_to_eof`].
 const MAX_TAIL: u64 = 1 << 20;
 
@@ -174,35 +170,7 @@ impl Wire {
     /// # Errors
     /// I/O, timeout, EOF, or a malformed or over-long reply.
     pub fn read_reply(&mut self) -> anyhow::Result<Reply> {
-        let mut lines = Vec::new();
-        for _ in 0..MAX_LINES {
-            let mut raw = Vec::new();
-            let n = (&mut self.reader)
-                .take(MAX_LINE)
-                .read_until(b'\n', &mut raw)?;
-            if n == 0 {
-                bail!("connection closed while waiting for a reply");
-            }
-            if !raw.ends_with(b"\n") {
-                bail!("reply line over {MAX_LINE} bytes or cut short");
-            }
-            let line = String::from_utf8_lossy(&raw);
-            let line = line.trim_end_matches(['\r', '\n']);
-            if line.len() < 3 || !line.is_char_boundary(3) {
-                bail!("malformed reply line {line:?}");
-            }
-            let code: u16 = line[..3]
-                .parse()
-                .map_err(|_| anyhow!("bad reply code {line:?}"))?;
-            let sep = line.as_bytes().get(3).copied();
-            lines.push(line.get(4..).unwrap_or("").to_owned());
-            match sep {
-                Some(b'-') => continue,
-                None | Some(b' ') => return Ok(Reply { code, lines }),
-                Some(_) => bail!("malformed reply line {line:?}"),
-            }
-        }
-        bail!("reply longer than {MAX_LINES} lines")
+        crate::smtp::read_reply(&mut self.reader)
     }
 
     /// Writes `bytes` as they are.

@@ -654,22 +654,7 @@ impl StoreHandle {
                 let _ = tx.send(r);
             }),
         });
-        match self.tx.try_send(job) {
-            Ok(()) => {}
-            Err(crossbeam_channel::TrySendError::Full(job)) => {
-                // The writer is behind: wait for room on a blocking thread, not here.
-                let sender = self.tx.clone();
-                let sent = tokio::task::spawn_blocking(move || sender.send(job).is_ok())
-                    .await
-                    .unwrap_or(false);
-                if !sent {
-                    return Err(IngestError::ShuttingDown);
-                }
-            }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                return Err(IngestError::ShuttingDown)
-            }
-        }
+        self.submit(job).await?;
         let result = rx.await.unwrap_or(Err(IngestError::ShuttingDown));
         drop(guard);
         result
@@ -688,22 +673,28 @@ impl StoreHandle {
                 let _ = tx.send(r);
             }),
         );
+        self.submit(work).await?;
+        rx.await.unwrap_or(Err(IngestError::ShuttingDown))
+    }
+
+    /// Hands work to the writer. When its channel is full the writer is behind: the wait
+    /// for room happens on a blocking thread, not on the runtime.
+    async fn submit(&self, work: writer::Work) -> Result<(), IngestError> {
         match self.tx.try_send(work) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(crossbeam_channel::TrySendError::Full(work)) => {
                 let sender = self.tx.clone();
                 let sent = tokio::task::spawn_blocking(move || sender.send(work).is_ok())
                     .await
                     .unwrap_or(false);
-                if !sent {
-                    return Err(IngestError::ShuttingDown);
+                if sent {
+                    Ok(())
+                } else {
+                    Err(IngestError::ShuttingDown)
                 }
             }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                return Err(IngestError::ShuttingDown)
-            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(IngestError::ShuttingDown),
         }
-        rx.await.unwrap_or(Err(IngestError::ShuttingDown))
     }
 
     /// [`StoreHandle::update_state`] for threads outside a runtime (the compactor).
