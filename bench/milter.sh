@@ -24,7 +24,8 @@
 #    total, and "other": CPU that no part of the benchmark used (another process on the
 #    machine; when it is large the rates are not to be trusted), over all its runs,
 #    from /proc. And how many messages cofferd committed per log fdatasync (its
-#    /metrics, read with curl) during the coffer-milter runs.
+#    /metrics, read with curl) during the coffer-milter runs, and the bytes its log
+#    stage and its index stage wrote per message (their threads' write_bytes in /proc).
 # 2. Half load: the milter service is offered HALF_FRACTION of its measured capacity,
 #    open loop (a new smtp-source batch every TICK_MS ms) for HALF_SECONDS. Meanwhile
 #    an fsync probe writes and fdatasyncs 4 KiB in a loop on the store's filesystem.
@@ -285,6 +286,23 @@ hist_quantiles() { # BEFORE AFTER UNIT_TO_MS
 }
 COMMITTED_MESSAGES=0
 COMMIT_BATCHES=0
+# Bytes cofferd's log stage and index stage have written so far, "log index": each
+# thread's write_bytes in /proc (counted when a page is dirtied, by the thread that
+# dirtied it).
+store_writes() {
+    local t log=0 index=0 comm bytes
+    for t in /proc/"$COFFERD_PID"/task/*; do
+        comm="$(cat "$t/comm" 2>/dev/null)" || continue
+        bytes="$(awk '/^write_bytes:/ { print $2 }' "$t/io" 2>/dev/null)" || continue
+        case "$comm" in
+        store-writer) log=$((log + ${bytes:-0})) ;;
+        store-indexer) index=$((index + ${bytes:-0})) ;;
+        esac
+    done
+    echo "$log $index"
+}
+LOG_WRITTEN=0
+INDEX_WRITTEN=0
 declare -A CPU=() # per target: summed ticks, as cpu_snapshot
 declare -A CPU_MESSAGES=()
 cpu_add() { # TARGET "before" "after" MESSAGES KTHREAD_TICKS
@@ -318,9 +336,10 @@ declare -A RESULTS=()
 MILTER_SENT=0
 FAILED=0
 run_one() {
-    local t="$1" start end ms rate cpu0 cpu1 commits0 commits1
+    local t="$1" start end ms rate cpu0 cpu1 commits0 commits1 writes0 writes1
     drain "$DRAIN_DEADLINE"
     read -r -a commits0 <<<"$(commits)"
+    read -r -a writes0 <<<"$(store_writes)"
     cpu0="$(cpu_snapshot "$TMP/kthreads.0")"
     start="${EPOCHREALTIME/./}"
     if ! timeout "$RUN_DEADLINE" "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" \
@@ -338,6 +357,10 @@ run_one() {
         read -r -a commits1 <<<"$(commits)"
         COMMITTED_MESSAGES=$((COMMITTED_MESSAGES + commits1[0] - commits0[0]))
         COMMIT_BATCHES=$((COMMIT_BATCHES + commits1[1] - commits0[1]))
+        sleep 0.5 # the index stage trails the log by up to one commit spacing
+        read -r -a writes1 <<<"$(store_writes)"
+        LOG_WRITTEN=$((LOG_WRITTEN + writes1[0] - writes0[0]))
+        INDEX_WRITTEN=$((INDEX_WRITTEN + writes1[1] - writes0[1]))
     fi
     ms=$(((end - start) / 1000))
     rate="$(awk -v m="$MESSAGES" -v ms="$ms" 'BEGIN { printf "%.0f", m * 1000 / (ms > 0 ? ms : 1) }')"
@@ -548,6 +571,8 @@ for t in "${TARGETS[@]}"; do printf '%-34s%s\n' "${LABEL[$t]}" "$(cpu_line "$t")
 if ((COMMIT_BATCHES > 0)); then
     printf '%-34s%s\n' "cofferd group commit" "$(awk -v m="$COMMITTED_MESSAGES" -v b="$COMMIT_BATCHES" \
         'BEGIN { printf "%.1f messages per log fdatasync (%d batches in the coffer-milter runs)", m / b, b }')"
+    printf '%-34s%s\n' "cofferd bytes written per message" "$(awk -v l="$LOG_WRITTEN" -v i="$INDEX_WRITTEN" -v m="$COMMITTED_MESSAGES" \
+        'BEGIN { printf "log stage %.0f, index stage %.0f (index / log %.1f)", l / m, i / m, (l > 0 ? i / l : 0) }')"
 fi
 echo
 echo "half load: $HALF_LINE"
