@@ -239,8 +239,14 @@ fn wait_for_acks(flow: &Flow, more: usize) {
     );
 }
 
-/// Lets some more mail through after the last restart, then tells the clients to stop.
-fn finish(flow: &Flow, clients: &[std::thread::JoinHandle<Vec<Sent>>]) {
+/// Lets some more mail through after the last restart, tells the clients to stop and
+/// gathers what they sent, with its [`summary`]; fails when too little was acknowledged
+/// for the run to mean anything (`node` is the one whose log is shown then).
+fn finish(
+    flow: &Flow,
+    clients: Vec<std::thread::JoinHandle<Vec<Sent>>>,
+    node: &Node,
+) -> (Vec<Sent>, (usize, usize, usize)) {
     let after = flow.acked.load(Ordering::Relaxed);
     let _ = wait_until(
         "mail to be acknowledged after the last restart",
@@ -252,6 +258,17 @@ fn finish(flow: &Flow, clients: &[std::thread::JoinHandle<Vec<Sent>>]) {
         },
     );
     flow.stop.store(true, Ordering::Relaxed);
+    let sent: Vec<Sent> = clients
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread"))
+        .collect();
+    let counts = summary(&sent);
+    assert!(
+        counts.1 > 20,
+        "too few acknowledged to mean anything\n{}",
+        node.log_tail()
+    );
+    (sent, counts)
 }
 
 /// What [`check_store`] counted.
@@ -384,17 +401,7 @@ fn lmtp_ingest_survives_kill9() {
         node.kill9();
         node.restart();
     }
-    finish(&flow, &clients);
-    let sent: Vec<Sent> = clients
-        .into_iter()
-        .flat_map(|h| h.join().expect("client thread"))
-        .collect();
-    let (total, acked, resent) = summary(&sent);
-    assert!(
-        acked > 20,
-        "too few acknowledged to mean anything\n{}",
-        node.log_tail()
-    );
+    let (sent, (total, acked, resent)) = finish(&flow, clients, &node);
     let c = check_store(&node, &sent, Some("milter"));
     eprintln!(
         "crash-matrix lmtp: {iterations} iterations, {iterations} kills of cofferd, {total} \
@@ -434,17 +441,7 @@ fn replication_survives_kill9_of_receiver_and_sender() {
         kills.0 += 1;
         a.restart();
     }
-    finish(&flow, &clients);
-    let sent: Vec<Sent> = clients
-        .into_iter()
-        .flat_map(|h| h.join().expect("client thread"))
-        .collect();
-    let (total, acked, resent) = summary(&sent);
-    assert!(
-        acked > 20,
-        "too few acknowledged to mean anything\n{}",
-        a.log_tail()
-    );
+    let (sent, (total, acked, resent)) = finish(&flow, clients, &a);
     let want: BTreeSet<String> = sent
         .iter()
         .filter_map(|s| s.acked.as_ref().map(|a| a.arrival_id.clone()))
