@@ -233,15 +233,11 @@ fn parked(store: &StoreHandle) -> Result<Vec<Value>, String> {
     let e = |e: redb::Error| e.to_string();
     let txn = store.snapshot().map_err(|e| e.to_string())?;
     let parked = txn.open_table(index::PARKED).map_err(|x| e(x.into()))?;
-    let arrivals = txn.open_table(index::ARRIVALS).map_err(|x| e(x.into()))?;
     let mut out = Vec::new();
     for entry in parked.iter().map_err(|x| e(x.into()))?.take(100_000) {
         let (k, v) = entry.map_err(|x| e(x.into()))?;
         let (conn, local) = k.value();
-        let a: Option<Arrival> = arrivals
-            .get(local)
-            .map_err(|x| e(x.into()))?
-            .and_then(|j| crate::store::codec::decode_arrival(j.value()).ok());
+        let a: Option<Arrival> = store.arrival_at(&txn, local).ok().flatten();
         out.push(json!({
             "connection": conn,
             "local": local,

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redb::ReadableTable;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -277,24 +276,17 @@ impl Replicator {
     fn fill(&mut self) -> Result<(), StoreError> {
         let ie = |e: redb::Error| StoreError::Index(e.to_string());
         let txn = self.store.snapshot()?;
-        let arrivals = txn.open_table(index::ARRIVALS).map_err(|e| ie(e.into()))?;
-        self.last_local = arrivals
-            .last()
-            .map_err(|e| ie(e.into()))?
-            .map_or(0, |(k, _)| k.value());
+        self.last_local = crate::store::catalog::last_local(&txn)?;
         if self.window.len() >= WINDOW || self.next_scan > self.last_local {
             return Ok(());
         }
         let messages = txn.open_table(index::MESSAGES).map_err(|e| ie(e.into()))?;
-        let range = arrivals.range(self.next_scan..).map_err(|e| ie(e.into()))?;
-        for entry in range.take(SCAN_MAX) {
+        for (local, arrival) in self.store.arrivals_from(&txn, self.next_scan, SCAN_MAX)? {
             if self.window.len() >= WINDOW {
                 break;
             }
-            let (k, v) = entry.map_err(|e| ie(e.into()))?;
-            let local = k.value();
             self.next_scan = local + 1;
-            let arrival: Arrival = match crate::store::codec::decode_arrival(v.value()) {
+            let arrival: Arrival = match arrival {
                 Ok(a) => a,
                 Err(e) => {
                     warn!(connection = %self.cfg.name, local, error = %e,
@@ -674,11 +666,7 @@ impl Replicator {
 
     fn arrival_at(&self, local: u64) -> Result<Option<Arrival>, StoreError> {
         let txn = self.store.snapshot()?;
-        let t = txn
-            .open_table(index::ARRIVALS)
-            .map_err(|e| StoreError::Index(e.to_string()))?;
-        let v = t.get(local).map_err(|e| StoreError::Index(e.to_string()))?;
-        Ok(v.and_then(|v| crate::store::codec::decode_arrival(v.value()).ok()))
+        self.store.arrival_at(&txn, local)
     }
 
     fn publish(&mut self) {

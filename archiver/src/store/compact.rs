@@ -10,15 +10,18 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
+use super::catalog::{self, Catalog};
 use super::engine::io_err;
 use super::index::{Loc, Move, SegmentInfo};
 use super::io::{VFile, Vfs};
 use super::log::{self, blk_path, blk_tmp_path, segment_path};
 use super::record::{
     decode_payload, encode_block, encode_record, parse_record, zstd_decode, BlockHeader,
-    DictLookup, RecordHeader, TableEntry, BLOCK_CODEC_ZSTD, BLOCK_HEADER_LEN, CODEC_STORED,
-    KIND_MESSAGE, RECORD_TRAILER_LEN, SEGMENT_HEADER_LEN, TABLE_ENTRY_LEN,
+    DictLookup, RecordHeader, TableEntry, BLOCK_CODEC_CATALOG, BLOCK_CODEC_ZSTD, BLOCK_HEADER_LEN,
+    CODEC_STORED, KIND_ARRIVAL, KIND_MESSAGE, RECORD_TRAILER_LEN, SEGMENT_HEADER_LEN,
+    TABLE_ENTRY_LEN,
 };
 use super::StoreError;
 use crate::ids::MessageId;
@@ -50,6 +53,8 @@ pub struct Rewritten {
     pub segment: u32,
     pub moves: Vec<Move>,
     pub info: SegmentInfo,
+    /// What its last block holds of the index.
+    pub catalog: Arc<Catalog>,
     /// Raw bytes of the messages in it.
     pub raw_bytes: u64,
 }
@@ -193,10 +198,13 @@ pub struct BlkScan {
     pub file_len: u64,
     /// Why the scan stopped before the end, if it did.
     pub stopped: Option<String>,
+    /// Offset of the catalog block, if the scan met one (it is the last block).
+    pub catalog: Option<u64>,
 }
 
-/// Reads every block of a compacted segment in order and calls `f(block offset, block,
-/// records)` for each; stops at the first damaged block.
+/// Reads every block of records of a compacted segment in order and calls `f(block
+/// offset, block, records)` for each; notes where the catalog block is; stops at the
+/// first damaged block.
 ///
 /// # Errors
 /// I/O errors other than damage, or an error from `f`.
@@ -207,6 +215,7 @@ pub fn scan_blk<E: From<io::Error>>(
 ) -> Result<BlkScan, E> {
     let file_len = file.len()?;
     let mut at = SEGMENT_HEADER_LEN;
+    let mut catalog = None;
     while at < file_len {
         let block = match read_block(file, at, dicts) {
             Ok(b) => b,
@@ -218,10 +227,16 @@ pub fn scan_blk<E: From<io::Error>>(
                     valid_end: at,
                     file_len,
                     stopped: Some(e.to_string()),
+                    catalog,
                 })
             }
             Err(e) => return Err(e.into()),
         };
+        if block.header.codec == BLOCK_CODEC_CATALOG {
+            catalog = Some(at);
+            at += block.len;
+            continue;
+        }
         let records = match block.records() {
             Ok(r) => r,
             Err(e) => {
@@ -229,6 +244,7 @@ pub fn scan_blk<E: From<io::Error>>(
                     valid_end: at,
                     file_len,
                     stopped: Some(e),
+                    catalog,
                 })
             }
         };
@@ -239,6 +255,7 @@ pub fn scan_blk<E: From<io::Error>>(
         valid_end: at,
         file_len,
         stopped: None,
+        catalog,
     })
 }
 
@@ -342,7 +359,9 @@ impl BlockWriter<'_> {
 
 /// Writes segment `n`'s compacted form: steps 1–3 of the commit order. `pause` is called
 /// between blocks (the background compactor yields there); when it returns true the
-/// rewrite stops, removes its `.tmp` and returns `Ok(None)`.
+/// rewrite stops, removes its `.tmp` and returns `Ok(None)`. `catalog(moves, arrival
+/// ids)` gives the catalog, from the index, of the messages and arrivals written; it
+/// becomes the last block.
 ///
 /// # Errors
 /// I/O errors, or damage in the segment (nothing is renamed into place then).
@@ -356,6 +375,7 @@ pub fn rewrite(
     dict: Option<(u32, &[u8])>,
     dicts: DictLookup<'_>,
     pause: &mut dyn FnMut() -> bool,
+    catalog: &mut catalog::CatalogOf<'_>,
 ) -> Result<Option<Rewritten>, StoreError> {
     let seg = segment_path(log_dir, n);
     let src = vfs.open_read(&seg).map_err(io_err(&seg))?;
@@ -396,6 +416,7 @@ pub fn rewrite(
     let mut records_in = 0u64;
     let mut filling = Filling::default();
     let mut stopped = false;
+    let mut arrival_ids = Vec::new();
     let scan = log::scan(&*src, SEGMENT_HEADER_LEN, |rec| -> Result<(), StoreError> {
         if stopped {
             return Ok(());
@@ -430,6 +451,11 @@ pub fn rewrite(
                 from,
             ));
         } else {
+            if h.kind == KIND_ARRIVAL {
+                let a: super::Arrival = serde_json::from_slice(&rec.payload)
+                    .map_err(|e| corrupt(&seg, rec.offset, format!("arrival record: {e}")))?;
+                arrival_ids.push(a.id.to_string());
+            }
             encode_record(&mut filling.records, &h, &rec.payload);
         }
         filling.count += 1;
@@ -456,20 +482,27 @@ pub fn rewrite(
     }
     w.flush(&mut filling)?;
     let BlockWriter {
-        pos,
+        mut pos,
         moves,
         blocks,
         dict_id,
         ..
     } = w;
+    let cat = Arc::new(catalog(&moves, &arrival_ids)?);
+    drop(arrival_ids);
+    let catalog_at = pos;
+    let block = catalog::encode_block(&cat, opts.level).map_err(level_err)?;
+    out.write_all_at(&block, pos).map_err(io_err(&tmp))?;
+    pos += block.len() as u64;
     // 2. Durable, then read back and checked against what was read.
     out.sync_data().map_err(io_err(&tmp))?;
     drop(out);
-    check_rewritten(vfs, &tmp, n, records_in, &moves, dicts)?;
+    check_rewritten(vfs, &tmp, n, records_in, &moves, (catalog_at, &cat), dicts)?;
     // 3. Into place, the name durable.
     let blk = blk_path(log_dir, n);
     vfs.rename(&tmp, &blk).map_err(io_err(&blk))?;
     vfs.sync_dir(log_dir).map_err(io_err(log_dir))?;
+    let (first_local, last_local) = cat.locals().unwrap_or((0, 0));
     Ok(Some(Rewritten {
         segment: n,
         moves,
@@ -479,19 +512,25 @@ pub fn rewrite(
             bytes: pos,
             from_bytes,
             dict: dict_id,
+            catalog: catalog_at,
+            first_local,
+            last_local,
         },
+        catalog: cat,
         raw_bytes,
     }))
 }
 
 /// Reads a freshly written compacted segment back: every block and record checks, every
-/// message hashes to its id, and the records and message places are the expected ones.
+/// message hashes to its id, the records and message places are the expected ones, and
+/// the catalog is the one written, last.
 fn check_rewritten(
     vfs: &dyn Vfs,
     path: &Path,
     n: u32,
     records: u64,
     moves: &[Move],
+    (catalog_at, cat): (u64, &Catalog),
     dicts: DictLookup<'_>,
 ) -> Result<(), StoreError> {
     let file = vfs.open_read(path).map_err(io_err(path))?;
@@ -520,6 +559,11 @@ fn check_rewritten(
         }
         Ok(())
     })?;
+    if scan.catalog != Some(catalog_at)
+        || catalog::read(&*file, catalog_at).ok().as_ref() != Some(cat)
+    {
+        return Err(corrupt(path, catalog_at, "the catalog does not read back"));
+    }
     if scan.stopped.is_some() || seen != records || next.next().is_some() {
         return Err(corrupt(
             path,

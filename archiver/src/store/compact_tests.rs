@@ -223,6 +223,7 @@ fn a_half_done_compaction_is_settled_at_open() {
         None,
         &record::no_dicts,
         &mut || false,
+        &mut |_, _| Ok(Default::default()),
     )
     .unwrap();
     assert!(written.is_some());
@@ -321,6 +322,7 @@ fn a_dictionary_is_used_only_where_it_makes_blocks_smaller() {
             Some((7, &dict)),
             &lookup,
             &mut || false,
+            &mut |_, _| Ok(Default::default()),
         )
         .unwrap()
         .unwrap();

@@ -16,6 +16,7 @@ use redb::ReadableDatabase;
 use serde::Serialize;
 use tracing::{debug, error, info};
 
+use super::catalog;
 use super::compact;
 use super::dict;
 use super::engine::{idx_err, io_err};
@@ -141,6 +142,8 @@ impl StoreHandle {
                 std::thread::yield_now();
                 stop()
             };
+            let mut catalog =
+                |moves: &[index::Move], arrivals: &[String]| self.catalog_of(moves, arrivals);
             let rewritten = compact::rewrite(
                 &*sh.vfs,
                 &sh.log_dir,
@@ -150,6 +153,7 @@ impl StoreHandle {
                 dict.as_ref().map(|(id, d)| (*id, d.as_slice())),
                 &lookup,
                 &mut pause,
+                &mut catalog,
             )?;
             let Some(r) = rewritten else {
                 break;
@@ -160,6 +164,7 @@ impl StoreHandle {
                 segment: n,
                 moves: r.moves,
                 info: r.info,
+                catalog: r.catalog,
             })
             .map_err(unavailable)?;
             // 5. The old segment goes, now that nothing points at it.
@@ -183,6 +188,49 @@ impl StoreHandle {
             c.raw_bytes.fetch_add(raw, Ordering::Relaxed);
         }
         Ok(report)
+    }
+
+    /// The catalog of a segment being compacted, from the index: the summaries of the
+    /// messages whose indexed blob moves, and the arrivals of its arrival records as the
+    /// index numbered them (a duplicate the index passed over is left out). The segment
+    /// is below the index's tail, so all of it is indexed.
+    fn catalog_of(
+        &self,
+        moves: &[index::Move],
+        arrivals: &[String],
+    ) -> Result<catalog::Catalog, StoreError> {
+        let txn = self.snapshot()?;
+        let messages = txn.open_table(index::MESSAGES).map_err(idx_err)?;
+        let summaries = txn.open_table(index::SUMMARIES).map_err(idx_err)?;
+        let ids = txn.open_table(index::ARRIVAL_IDS).map_err(idx_err)?;
+        let rows = txn.open_table(index::ARRIVALS).map_err(idx_err)?;
+        let mut c = catalog::Catalog::default();
+        for m in moves {
+            let indexed_here = messages
+                .get(m.message.0)
+                .map_err(idx_err)?
+                .and_then(|v| index::Loc::decode(v.value()))
+                == Some(m.from);
+            if !indexed_here {
+                continue;
+            }
+            if let Some(v) = summaries.get(m.message.0).map_err(idx_err)? {
+                c.summaries.push((m.message.0, v.value().to_vec()));
+            }
+        }
+        for id in arrivals {
+            let Some(local) = ids.get(id.as_str()).map_err(idx_err)?.map(|l| l.value()) else {
+                continue;
+            };
+            if let Some(v) = rows.get(local).map_err(idx_err)? {
+                c.arrivals.push((local, v.value().to_vec()));
+            }
+        }
+        c.summaries.sort_unstable_by_key(|a| a.0);
+        c.summaries.dedup_by(|a, b| a.0 == b.0);
+        c.arrivals.sort_unstable_by_key(|a| a.0);
+        c.arrivals.dedup_by_key(|a| a.0);
+        Ok(c)
     }
 
     /// Sealed segments to compact (below the index's tail, not compacted), and compacted

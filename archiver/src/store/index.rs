@@ -11,6 +11,7 @@ use redb::{
 
 use std::ops::Bound;
 
+use super::catalog::Catalog;
 use super::codec;
 use super::summary::{domain_of, Summary};
 use super::Arrival;
@@ -83,6 +84,14 @@ pub struct SegmentInfo {
     /// Dictionary of its blocks (0: none).
     #[serde(default)]
     pub dict: u32,
+    /// Offset of its catalog block in the `.blk` (0: none, as before index format 4).
+    #[serde(default)]
+    pub catalog: u64,
+    /// The local arrival numbers its catalog holds, first and last (0: none).
+    #[serde(default)]
+    pub first_local: u64,
+    #[serde(default)]
+    pub last_local: u64,
 }
 
 /// One message moving from its record in a segment to its place in a block.
@@ -141,11 +150,13 @@ pub enum StateOp {
     /// moves into it with this commit). Nothing else changes in the index.
     Seal,
     /// The atomic switch of a compaction: every message of `segment` whose location is
-    /// still `from` moves `to` its block, and `segments` marks it compacted.
+    /// still `from` moves `to` its block, `segments` marks it compacted, and the rows its
+    /// catalog holds leave `summaries` and `arrivals`.
     Relocate {
         segment: u32,
         moves: Vec<Move>,
         info: SegmentInfo,
+        catalog: std::sync::Arc<Catalog>,
     },
 }
 
@@ -383,6 +394,7 @@ impl<'t> Tables<'t> {
                 segment,
                 moves,
                 info,
+                catalog,
             } => {
                 for m in moves {
                     let current = self
@@ -399,9 +411,52 @@ impl<'t> Tables<'t> {
                     .saturating_sub(u64::from(m.from.record_len));
                 }
                 self.mark_compacted(*segment, info)?;
+                self.drop_cataloged(*segment, catalog)?;
             }
         }
         Ok(())
+    }
+
+    /// Drops the rows of `summaries` and `arrivals` that compacted segment `segment`'s
+    /// catalog holds: a summary where the message's blob is indexed in that segment, an
+    /// arrival where its id maps to the local number the catalog gives it. The live switch
+    /// and the replay of a `.blk` both come here, so a rebuilt index drops what the live
+    /// one did.
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn drop_cataloged(&mut self, segment: u32, catalog: &Catalog) -> Result<(), redb::Error> {
+        for (id, _) in &catalog.summaries {
+            let here = self
+                .messages
+                .get(*id)?
+                .and_then(|v| Loc::decode(v.value()))
+                .is_some_and(|l| l.segment == segment && l.in_block());
+            if here {
+                self.summaries.remove(*id)?;
+            }
+        }
+        for (local, v) in &catalog.arrivals {
+            let Ok(a) = codec::decode_arrival(v) else {
+                continue;
+            };
+            let agrees = self
+                .arrival_ids
+                .get(a.id.to_string().as_str())?
+                .is_some_and(|l| l.value() == *local);
+            if agrees {
+                self.arrivals.remove(*local)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The encoded summary row of message `id`, if there is one.
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn summary_row(&self, id: &MessageId) -> Result<Option<Vec<u8>>, redb::Error> {
+        Ok(self.summaries.get(id.0)?.map(|v| v.value().to_vec()))
     }
 
     /// Records that `segment` is compacted (`segments` table).

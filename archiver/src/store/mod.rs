@@ -15,6 +15,7 @@
 //! See `docs/store-format.md` for the byte layout, the commit order and the invariants.
 
 pub mod backup;
+pub mod catalog;
 pub mod codec;
 pub mod compact;
 pub mod compactor;
@@ -332,6 +333,8 @@ pub struct Shared {
     compaction: compactor::CompactionState,
     /// The blocks in-process readers decoded last, by (segment, offset).
     blocks: std::sync::Mutex<Vec<reader::CachedBlock>>,
+    /// The catalogs in-process readers decoded last.
+    catalogs: catalog::Catalogs,
     /// Wakes the background compactor, while one runs.
     compaction_tx: std::sync::Mutex<Option<crossbeam_channel::Sender<bool>>>,
 }
@@ -418,6 +421,7 @@ impl Store {
             compaction: compactor::CompactionState::default(),
             compaction_tx: std::sync::Mutex::new(None),
             blocks: std::sync::Mutex::new(Vec::new()),
+            catalogs: catalog::Catalogs::new(engine.vfs.clone(), engine.log_dir.clone()),
         });
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let w = writer::Writer::new(engine, shared.clone(), opts.segment_size)?;
@@ -745,6 +749,33 @@ impl StoreHandle {
             .clone()
             .ok_or_else(|| StoreError::Index("the store is reopening".into()))?;
         db.begin_read().map_err(engine::idx_err)
+    }
+
+    /// The arrival with local number `local` as of `txn`, wherever the index keeps it
+    /// (its row, or a compacted segment's catalog).
+    ///
+    /// # Errors
+    /// Index and I/O errors, a damaged catalog or arrival.
+    pub fn arrival_at(
+        &self,
+        txn: &redb::ReadTransaction,
+        local: u64,
+    ) -> Result<Option<Arrival>, StoreError> {
+        catalog::arrival(txn, &self.shared.catalogs, local)
+    }
+
+    /// Arrivals `from` to `from + max - 1` as of `txn`, in order: see
+    /// [`catalog::arrivals_from`].
+    ///
+    /// # Errors
+    /// Index and I/O errors, a damaged catalog.
+    pub fn arrivals_from(
+        &self,
+        txn: &redb::ReadTransaction,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<catalog::Numbered>, StoreError> {
+        catalog::arrivals_from(txn, &self.shared.catalogs, from, max)
     }
 
     /// Changes whenever the index commits: wait on it for new arrivals.

@@ -11,17 +11,14 @@ use std::sync::{Arc, Mutex};
 
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
-use super::codec;
+use super::catalog::{self, Catalogs};
 use super::compact::{self, DecodedBlock};
 use super::dict::Dicts;
 use super::engine::{idx_err, io_err, Engine, INDEX_FILE, LOCK_FILE};
-use super::index::{
-    self, Loc, ADDRS, ARRIVALS, BY_MESSAGE, BY_TIME, MESSAGES, META, MSGIDS, SUMMARIES,
-};
+use super::index::{self, Loc, ADDRS, BY_MESSAGE, BY_TIME, MESSAGES, META, MSGIDS};
 use super::io::{RealVfs, VFile, Vfs};
 use super::log::{self, blk_path, list_log, segment_path, LOG_DIR};
 use super::record::{decode_payload, DictLookup, KIND_ARRIVAL, KIND_MESSAGE, SEGMENT_HEADER_LEN};
-use super::summary::Summary;
 use super::{Arrival, LookupError, MessageRecord, Query, StoreError, StoreStatus, VerifyReport};
 use crate::ids::MessageId;
 
@@ -51,6 +48,8 @@ pub struct StoreReader {
     dicts: Dicts,
     /// The last block decoded, by (segment, offset): consecutive messages share it.
     block: Mutex<Option<CachedBlock>>,
+    /// The catalogs of compacted segments decoded last.
+    catalogs: Catalogs,
 }
 
 impl StoreReader {
@@ -84,6 +83,7 @@ impl StoreReader {
         };
         Ok(StoreReader {
             dicts: Dicts::new(vfs.clone(), data_dir),
+            catalogs: Catalogs::new(vfs.clone(), log_dir.clone()),
             vfs,
             log_dir,
             db,
@@ -327,15 +327,16 @@ impl StoreReader {
         self.read_fresh(id, loc)
     }
 
-    fn arrivals_in(txn: &ReadTransaction, id: &MessageId) -> Result<Vec<Arrival>, StoreError> {
+    fn arrivals_in(
+        &self,
+        txn: &ReadTransaction,
+        id: &MessageId,
+    ) -> Result<Vec<Arrival>, StoreError> {
         let by_msg = txn.open_multimap_table(BY_MESSAGE).map_err(idx_err)?;
-        let arrivals = txn.open_table(ARRIVALS).map_err(idx_err)?;
         let mut out = Vec::new();
         for local in by_msg.get(id.0).map_err(idx_err)? {
             let local = local.map_err(idx_err)?.value();
-            if let Some(json) = arrivals.get(local).map_err(idx_err)? {
-                let a: Arrival = codec::decode_arrival(json.value())
-                    .map_err(|e| StoreError::Corrupt(format!("arrival {local}: {e}")))?;
+            if let Some(a) = catalog::arrival(txn, &self.catalogs, local)? {
                 out.push(a);
             }
         }
@@ -348,22 +349,18 @@ impl StoreReader {
     /// # Errors
     /// Index errors.
     pub fn arrivals(&self, id: &MessageId) -> Result<Vec<Arrival>, StoreError> {
-        Self::arrivals_in(&self.read()?, id)
+        self.arrivals_in(&self.read()?, id)
     }
 
     fn record_in(
+        &self,
         txn: &ReadTransaction,
         id: &MessageId,
     ) -> Result<Option<MessageRecord>, StoreError> {
         let Some(loc) = Self::loc(txn, id)? else {
             return Ok(None);
         };
-        let summaries = txn.open_table(SUMMARIES).map_err(idx_err)?;
-        let summary: Summary = match summaries.get(id.0).map_err(idx_err)? {
-            Some(v) => codec::decode_summary(v.value())
-                .map_err(|e| StoreError::Corrupt(format!("summary of {id}: {e}")))?,
-            None => Summary::default(),
-        };
+        let summary = catalog::summary(txn, &self.catalogs, id, loc)?.unwrap_or_default();
         Ok(Some(MessageRecord {
             id: id.to_hex(),
             size: u64::from(loc.raw_len),
@@ -372,14 +369,14 @@ impl StoreReader {
             to: summary.to,
             subject: summary.subject,
             message_id: summary.message_id,
-            arrivals: Self::arrivals_in(txn, id)?,
+            arrivals: self.arrivals_in(txn, id)?,
         }))
     }
 
     /// # Errors
     /// [`StoreError::Corrupt`] if the message is not in the index.
     pub fn record(&self, id: &MessageId) -> Result<MessageRecord, StoreError> {
-        Self::record_in(&self.read()?, id)?
+        self.record_in(&self.read()?, id)?
             .ok_or_else(|| StoreError::Corrupt(format!("message {id} is not in the index")))
     }
 
@@ -413,7 +410,7 @@ impl StoreReader {
                 }
             }
             for id in ids {
-                if let Some(r) = Self::record_in(&txn, &MessageId(id))? {
+                if let Some(r) = self.record_in(&txn, &MessageId(id))? {
                     if matches(&r, q) {
                         out.push(r);
                     }
@@ -432,7 +429,7 @@ impl StoreReader {
                 if !seen.insert(id) {
                     continue;
                 }
-                if let Some(r) = Self::record_in(&txn, &MessageId(id))? {
+                if let Some(r) = self.record_in(&txn, &MessageId(id))? {
                     if matches(&r, q) {
                         out.push(r);
                         if out.len() >= limit {
@@ -489,22 +486,49 @@ impl StoreReader {
             }
         }
         check(&mut chunk, &mut report);
-        let arrivals = txn.open_table(ARRIVALS).map_err(idx_err)?;
-        for entry in arrivals.iter().map_err(idx_err)? {
-            let (k, v) = entry.map_err(idx_err)?;
-            report.arrivals_checked += 1;
-            match codec::decode_arrival(v.value()) {
-                Ok(a) => match a.message.parse::<MessageId>() {
-                    Ok(m) if messages.get(m.0).map_err(idx_err)?.is_some() => {}
-                    _ => report.problems.push(format!(
-                        "arrival {}: its message {} is not in the index",
-                        a.id, a.message
-                    )),
-                },
-                Err(e) => report
-                    .problems
-                    .push(format!("arrival #{}: unreadable: {e}", k.value())),
+        // Every local number from 1 to the last, in rows or in catalogs.
+        let last = catalog::last_local(&txn)?;
+        let mut from = 1;
+        while from <= last {
+            let end = (from + VERIFY_CHUNK as u64).min(last + 1);
+            let chunk = match catalog::arrivals_from(&txn, &self.catalogs, from, VERIFY_CHUNK) {
+                Ok(c) => c,
+                // A damaged catalog: one at a time, so that each unreadable one is named.
+                Err(_) => (from..end)
+                    .filter_map(|l| match catalog::arrival(&txn, &self.catalogs, l) {
+                        Ok(a) => a.map(|a| (l, Ok(a))),
+                        Err(e) => Some((l, Err(e.to_string()))),
+                    })
+                    .collect(),
+            };
+            let mut expect = from;
+            for (local, a) in chunk {
+                for gap in expect..local {
+                    report.problems.push(format!(
+                        "arrival #{gap} is in neither the index nor a catalog"
+                    ));
+                }
+                expect = local + 1;
+                report.arrivals_checked += 1;
+                match a {
+                    Ok(a) => match a.message.parse::<MessageId>() {
+                        Ok(m) if messages.get(m.0).map_err(idx_err)?.is_some() => {}
+                        _ => report.problems.push(format!(
+                            "arrival {}: its message {} is not in the index",
+                            a.id, a.message
+                        )),
+                    },
+                    Err(e) => report
+                        .problems
+                        .push(format!("arrival #{local}: unreadable: {e}")),
+                }
             }
+            for gap in expect..end {
+                report.problems.push(format!(
+                    "arrival #{gap} is in neither the index nor a catalog"
+                ));
+            }
+            from = end;
         }
         let meta = txn.open_table(META).map_err(idx_err)?;
         let counted = index::meta_u64(&meta, index::K_MESSAGES);
@@ -512,6 +536,13 @@ impl StoreReader {
             report.problems.push(format!(
                 "the index counts {counted} messages but holds {}",
                 report.messages_checked
+            ));
+        }
+        let counted = index::meta_u64(&meta, index::K_ARRIVALS);
+        if counted != report.arrivals_checked {
+            report.problems.push(format!(
+                "the index counts {counted} arrivals but holds {}",
+                report.arrivals_checked
             ));
         }
         if deep {
@@ -601,6 +632,13 @@ impl StoreReader {
                     Ok::<(), StoreError>(())
                 })?;
                 report.problems.append(&mut problems);
+                if let Some(at) = scan.catalog {
+                    if let Err(e) = catalog::read(&*file, at) {
+                        report
+                            .problems
+                            .push(format!("{}: catalog at {at}: {e}", path.display()));
+                    }
+                }
                 if let Some(why) = scan.stopped {
                     report.problems.push(format!(
                         "{}: damaged at offset {}: {why}",

@@ -29,7 +29,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// 3 stores `arrivals` and `summaries` values in the binary form of [`super::codec`]
 /// instead of JSON; an index of format 1 or 2 has those two tables re-encoded on open
 /// (every other table, `cursors`, `parked` and the counters included, stays as it is).
-pub const INDEX_FORMAT: u32 = 3;
+/// 4 drops the `summaries` and `arrivals` rows a compacted segment's catalog holds
+/// ([`super::catalog`]); an index of format 3 has no catalogs yet and is marked 4 on
+/// open, so that an older build refuses the store.
+pub const INDEX_FORMAT: u32 = 4;
 pub const SEGMENT_HEADER_LEN: u64 = 64;
 pub const RECORD_HEADER_LEN: usize = 56;
 pub const RECORD_TRAILER_LEN: usize = 4;
@@ -52,8 +55,11 @@ pub const BLK_MAGIC: &[u8; 8] = b"COFFBLK\0";
 pub const BLK_VERSION: u32 = 1;
 pub const BLOCK_MAGIC: &[u8; 4] = b"CBLK";
 pub const BLOCK_HEADER_LEN: usize = 32;
-/// Codec of a block: one zstd frame.
+/// Codec of a block: one zstd frame of records.
 pub const BLOCK_CODEC_ZSTD: u8 = 1;
+/// Codec of the last block of a `.blk`: one zstd frame of its catalog
+/// ([`super::catalog`]).
+pub const BLOCK_CODEC_CATALOG: u8 = 2;
 /// One table entry in a decoded block: message id, offset, length.
 pub const TABLE_ENTRY_LEN: usize = 40;
 
@@ -213,7 +219,7 @@ impl BlockHeader {
             records: u(20),
             messages: u(24),
         };
-        if h.codec != BLOCK_CODEC_ZSTD {
+        if h.codec != BLOCK_CODEC_ZSTD && h.codec != BLOCK_CODEC_CATALOG {
             return Err(format!("unknown block codec {}", h.codec));
         }
         if h.stored_len > MAX_PAYLOAD || h.raw_len > MAX_PAYLOAD {

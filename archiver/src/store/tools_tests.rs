@@ -469,7 +469,7 @@ fn a_format_2_index_is_upgraded_on_open_and_keeps_everything() {
     let store = Store::open(opts(dir.path(), 8192)).unwrap();
     store.close();
     let (format, json, cursors_after, parked_after) = index_state(dir.path());
-    assert_eq!((format, json), (3, 0));
+    assert_eq!((format, json), (record::INDEX_FORMAT, 0));
     assert_eq!(cursors_after, cursors);
     assert_eq!(parked_after, parked);
     assert_eq!(
@@ -649,4 +649,89 @@ fn a_leftover_index_rewrite_is_removed_on_open() {
     assert!(!leftover.exists());
     store.close();
     assert_eq!(all(dir.path()).1.messages, 20);
+}
+
+/// Rows of `summaries` and `arrivals` in a closed store's index.
+fn row_counts(dir: &Path) -> (u64, u64) {
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+    let db = redb::Database::open(dir.join(engine::INDEX_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    (
+        txn.open_table(index::SUMMARIES).unwrap().len().unwrap(),
+        txn.open_table(index::ARRIVALS).unwrap().len().unwrap(),
+    )
+}
+
+/// Every arrival by local number, as an in-process reader (a replicator) sees them.
+fn by_local(h: &StoreHandle) -> Vec<(u64, Arrival)> {
+    let txn = h.snapshot().unwrap();
+    h.arrivals_from(&txn, 1, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|(l, a)| (l, a.unwrap()))
+        .collect()
+}
+
+#[test]
+fn compacted_segments_keep_their_summaries_and_arrivals_in_catalogs() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 60, 4096);
+    let (records, status) = all(dir.path());
+    assert_eq!((status.messages, status.arrivals), (60, 61));
+    assert_eq!(row_counts(dir.path()), (60, 61));
+    let compacting = || StoreOptions {
+        compaction: compact::CompactOptions {
+            block_size: 8192,
+            level: 3,
+            dictionary: false,
+        },
+        ..opts(dir.path(), 4096)
+    };
+
+    let store = Store::open(compacting()).unwrap();
+    let h = store.handle();
+    let locals = by_local(&h);
+    assert_eq!(locals.len(), 61);
+    assert!(h.compact(true, &|| false).unwrap().segments > 3);
+    // The compacted segments' rows are gone from the index; their catalogs answer.
+    assert_eq!(by_local(&h), locals);
+    let txn = h.snapshot().unwrap();
+    for (local, a) in &locals {
+        assert_eq!(h.arrival_at(&txn, *local).unwrap().as_ref(), Some(a));
+    }
+    drop(txn);
+    // A client's retry of an arrival now kept in a catalog is still a repeat.
+    assert!(h.ingest_blocking(msg(3, "a@example.org")).unwrap().repeat);
+    drop(h);
+    store.close();
+    assert_eq!(row_counts(dir.path()), (0, 0), "all of it is compacted");
+    let (again, after) = all(dir.path());
+    assert_eq!(again, records);
+    assert_eq!(after.arrivals, status.arrivals);
+    assert_eq!(after.repeats, status.repeats + 1);
+    let report = verify(dir.path(), true);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.arrivals_checked, 61);
+
+    // A rebuilt index drops the same rows, and answers the same.
+    let r = reindex::reindex(dir.path(), "node-a", &mut |_, _| {}).unwrap();
+    assert!(r.verify.problems.is_empty(), "{:?}", r.verify.problems);
+    assert_eq!(row_counts(dir.path()), (0, 0));
+    assert_eq!(all(dir.path()), (again, after));
+
+    // A catalog that no longer reads back is named by verify, and reads fail loudly.
+    let blk = log::blk_path(&dir.path().join(log::LOG_DIR), 1);
+    let mut bytes = std::fs::read(&blk).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&blk, bytes).unwrap();
+    let report = verify(dir.path(), true);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("00000001.blk") && p.contains("catalog")),
+        "{:?}",
+        report.problems
+    );
 }

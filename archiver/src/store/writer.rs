@@ -624,7 +624,9 @@ impl Writer {
                     Some((id, _)) => Some(id.clone()),
                     None => match new_keys.iter().find(|(k, _)| *k == key) {
                         Some((_, id)) => Some(id.clone()),
-                        None => lookup_key(&snapshot, key).map_err(poisoned)?,
+                        None => {
+                            lookup_key(&snapshot, &self.shared.catalogs, key).map_err(poisoned)?
+                        }
                     },
                 },
             };
@@ -983,17 +985,18 @@ fn has_message(snapshot: &ReadTransaction, id: &MessageId) -> Result<bool, Store
     Ok(t.get(id.0).map_err(idx_err)?.is_some())
 }
 
-fn lookup_key(snapshot: &ReadTransaction, key: [u8; 32]) -> Result<Option<ArrivalId>, StoreError> {
+fn lookup_key(
+    snapshot: &ReadTransaction,
+    catalogs: &super::catalog::Catalogs,
+    key: [u8; 32],
+) -> Result<Option<ArrivalId>, StoreError> {
     let keys = snapshot.open_table(index::ARRIVAL_KEYS).map_err(idx_err)?;
     let Some(local) = keys.get(key).map_err(idx_err)?.map(|v| v.value()) else {
         return Ok(None);
     };
-    let arrivals = snapshot.open_table(index::ARRIVALS).map_err(idx_err)?;
-    let json = arrivals.get(local).map_err(idx_err)?.ok_or_else(|| {
+    let a = super::catalog::arrival(snapshot, catalogs, local)?.ok_or_else(|| {
         StoreError::Corrupt(format!("arrival key points at missing arrival {local}"))
     })?;
-    let a: Arrival = super::codec::decode_arrival(json.value())
-        .map_err(|e| StoreError::Corrupt(format!("arrival {local}: {e}")))?;
     Ok(Some(a.id))
 }
 

@@ -1,0 +1,456 @@
+//! The catalog of a compacted segment (docs/store-format.md "Catalogs").
+//!
+//! Compaction writes, as the last block of a `.blk`, the summaries of the messages whose
+//! blobs it holds and the arrivals its records hold, in the binary form of
+//! [`super::codec`], compressed like the blocks. The switch that puts the `.blk` in place
+//! then drops those rows from `summaries` and `arrivals`: a sealed segment's share of the
+//! index is kept compressed, at a fraction of what redb's pages take.
+//!
+//! Readers look a row up first and the catalog second ([`summary`], [`arrival`]), and take
+//! a catalog's entry only where the index agrees with it (the message is located in that
+//! segment; the arrival id maps to that local number). So a catalog can never add or
+//! replace an entry, only stand in for a row that was dropped for it.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use redb::{ReadTransaction, ReadableTable};
+
+use super::codec;
+use super::engine::{idx_err, io_err};
+use super::index::{self, Loc, Move, SegmentInfo, ARRIVALS, ARRIVAL_IDS, SEGMENTS, SUMMARIES};
+use super::io::{VFile, Vfs};
+use super::log::blk_path;
+use super::record::{self, BlockHeader, BLOCK_CODEC_CATALOG, BLOCK_HEADER_LEN, RECORD_TRAILER_LEN};
+use super::summary::Summary;
+use super::{Arrival, StoreError};
+use crate::ids::MessageId;
+
+const MAGIC: &[u8; 4] = b"CCAT";
+/// An arrival and its local number; `Err(why)` if it does not decode.
+pub type Numbered = (u64, Result<Arrival, String>);
+
+/// Gives the catalog of a segment being compacted from its moves and arrival ids.
+pub type CatalogOf<'a> = dyn FnMut(&[Move], &[String]) -> Result<Catalog, StoreError> + 'a;
+
+/// Decoded catalogs a [`Catalogs`] keeps.
+const CACHED: usize = 4;
+
+/// What a compacted segment carries of the index: summaries sorted by message id,
+/// arrivals sorted by local number, each value in the binary form of [`super::codec`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub summaries: Vec<([u8; 32], Vec<u8>)>,
+    pub arrivals: Vec<(u64, Vec<u8>)>,
+}
+
+impl Catalog {
+    /// The catalog's bytes before compression.
+    pub fn encode(&self) -> Vec<u8> {
+        let values: usize = self
+            .summaries
+            .iter()
+            .map(|(_, v)| v.len() + 36)
+            .sum::<usize>()
+            + self
+                .arrivals
+                .iter()
+                .map(|(_, v)| v.len() + 12)
+                .sum::<usize>();
+        let mut b = Vec::with_capacity(12 + values);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&count(self.summaries.len()).to_le_bytes());
+        b.extend_from_slice(&count(self.arrivals.len()).to_le_bytes());
+        for (id, v) in &self.summaries {
+            b.extend_from_slice(id);
+            b.extend_from_slice(&count(v.len()).to_le_bytes());
+            b.extend_from_slice(v);
+        }
+        for (local, v) in &self.arrivals {
+            b.extend_from_slice(&local.to_le_bytes());
+            b.extend_from_slice(&count(v.len()).to_le_bytes());
+            b.extend_from_slice(v);
+        }
+        b
+    }
+
+    /// # Errors
+    /// Why the bytes are not a catalog.
+    pub fn decode(b: &[u8]) -> Result<Catalog, String> {
+        let mut r = Cursor { b, at: 0 };
+        if r.take(4)? != MAGIC {
+            return Err("not a catalog (bad magic)".into());
+        }
+        let summaries = r.u32()? as usize;
+        let arrivals = r.u32()? as usize;
+        // Every entry takes at least 36 (or 12) bytes: a bad count cannot allocate much.
+        if summaries.saturating_mul(36) + arrivals.saturating_mul(12) > b.len() {
+            return Err("catalog counts exceed its bytes".into());
+        }
+        let mut c = Catalog {
+            summaries: Vec::with_capacity(summaries),
+            arrivals: Vec::with_capacity(arrivals),
+        };
+        for _ in 0..summaries {
+            let id: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+            let len = r.u32()? as usize;
+            c.summaries.push((id, r.take(len)?.to_vec()));
+        }
+        for _ in 0..arrivals {
+            let local = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+            let len = r.u32()? as usize;
+            c.arrivals.push((local, r.take(len)?.to_vec()));
+        }
+        if r.at != b.len() {
+            return Err("bytes after the catalog's entries".into());
+        }
+        if !c.summaries.windows(2).all(|w| w[0].0 < w[1].0)
+            || !c.arrivals.windows(2).all(|w| w[0].0 < w[1].0)
+        {
+            return Err("catalog entries out of order".into());
+        }
+        Ok(c)
+    }
+
+    /// The encoded summary of message `id`, if the catalog holds it.
+    pub fn summary(&self, id: &MessageId) -> Option<&[u8]> {
+        self.summaries
+            .binary_search_by(|(k, _)| k.cmp(&id.0))
+            .ok()
+            .map(|i| self.summaries[i].1.as_slice())
+    }
+
+    /// The encoded arrival with local number `local`, if the catalog holds it.
+    pub fn arrival(&self, local: u64) -> Option<&[u8]> {
+        self.arrivals
+            .binary_search_by(|(k, _)| k.cmp(&local))
+            .ok()
+            .map(|i| self.arrivals[i].1.as_slice())
+    }
+
+    /// The first and last local numbers it holds.
+    pub fn locals(&self) -> Option<(u64, u64)> {
+        Some((self.arrivals.first()?.0, self.arrivals.last()?.0))
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).expect("catalog parts under 4 GiB")
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let s = self
+            .b
+            .get(self.at..self.at.saturating_add(n))
+            .ok_or("catalog is cut short")?;
+        self.at += n;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+}
+
+/// The catalog as one block of a `.blk` (header, zstd frame, CRC).
+///
+/// # Errors
+/// zstd errors (an impossible level).
+pub fn encode_block(c: &Catalog, level: i32) -> std::io::Result<Vec<u8>> {
+    let raw = c.encode();
+    let frame = zstd::bulk::compress(&raw, level)?;
+    let h = BlockHeader {
+        codec: BLOCK_CODEC_CATALOG,
+        dict_id: 0,
+        stored_len: count(frame.len()),
+        raw_len: count(raw.len()),
+        records: 0,
+        messages: 0,
+    };
+    let mut out = Vec::with_capacity(frame.len() + BLOCK_HEADER_LEN + RECORD_TRAILER_LEN);
+    record::encode_block(&mut out, &h, &frame);
+    Ok(out)
+}
+
+/// Reads the catalog block at `offset` of a `.blk`.
+///
+/// # Errors
+/// I/O errors; damage as `InvalidData`.
+pub fn read(file: &dyn VFile, offset: u64) -> std::io::Result<Catalog> {
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let block = super::compact::read_block(file, offset, &record::no_dicts)?;
+    if block.header.codec != BLOCK_CODEC_CATALOG {
+        return Err(bad(format!("the block at {offset} is not a catalog")));
+    }
+    Catalog::decode(&block.payload).map_err(bad)
+}
+
+/// Decoded catalogs, a few at a time, for one process's readers.
+pub struct Catalogs {
+    vfs: Arc<dyn Vfs>,
+    log_dir: PathBuf,
+    cache: Mutex<VecDeque<(u32, Arc<Catalog>)>>,
+    /// Which catalog holds which local numbers, as last loaded.
+    ranges: Mutex<Option<Arc<LocalRanges>>>,
+}
+
+impl Catalogs {
+    pub fn new(vfs: Arc<dyn Vfs>, log_dir: PathBuf) -> Catalogs {
+        Catalogs {
+            vfs,
+            log_dir,
+            cache: Mutex::new(VecDeque::with_capacity(CACHED)),
+            ranges: Mutex::new(None),
+        }
+    }
+
+    /// The local number ranges of the catalogs: as last loaded, or loaded from `txn` if
+    /// `fresh` or never loaded. A segment's range never changes once compacted.
+    ///
+    /// # Errors
+    /// Index errors.
+    fn ranges(&self, txn: &ReadTransaction, fresh: bool) -> Result<Arc<LocalRanges>, StoreError> {
+        let mut r = self
+            .ranges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*r {
+            Some(l) if !fresh => Ok(l.clone()),
+            _ => {
+                let l = Arc::new(LocalRanges::load(txn)?);
+                *r = Some(l.clone());
+                Ok(l)
+            }
+        }
+    }
+
+    /// The catalog of segment `n`, if `segments` says it has one.
+    ///
+    /// # Errors
+    /// Index and I/O errors, a damaged catalog.
+    pub fn of(&self, txn: &ReadTransaction, n: u32) -> Result<Option<Arc<Catalog>>, StoreError> {
+        if let Some(c) = self.cached(n) {
+            return Ok(Some(c));
+        }
+        let Some(info) = segment_info(txn, n)? else {
+            return Ok(None);
+        };
+        if info.catalog == 0 {
+            return Ok(None);
+        }
+        let path = blk_path(&self.log_dir, n);
+        let file = self.vfs.open_read(&path).map_err(io_err(&path))?;
+        let c = Arc::new(read(&*file, info.catalog).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "{} at {}: catalog: {e}",
+                path.display(),
+                info.catalog
+            ))
+        })?);
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= CACHED {
+            cache.pop_front();
+        }
+        cache.push_back((n, c.clone()));
+        Ok(Some(c))
+    }
+
+    fn cached(&self, n: u32) -> Option<Arc<Catalog>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, c)| c.clone())
+    }
+}
+
+fn segment_info(txn: &ReadTransaction, n: u32) -> Result<Option<SegmentInfo>, StoreError> {
+    let t = txn.open_table(SEGMENTS).map_err(idx_err)?;
+    let v = t.get(n).map_err(idx_err)?;
+    Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
+}
+
+/// The summary of message `id`, located at `loc`: its row, or its segment's catalog.
+///
+/// # Errors
+/// Index and I/O errors, a damaged catalog, a summary that does not decode.
+pub fn summary(
+    txn: &ReadTransaction,
+    cats: &Catalogs,
+    id: &MessageId,
+    loc: Loc,
+) -> Result<Option<Summary>, StoreError> {
+    let bad = |e: String| StoreError::Corrupt(format!("summary of {id}: {e}"));
+    let t = txn.open_table(SUMMARIES).map_err(idx_err)?;
+    if let Some(v) = t.get(id.0).map_err(idx_err)? {
+        return codec::decode_summary(v.value()).map(Some).map_err(bad);
+    }
+    if !loc.in_block() {
+        return Ok(None);
+    }
+    match cats.of(txn, loc.segment)? {
+        Some(c) => c
+            .summary(id)
+            .map(|v| codec::decode_summary(v).map_err(bad))
+            .transpose(),
+        None => Ok(None),
+    }
+}
+
+/// Which segment's catalog holds which local numbers, from `segments`.
+struct LocalRanges(Vec<(u64, u64, u32)>);
+
+impl LocalRanges {
+    fn load(txn: &ReadTransaction) -> Result<LocalRanges, StoreError> {
+        let t = txn.open_table(SEGMENTS).map_err(idx_err)?;
+        let mut v = Vec::new();
+        for e in t.iter().map_err(idx_err)? {
+            let (k, info) = e.map_err(idx_err)?;
+            if let Ok(info) = serde_json::from_slice::<SegmentInfo>(info.value()) {
+                if info.catalog != 0 && info.first_local != 0 {
+                    v.push((info.first_local, info.last_local, k.value()));
+                }
+            }
+        }
+        v.sort_unstable();
+        Ok(LocalRanges(v))
+    }
+
+    /// The segments whose catalogs may hold `local`, likeliest first. A segment's range
+    /// can reach below its own arrivals (a replicated duplicate of an older arrival is
+    /// cataloged where its record is, as the index numbered it), so ranges may overlap.
+    fn candidates(&self, local: u64) -> impl Iterator<Item = u32> + '_ {
+        let end = self.0.partition_point(|r| r.0 <= local);
+        self.0[..end]
+            .iter()
+            .rev()
+            .filter(move |r| local <= r.1)
+            .map(|r| r.2)
+    }
+}
+
+/// The arrival with local number `local`, found in the catalogs: that of the segment
+/// that holds it, where the index maps that arrival's id to `local`.
+fn cataloged(
+    txn: &ReadTransaction,
+    cats: &Catalogs,
+    ids: &redb::ReadOnlyTable<&'static str, u64>,
+    local: u64,
+) -> Result<Option<Result<Arrival, String>>, StoreError> {
+    let mut found = None;
+    // The ranges as last loaded; loaded anew once if they miss (a newer compaction).
+    for fresh in [false, true] {
+        let ranges = cats.ranges(txn, fresh)?;
+        for n in ranges.candidates(local) {
+            if let Some(c) = cats.of(txn, n)? {
+                if let Some(v) = c.arrival(local) {
+                    found = Some(codec::decode_arrival(v));
+                    break;
+                }
+            }
+        }
+        if found.is_some() {
+            break;
+        }
+    }
+    let a = match found {
+        None => return Ok(None),
+        Some(Err(e)) => return Ok(Some(Err(e.to_string()))),
+        Some(Ok(a)) => a,
+    };
+    let agrees = ids
+        .get(a.id.to_string().as_str())
+        .map_err(idx_err)?
+        .is_some_and(|l| l.value() == local);
+    Ok(agrees.then_some(Ok(a)))
+}
+
+/// The arrival with local number `local`, wherever the index keeps it: its row, or a
+/// compacted segment's catalog.
+///
+/// # Errors
+/// Index and I/O errors, a damaged catalog, an arrival that does not decode.
+pub fn arrival(
+    txn: &ReadTransaction,
+    cats: &Catalogs,
+    local: u64,
+) -> Result<Option<Arrival>, StoreError> {
+    let bad = |e: String| StoreError::Corrupt(format!("arrival #{local}: {e}"));
+    let rows = txn.open_table(ARRIVALS).map_err(idx_err)?;
+    if let Some(v) = rows.get(local).map_err(idx_err)? {
+        return codec::decode_arrival(v.value())
+            .map(Some)
+            .map_err(|e| bad(e.to_string()));
+    }
+    let ids = txn.open_table(ARRIVAL_IDS).map_err(idx_err)?;
+    cataloged(txn, cats, &ids, local)?.transpose().map_err(bad)
+}
+
+/// The arrivals numbered `from` to `from + max - 1` (and at most the last one given),
+/// in order, wherever they are kept; one that does not decode is `Err(why)`.
+///
+/// # Errors
+/// Index and I/O errors, a damaged catalog.
+pub fn arrivals_from(
+    txn: &ReadTransaction,
+    cats: &Catalogs,
+    from: u64,
+    max: usize,
+) -> Result<Vec<Numbered>, StoreError> {
+    let from = from.max(1);
+    let last = last_local(txn)?.min(from.saturating_add(max as u64).saturating_sub(1));
+    if last < from {
+        return Ok(Vec::new());
+    }
+    let rows = txn.open_table(ARRIVALS).map_err(idx_err)?;
+    let mut out = Vec::new();
+    let mut rows = rows.range(from..=last).map_err(idx_err)?.peekable();
+    let mut ids = None;
+    for local in from..=last {
+        let row = match rows.peek() {
+            Some(Ok((k, _))) if k.value() == local => rows.next(),
+            Some(Err(_)) => rows.next(),
+            _ => None,
+        };
+        if let Some(row) = row {
+            let (_, v) = row.map_err(idx_err)?;
+            out.push((
+                local,
+                codec::decode_arrival(v.value()).map_err(|e| e.to_string()),
+            ));
+            continue;
+        }
+        // Not a row: a compacted segment's catalog holds it.
+        if ids.is_none() {
+            ids = Some(txn.open_table(ARRIVAL_IDS).map_err(idx_err)?);
+        }
+        let ids = ids.as_ref().expect("opened");
+        if let Some(a) = cataloged(txn, cats, ids, local)? {
+            out.push((local, a));
+        }
+    }
+    Ok(out)
+}
+
+/// The highest local arrival number given so far (0: none). Arrivals are numbered
+/// 1, 2, … without gaps.
+///
+/// # Errors
+/// Index errors.
+pub fn last_local(txn: &ReadTransaction) -> Result<u64, StoreError> {
+    let meta = txn.open_table(index::META).map_err(idx_err)?;
+    Ok(index::meta_u64(&meta, index::K_NEXT_LOCAL).saturating_sub(1))
+}
