@@ -11,7 +11,7 @@
 //! segment; the arrival id maps to that local number). So a catalog can never add or
 //! replace an entry, only stand in for a row that was dropped for it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +19,9 @@ use redb::{ReadTransaction, ReadableTable};
 
 use super::codec;
 use super::engine::{idx_err, io_err};
-use super::index::{self, Loc, Move, SegmentInfo, ARRIVALS, ARRIVAL_IDS, SEGMENTS, SUMMARIES};
+use super::index::{
+    self, Loc, Move, SegmentInfo, Term, ARRIVALS, ARRIVAL_IDS, BY_MESSAGE, SEGMENTS, SUMMARIES,
+};
 use super::io::{VFile, Vfs};
 use super::log::blk_path;
 use super::record::{self, BlockHeader, BLOCK_CODEC_CATALOG, BLOCK_HEADER_LEN, RECORD_TRAILER_LEN};
@@ -38,30 +40,112 @@ pub type CatalogOf<'a> = dyn FnMut(&[Move], &[String]) -> Result<Catalog, StoreE
 const CACHED: usize = 4;
 
 /// What a compacted segment carries of the index: summaries sorted by message id,
-/// arrivals sorted by local number, each value in the binary form of [`super::codec`].
+/// arrivals sorted by local number (each value in the binary form of
+/// [`super::codec`]), and the search keys they give, each with the messages it finds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
     pub summaries: Vec<([u8; 32], Vec<u8>)>,
     pub arrivals: Vec<(u64, Vec<u8>)>,
+    /// Ids of messages stored elsewhere that an arrival here names, sorted.
+    others: Vec<[u8; 32]>,
+    /// Search keys, sorted, each with its messages: numbers into `summaries`, then
+    /// into `others`.
+    terms: Vec<(Term, Vec<u32>)>,
+    /// (arrival µs, local number, message id) of every arrival, newest first: derived.
+    by_time: Vec<(i64, u64, [u8; 32])>,
+    /// (message id, local number) of every arrival, sorted: derived.
+    by_message: Vec<([u8; 32], u64)>,
 }
 
 impl Catalog {
+    /// The catalog of these summaries and arrivals (sorted and deduplicated here), with
+    /// the search keys the index gives them ([`index::summary_terms`],
+    /// [`index::arrival_terms`]).
+    pub fn build(
+        mut summaries: Vec<([u8; 32], Vec<u8>)>,
+        mut arrivals: Vec<(u64, Vec<u8>)>,
+    ) -> Catalog {
+        summaries.sort_unstable_by_key(|s| s.0);
+        summaries.dedup_by_key(|s| s.0);
+        arrivals.sort_unstable_by_key(|a| a.0);
+        arrivals.dedup_by_key(|a| a.0);
+        let mut keyed: Vec<(Term, [u8; 32])> = Vec::new();
+        for (id, v) in &summaries {
+            if let Ok(s) = codec::decode_summary(v) {
+                keyed.extend(index::summary_terms(&s).into_iter().map(|t| (t, *id)));
+            }
+        }
+        for (_, v) in &arrivals {
+            if let Ok(a) = codec::decode_arrival(v) {
+                if let Ok(m) = a.message.parse::<MessageId>() {
+                    keyed.extend(index::arrival_terms(&a).into_iter().map(|t| (t, m.0)));
+                }
+            }
+        }
+        let mut others: Vec<[u8; 32]> = keyed
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| summaries.binary_search_by(|s| s.0.cmp(id)).is_err())
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        let number = |id: &[u8; 32]| match summaries.binary_search_by(|s| s.0.cmp(id)) {
+            Ok(i) => count(i),
+            Err(_) => count(summaries.len() + others.binary_search(id).expect("collected")),
+        };
+        let mut numbered: Vec<(Term, u32)> = keyed
+            .iter()
+            .map(|(t, id)| (t.clone(), number(id)))
+            .collect();
+        numbered.sort_unstable();
+        numbered.dedup();
+        let mut terms: Vec<(Term, Vec<u32>)> = Vec::new();
+        for (t, n) in numbered {
+            match terms.last_mut() {
+                Some((last, ns)) if *last == t => ns.push(n),
+                _ => terms.push((t, vec![n])),
+            }
+        }
+        Catalog {
+            summaries,
+            arrivals,
+            others,
+            terms,
+            by_time: Vec::new(),
+            by_message: Vec::new(),
+        }
+        .derive()
+    }
+
+    /// Fills the lookups derived from the arrivals.
+    fn derive(mut self) -> Catalog {
+        self.by_time = self
+            .arrivals
+            .iter()
+            .filter_map(|(local, v)| {
+                let a = codec::decode_arrival(v).ok()?;
+                let m = a.message.parse::<MessageId>().ok()?;
+                Some((index::time_us(&a.time), *local, m.0))
+            })
+            .collect();
+        self.by_time.sort_unstable_by(|a, b| b.cmp(a));
+        self.by_message = self.by_time.iter().map(|e| (e.2, e.1)).collect();
+        self.by_message.sort_unstable();
+        self
+    }
+
     /// The catalog's bytes before compression.
     pub fn encode(&self) -> Vec<u8> {
-        let values: usize = self
-            .summaries
-            .iter()
-            .map(|(_, v)| v.len() + 36)
-            .sum::<usize>()
-            + self
-                .arrivals
-                .iter()
-                .map(|(_, v)| v.len() + 12)
-                .sum::<usize>();
-        let mut b = Vec::with_capacity(12 + values);
+        let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&count(self.summaries.len()).to_le_bytes());
-        b.extend_from_slice(&count(self.arrivals.len()).to_le_bytes());
+        for n in [
+            self.summaries.len(),
+            self.arrivals.len(),
+            self.others.len(),
+            self.terms.len(),
+        ] {
+            b.extend_from_slice(&count(n).to_le_bytes());
+        }
         for (id, v) in &self.summaries {
             b.extend_from_slice(id);
             b.extend_from_slice(&count(v.len()).to_le_bytes());
@@ -71,6 +155,22 @@ impl Catalog {
             b.extend_from_slice(&local.to_le_bytes());
             b.extend_from_slice(&count(v.len()).to_le_bytes());
             b.extend_from_slice(v);
+        }
+        for id in &self.others {
+            b.extend_from_slice(id);
+        }
+        for (t, ns) in &self.terms {
+            let (kind, key) = match t {
+                Term::Addr(k) => (0u8, k),
+                Term::MsgId(k) => (1u8, k),
+            };
+            b.push(kind);
+            b.extend_from_slice(&count(key.len()).to_le_bytes());
+            b.extend_from_slice(key.as_bytes());
+            b.extend_from_slice(&count(ns.len()).to_le_bytes());
+            for n in ns {
+                b.extend_from_slice(&n.to_le_bytes());
+            }
         }
         b
     }
@@ -84,13 +184,23 @@ impl Catalog {
         }
         let summaries = r.u32()? as usize;
         let arrivals = r.u32()? as usize;
-        // Every entry takes at least 36 (or 12) bytes: a bad count cannot allocate much.
-        if summaries.saturating_mul(36) + arrivals.saturating_mul(12) > b.len() {
+        let others = r.u32()? as usize;
+        let terms = r.u32()? as usize;
+        // Every entry takes at least this many bytes: a bad count cannot allocate much.
+        let least = summaries.saturating_mul(36)
+            + arrivals.saturating_mul(12)
+            + others.saturating_mul(32)
+            + terms.saturating_mul(9);
+        if least > b.len() {
             return Err("catalog counts exceed its bytes".into());
         }
         let mut c = Catalog {
             summaries: Vec::with_capacity(summaries),
             arrivals: Vec::with_capacity(arrivals),
+            others: Vec::with_capacity(others),
+            terms: Vec::with_capacity(terms),
+            by_time: Vec::new(),
+            by_message: Vec::new(),
         };
         for _ in 0..summaries {
             let id: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
@@ -102,15 +212,46 @@ impl Catalog {
             let len = r.u32()? as usize;
             c.arrivals.push((local, r.take(len)?.to_vec()));
         }
+        for _ in 0..others {
+            c.others.push(r.take(32)?.try_into().expect("32 bytes"));
+        }
+        let ids = summaries + others;
+        for _ in 0..terms {
+            let kind = r.take(1)?[0];
+            let len = r.u32()? as usize;
+            let key = std::str::from_utf8(r.take(len)?)
+                .map_err(|_| "a search key is not UTF-8")?
+                .to_owned();
+            let t = match kind {
+                0 => Term::Addr(key),
+                1 => Term::MsgId(key),
+                k => return Err(format!("unknown search key kind {k}")),
+            };
+            let n = r.u32()? as usize;
+            if n.saturating_mul(4) > b.len() - r.at {
+                return Err("catalog counts exceed its bytes".into());
+            }
+            let mut ns = Vec::with_capacity(n);
+            for _ in 0..n {
+                let i = r.u32()?;
+                if i as usize >= ids {
+                    return Err("a search key names no message of the catalog".into());
+                }
+                ns.push(i);
+            }
+            c.terms.push((t, ns));
+        }
         if r.at != b.len() {
             return Err("bytes after the catalog's entries".into());
         }
         if !c.summaries.windows(2).all(|w| w[0].0 < w[1].0)
             || !c.arrivals.windows(2).all(|w| w[0].0 < w[1].0)
+            || !c.others.windows(2).all(|w| w[0] < w[1])
+            || !c.terms.windows(2).all(|w| w[0].0 < w[1].0)
         {
             return Err("catalog entries out of order".into());
         }
-        Ok(c)
+        Ok(c.derive())
     }
 
     /// The encoded summary of message `id`, if the catalog holds it.
@@ -132,6 +273,49 @@ impl Catalog {
     /// The first and last local numbers it holds.
     pub fn locals(&self) -> Option<(u64, u64)> {
         Some((self.arrivals.first()?.0, self.arrivals.last()?.0))
+    }
+
+    /// The earliest and latest arrival times it holds (µs).
+    pub fn times(&self) -> Option<(i64, i64)> {
+        Some((self.by_time.last()?.0, self.by_time.first()?.0))
+    }
+
+    /// Every search key with the ids of the messages it finds.
+    pub fn terms(&self) -> impl Iterator<Item = (&Term, Vec<[u8; 32]>)> {
+        self.terms
+            .iter()
+            .map(|(t, ns)| (t, ns.iter().map(|n| self.id_of(*n)).collect()))
+    }
+
+    /// The messages search key `term` finds here.
+    pub fn find(&self, term: &Term) -> Vec<[u8; 32]> {
+        match self.terms.binary_search_by(|(t, _)| t.cmp(term)) {
+            Ok(i) => self.terms[i].1.iter().map(|n| self.id_of(*n)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The local numbers of its arrivals of message `id`.
+    pub fn arrivals_of(&self, id: &MessageId) -> impl Iterator<Item = u64> + '_ {
+        let id = id.0;
+        let from = self.by_message.partition_point(|e| e.0 < id);
+        self.by_message[from..]
+            .iter()
+            .take_while(move |e| e.0 == id)
+            .map(|e| e.1)
+    }
+
+    /// (arrival µs, local number, message id) of its arrivals, newest first.
+    pub fn by_time(&self) -> &[(i64, u64, [u8; 32])] {
+        &self.by_time
+    }
+
+    fn id_of(&self, n: u32) -> [u8; 32] {
+        let n = n as usize;
+        match self.summaries.get(n) {
+            Some(s) => s.0,
+            None => self.others[n - self.summaries.len()],
+        }
     }
 }
 
@@ -277,6 +461,24 @@ impl Catalogs {
     }
 }
 
+/// Every compacted segment that has a catalog, with what `segments` says of it.
+///
+/// # Errors
+/// Index errors.
+pub fn cataloged(txn: &ReadTransaction) -> Result<Vec<(u32, SegmentInfo)>, StoreError> {
+    let t = txn.open_table(SEGMENTS).map_err(idx_err)?;
+    let mut out = Vec::new();
+    for e in t.iter().map_err(idx_err)? {
+        let (k, v) = e.map_err(idx_err)?;
+        if let Ok(info) = serde_json::from_slice::<SegmentInfo>(v.value()) {
+            if info.catalog != 0 {
+                out.push((k.value(), info));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn segment_info(txn: &ReadTransaction, n: u32) -> Result<Option<SegmentInfo>, StoreError> {
     let t = txn.open_table(SEGMENTS).map_err(idx_err)?;
     let v = t.get(n).map_err(idx_err)?;
@@ -310,21 +512,41 @@ pub fn summary(
     }
 }
 
+/// The local numbers of the arrivals of message `id`, located at `loc`: its rows of
+/// `by_message`, and the arrivals of it that its segment's catalog holds (their rows
+/// were dropped).
+///
+/// # Errors
+/// Index and I/O errors, a damaged catalog.
+pub fn locals_of(
+    txn: &ReadTransaction,
+    cats: &Catalogs,
+    id: &MessageId,
+    loc: Loc,
+) -> Result<BTreeSet<u64>, StoreError> {
+    let t = txn.open_multimap_table(BY_MESSAGE).map_err(idx_err)?;
+    let mut out = BTreeSet::new();
+    for l in t.get(id.0).map_err(idx_err)? {
+        out.insert(l.map_err(idx_err)?.value());
+    }
+    if loc.in_block() {
+        if let Some(c) = cats.of(txn, loc.segment)? {
+            out.extend(c.arrivals_of(id));
+        }
+    }
+    Ok(out)
+}
+
 /// Which segment's catalog holds which local numbers, from `segments`.
 struct LocalRanges(Vec<(u64, u64, u32)>);
 
 impl LocalRanges {
     fn load(txn: &ReadTransaction) -> Result<LocalRanges, StoreError> {
-        let t = txn.open_table(SEGMENTS).map_err(idx_err)?;
-        let mut v = Vec::new();
-        for e in t.iter().map_err(idx_err)? {
-            let (k, info) = e.map_err(idx_err)?;
-            if let Ok(info) = serde_json::from_slice::<SegmentInfo>(info.value()) {
-                if info.catalog != 0 && info.first_local != 0 {
-                    v.push((info.first_local, info.last_local, k.value()));
-                }
-            }
-        }
+        let mut v: Vec<_> = cataloged(txn)?
+            .into_iter()
+            .filter(|(_, info)| info.first_local != 0)
+            .map(|(n, info)| (info.first_local, info.last_local, n))
+            .collect();
         v.sort_unstable();
         Ok(LocalRanges(v))
     }
@@ -344,7 +566,7 @@ impl LocalRanges {
 
 /// The arrival with local number `local`, found in the catalogs: that of the segment
 /// that holds it, where the index maps that arrival's id to `local`.
-fn cataloged(
+fn arrival_in_catalogs(
     txn: &ReadTransaction,
     cats: &Catalogs,
     ids: &redb::ReadOnlyTable<&'static str, u64>,
@@ -396,7 +618,9 @@ pub fn arrival(
             .map_err(|e| bad(e.to_string()));
     }
     let ids = txn.open_table(ARRIVAL_IDS).map_err(idx_err)?;
-    cataloged(txn, cats, &ids, local)?.transpose().map_err(bad)
+    arrival_in_catalogs(txn, cats, &ids, local)?
+        .transpose()
+        .map_err(bad)
 }
 
 /// The arrivals numbered `from` to `from + max - 1` (and at most the last one given),
@@ -438,7 +662,7 @@ pub fn arrivals_from(
             ids = Some(txn.open_table(ARRIVAL_IDS).map_err(idx_err)?);
         }
         let ids = ids.as_ref().expect("opened");
-        if let Some(a) = cataloged(txn, cats, ids, local)? {
+        if let Some(a) = arrival_in_catalogs(txn, cats, ids, local)? {
             out.push((local, a));
         }
     }
@@ -453,4 +677,112 @@ pub fn arrivals_from(
 pub fn last_local(txn: &ReadTransaction) -> Result<u64, StoreError> {
     let meta = txn.open_table(index::META).map_err(idx_err)?;
     Ok(index::meta_u64(&meta, index::K_NEXT_LOCAL).saturating_sub(1))
+}
+
+/// Bits per search key in a [`TermFilter`]: about 1 % false positives with 7 probes.
+const FILTER_BITS_PER_KEY: usize = 10;
+const FILTER_PROBES: u32 = 7;
+
+/// A Bloom filter of a catalog's search keys, kept in the index (`segment_filters`) so
+/// that a search by key reads only the catalogs that may hold the key. Derived from the
+/// catalog, like the rest of the index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TermFilter(Vec<u8>);
+
+impl TermFilter {
+    pub fn of(catalog: &Catalog) -> TermFilter {
+        let bytes = (catalog.terms.len() * FILTER_BITS_PER_KEY)
+            .div_ceil(8)
+            .max(8);
+        let mut bits = vec![0u8; bytes];
+        for (t, _) in &catalog.terms {
+            for bit in probes(t, bytes * 8) {
+                bits[bit / 8] |= 1 << (bit % 8);
+            }
+        }
+        TermFilter(bits)
+    }
+
+    pub fn from_bytes(b: &[u8]) -> TermFilter {
+        TermFilter(b.to_vec())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// False only if the catalog has no such key.
+    pub fn may_hold(&self, term: &Term) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        probes(term, self.0.len() * 8).all(|bit| self.0[bit / 8] & (1 << (bit % 8)) != 0)
+    }
+}
+
+/// The filter's bit positions for `term` (double hashing over CRC-32C: stable across
+/// builds, unlike std's hasher).
+fn probes(term: &Term, bits: usize) -> impl Iterator<Item = usize> {
+    let (kind, key) = match term {
+        Term::Addr(k) => (0u8, k),
+        Term::MsgId(k) => (1u8, k),
+    };
+    let h1 = crc32c::crc32c_append(u32::from(kind), key.as_bytes());
+    let h2 = crc32c::crc32c_append(h1 ^ 0x9e37_79b9, key.as_bytes()) | 1;
+    (0..FILTER_PROBES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) as usize) % bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(n: usize) -> Catalog {
+        let summaries = (0..n)
+            .map(|i| {
+                let s = Summary {
+                    from: vec![format!("sender{i}@example.org")],
+                    to: vec![format!("rcpt{}@example.net", i % 7)],
+                    message_id: Some(format!("m{i}@example.org")),
+                    ..Summary::default()
+                };
+                let mut id = [0u8; 32];
+                id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                (id, codec::encode_summary(&s))
+            })
+            .collect();
+        Catalog::build(summaries, Vec::new())
+    }
+
+    #[test]
+    fn a_catalog_reads_back_and_finds_its_messages_by_key() {
+        let c = catalog(50);
+        let back = Catalog::decode(&c.encode()).unwrap();
+        assert_eq!(back, c);
+        let found = c.find(&Term::Addr("t:rcpt3@example.net".into()));
+        assert_eq!(found.len(), 7);
+        assert_eq!(c.find(&Term::Addr("t:@example.net".into())).len(), 50);
+        assert_eq!(c.find(&Term::MsgId("m9@example.org".into())).len(), 1);
+        assert!(c
+            .find(&Term::Addr("f:nobody@example.org".into()))
+            .is_empty());
+        // Damage is refused, not misread.
+        let mut bytes = c.encode();
+        let n = bytes.len();
+        bytes[n - 1] = 0xff;
+        assert!(Catalog::decode(&bytes).is_err());
+        assert!(Catalog::decode(&bytes[..n - 3]).is_err());
+    }
+
+    #[test]
+    fn the_filter_holds_every_key_and_few_others() {
+        let c = catalog(2000);
+        let f = TermFilter::from_bytes(TermFilter::of(&c).as_bytes());
+        for (t, _) in c.terms() {
+            assert!(f.may_hold(t), "{t:?}");
+        }
+        let false_positives = (0..10_000)
+            .filter(|i| f.may_hold(&Term::Addr(format!("f:other{i}@example.com"))))
+            .count();
+        assert!(false_positives < 300, "{false_positives} of 10000");
+    }
 }

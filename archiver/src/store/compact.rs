@@ -502,20 +502,19 @@ pub fn rewrite(
     let blk = blk_path(log_dir, n);
     vfs.rename(&tmp, &blk).map_err(io_err(&blk))?;
     vfs.sync_dir(log_dir).map_err(io_err(log_dir))?;
-    let (first_local, last_local) = cat.locals().unwrap_or((0, 0));
+    let mut info = SegmentInfo {
+        compacted: true,
+        blocks,
+        bytes: pos,
+        from_bytes,
+        dict: dict_id,
+        ..SegmentInfo::default()
+    };
+    info.set_catalog(catalog_at, &cat);
     Ok(Some(Rewritten {
         segment: n,
         moves,
-        info: SegmentInfo {
-            compacted: true,
-            blocks,
-            bytes: pos,
-            from_bytes,
-            dict: dict_id,
-            catalog: catalog_at,
-            first_local,
-            last_local,
-        },
+        info,
         catalog: cat,
         raw_bytes,
     }))

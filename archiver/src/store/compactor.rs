@@ -204,7 +204,7 @@ impl StoreHandle {
         let summaries = txn.open_table(index::SUMMARIES).map_err(idx_err)?;
         let ids = txn.open_table(index::ARRIVAL_IDS).map_err(idx_err)?;
         let rows = txn.open_table(index::ARRIVALS).map_err(idx_err)?;
-        let mut c = catalog::Catalog::default();
+        let mut found = Vec::new();
         for m in moves {
             let indexed_here = messages
                 .get(m.message.0)
@@ -215,22 +215,19 @@ impl StoreHandle {
                 continue;
             }
             if let Some(v) = summaries.get(m.message.0).map_err(idx_err)? {
-                c.summaries.push((m.message.0, v.value().to_vec()));
+                found.push((m.message.0, v.value().to_vec()));
             }
         }
+        let mut numbered = Vec::new();
         for id in arrivals {
             let Some(local) = ids.get(id.as_str()).map_err(idx_err)?.map(|l| l.value()) else {
                 continue;
             };
             if let Some(v) = rows.get(local).map_err(idx_err)? {
-                c.arrivals.push((local, v.value().to_vec()));
+                numbered.push((local, v.value().to_vec()));
             }
         }
-        c.summaries.sort_unstable_by_key(|a| a.0);
-        c.summaries.dedup_by(|a, b| a.0 == b.0);
-        c.arrivals.sort_unstable_by_key(|a| a.0);
-        c.arrivals.dedup_by_key(|a| a.0);
-        Ok(c)
+        Ok(catalog::Catalog::build(found, numbered))
     }
 
     /// Sealed segments to compact (below the index's tail, not compacted), and compacted

@@ -522,8 +522,7 @@ fn replay_blk(ctx: &ReplayCtx<'_>, tables: &mut Tables<'_>, n: u32) -> Result<u6
         let catalog = super::catalog::read(&*file, at).map_err(|e| {
             StoreError::Corrupt(format!("{}: catalog at {at}: {e}", path.display()))
         })?;
-        (info.first_local, info.last_local) = catalog.locals().unwrap_or((0, 0));
-        info.catalog = at;
+        info.set_catalog(at, &catalog);
         tables.drop_cataloged(n, &catalog).map_err(idx_err)?;
     }
     tables.mark_compacted(n, &info).map_err(idx_err)?;

@@ -49,6 +49,49 @@ pub const ADDRS_V2: MultimapTableDefinition<'_, &str, [u8; 32]> =
 pub const MSGIDS_V2: MultimapTableDefinition<'_, &str, [u8; 32]> =
     MultimapTableDefinition::new("msgids");
 
+/// A search key of a message: under [`ADDRS`] or [`MSGIDS`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Term {
+    Addr(String),
+    MsgId(String),
+}
+
+fn push_address(out: &mut Vec<Term>, prefix: &str, addr: &str) {
+    let a = addr.to_lowercase();
+    if let Some(d) = domain_of(&a) {
+        out.push(Term::Addr(format!("{prefix}{d}")));
+    }
+    out.push(Term::Addr(format!("{prefix}{a}")));
+}
+
+/// The search keys a message's summary gives it: `f:` and `t:` addresses and domains,
+/// its Message-ID.
+pub fn summary_terms(summary: &Summary) -> Vec<Term> {
+    let mut out = Vec::new();
+    for a in &summary.from {
+        push_address(&mut out, "f:", a);
+    }
+    for a in &summary.to {
+        push_address(&mut out, "t:", a);
+    }
+    if let Some(mid) = &summary.message_id {
+        out.push(Term::MsgId(mid.to_lowercase()));
+    }
+    out
+}
+
+/// The search keys an arrival gives its message: envelope sender and recipients.
+pub fn arrival_terms(arrival: &Arrival) -> Vec<Term> {
+    let mut out = Vec::new();
+    if !arrival.mail_from.is_empty() {
+        push_address(&mut out, "f:", &arrival.mail_from);
+    }
+    for r in &arrival.rcpt_to {
+        push_address(&mut out, "t:", r);
+    }
+    out
+}
+
 /// The first 8 bytes of a message id: what [`ADDRS`] and [`MSGIDS`] hold.
 pub fn id_prefix(id: &[u8; 32]) -> [u8; 8] {
     id[..8].try_into().expect("8 bytes")
@@ -71,6 +114,11 @@ pub const PARKED: TableDefinition<'_, (&str, u64), &str> = TableDefinition::new(
 /// `.blk` marks it.
 pub const SEGMENTS: TableDefinition<'_, u32, &[u8]> = TableDefinition::new("segments");
 
+/// segment number → [`super::catalog::TermFilter`] of its catalog's search keys.
+/// Rebuildable: replaying a `.blk` writes it.
+pub const SEGMENT_FILTERS: TableDefinition<'_, u32, &[u8]> =
+    TableDefinition::new("segment_filters");
+
 /// What the index knows of a compacted segment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentInfo {
@@ -92,6 +140,20 @@ pub struct SegmentInfo {
     pub first_local: u64,
     #[serde(default)]
     pub last_local: u64,
+    /// The earliest and latest arrival times its catalog holds (µs; 0: none).
+    #[serde(default)]
+    pub first_time: i64,
+    #[serde(default)]
+    pub last_time: i64,
+}
+
+impl SegmentInfo {
+    /// Notes where `catalog` is (offset `at` of the `.blk`) and what it holds.
+    pub fn set_catalog(&mut self, at: u64, catalog: &Catalog) {
+        self.catalog = at;
+        (self.first_local, self.last_local) = catalog.locals().unwrap_or((0, 0));
+        (self.first_time, self.last_time) = catalog.times().unwrap_or((0, 0));
+    }
 }
 
 /// One message moving from its record in a segment to its place in a block.
@@ -275,6 +337,7 @@ pub struct Tables<'t> {
     cursors: redb::Table<'t, &'static str, &'static [u8]>,
     parked: redb::Table<'t, (&'static str, u64), &'static str>,
     segments: redb::Table<'t, u32, &'static [u8]>,
+    segment_filters: redb::Table<'t, u32, &'static [u8]>,
     /// META's counters as of this transaction; written back by [`Tables::finish`].
     pub counters: Counters,
 }
@@ -304,6 +367,7 @@ impl<'t> Tables<'t> {
             cursors: txn.open_table(CURSORS)?,
             parked: txn.open_table(PARKED)?,
             segments: txn.open_table(SEGMENTS)?,
+            segment_filters: txn.open_table(SEGMENT_FILTERS)?,
             counters,
         })
     }
@@ -320,17 +384,13 @@ impl<'t> Tables<'t> {
         Ok(counters)
     }
 
-    fn index_address(
-        &mut self,
-        prefix: &str,
-        addr: &str,
-        id: &MessageId,
-    ) -> Result<(), redb::Error> {
-        let a = addr.to_lowercase();
+    fn insert_terms(&mut self, terms: &[Term], id: &MessageId) -> Result<(), redb::Error> {
         let p = id_prefix(&id.0);
-        self.addrs.insert(format!("{prefix}{a}").as_str(), p)?;
-        if let Some(d) = domain_of(&a) {
-            self.addrs.insert(format!("{prefix}{d}").as_str(), p)?;
+        for t in terms {
+            match t {
+                Term::Addr(k) => self.addrs.insert(k.as_str(), p)?,
+                Term::MsgId(k) => self.msgids.insert(k.as_str(), p)?,
+            };
         }
         Ok(())
     }
@@ -352,16 +412,7 @@ impl<'t> Tables<'t> {
         self.messages.insert(id.0, loc.encode().as_slice())?;
         self.summaries
             .insert(id.0, codec::encode_summary(summary).as_slice())?;
-        for a in &summary.from {
-            self.index_address("f:", a, id)?;
-        }
-        for a in &summary.to {
-            self.index_address("t:", a, id)?;
-        }
-        if let Some(mid) = &summary.message_id {
-            self.msgids
-                .insert(mid.to_lowercase().as_str(), id_prefix(&id.0))?;
-        }
+        self.insert_terms(&summary_terms(summary), id)?;
         self.counters.messages += 1;
         self.counters.raw_bytes += u64::from(loc.raw_len);
         self.counters.stored_bytes += u64::from(loc.record_len);
@@ -417,15 +468,20 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Drops the rows of `summaries` and `arrivals` that compacted segment `segment`'s
-    /// catalog holds: a summary where the message's blob is indexed in that segment, an
-    /// arrival where its id maps to the local number the catalog gives it. The live switch
-    /// and the replay of a `.blk` both come here, so a rebuilt index drops what the live
-    /// one did.
+    /// Notes the filter of `segment`'s catalog keys, and drops the rows that compacted
+    /// segment `segment`'s catalog holds: a summary where
+    /// the message's blob is indexed in that segment; an arrival, and its `by_time` row,
+    /// where its id maps to the local number the catalog gives it (and its `by_message`
+    /// row, where the message is in that segment too); a search key's row
+    /// where the catalog finds that message under that key and no other message shares
+    /// the id prefix the row holds. The live switch and the replay of a `.blk` both come
+    /// here, so a rebuilt index drops what the live one did.
     ///
     /// # Errors
     /// redb errors.
     pub fn drop_cataloged(&mut self, segment: u32, catalog: &Catalog) -> Result<(), redb::Error> {
+        let filter = super::catalog::TermFilter::of(catalog);
+        self.segment_filters.insert(segment, filter.as_bytes())?;
         for (id, _) in &catalog.summaries {
             let here = self
                 .messages
@@ -446,6 +502,30 @@ impl<'t> Tables<'t> {
                 .is_some_and(|l| l.value() == *local);
             if agrees {
                 self.arrivals.remove(*local)?;
+                self.by_time.remove((time_us(&a.time), *local))?;
+                // The message's own segment's catalog finds it by message: its row goes.
+                if let Ok(m) = a.message.parse::<MessageId>() {
+                    let here = self
+                        .messages
+                        .get(m.0)?
+                        .and_then(|v| Loc::decode(v.value()))
+                        .is_some_and(|l| l.segment == segment && l.in_block());
+                    if here {
+                        self.by_message.remove(m.0, *local)?;
+                    }
+                }
+            }
+        }
+        for (term, ids) in catalog.terms() {
+            for id in ids {
+                let p = id_prefix(&id);
+                if self.messages.range(prefix_range(p))?.take(2).count() > 1 {
+                    continue; // the row may stand for another message too
+                }
+                match term {
+                    Term::Addr(k) => self.addrs.remove(k.as_str(), p)?,
+                    Term::MsgId(k) => self.msgids.remove(k.as_str(), p)?,
+                };
             }
         }
         Ok(())
@@ -506,12 +586,7 @@ impl<'t> Tables<'t> {
         if let Some(key) = key {
             self.arrival_keys.insert(key, local)?;
         }
-        if !arrival.mail_from.is_empty() {
-            self.index_address("f:", &arrival.mail_from, &message)?;
-        }
-        for r in &arrival.rcpt_to {
-            self.index_address("t:", r, &message)?;
-        }
+        self.insert_terms(&arrival_terms(arrival), &message)?;
         self.counters.arrivals += 1;
         Ok(Some(local))
     }
@@ -671,6 +746,7 @@ pub fn copy_tables(r: &ReadTransaction, w: &WriteTransaction) -> Result<(), redb
     copy_table(r, w, CURSORS)?;
     copy_table(r, w, PARKED)?;
     copy_table(r, w, SEGMENTS)?;
+    copy_table(r, w, SEGMENT_FILTERS)?;
     Ok(())
 }
 

@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
-use super::catalog::{self, Catalogs};
+use super::catalog::{self, Catalogs, TermFilter};
 use super::compact::{self, DecodedBlock};
 use super::dict::Dicts;
 use super::engine::{idx_err, io_err, Engine, INDEX_FILE, LOCK_FILE};
-use super::index::{self, Loc, ADDRS, BY_MESSAGE, BY_TIME, MESSAGES, META, MSGIDS};
+use super::index::{self, Loc, Term, ADDRS, BY_TIME, MESSAGES, META, MSGIDS, SEGMENT_FILTERS};
 use super::io::{RealVfs, VFile, Vfs};
 use super::log::{self, blk_path, list_log, segment_path, LOG_DIR};
 use super::record::{decode_payload, DictLookup, KIND_ARRIVAL, KIND_MESSAGE, SEGMENT_HEADER_LEN};
@@ -332,10 +332,11 @@ impl StoreReader {
         txn: &ReadTransaction,
         id: &MessageId,
     ) -> Result<Vec<Arrival>, StoreError> {
-        let by_msg = txn.open_multimap_table(BY_MESSAGE).map_err(idx_err)?;
+        let Some(loc) = Self::loc(txn, id)? else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
-        for local in by_msg.get(id.0).map_err(idx_err)? {
-            let local = local.map_err(idx_err)?.value();
+        for local in catalog::locals_of(txn, &self.catalogs, id, loc)? {
             if let Some(a) = catalog::arrival(txn, &self.catalogs, local)? {
                 out.push(a);
             }
@@ -380,23 +381,31 @@ impl StoreReader {
             .ok_or_else(|| StoreError::Corrupt(format!("message {id} is not in the index")))
     }
 
-    /// Messages matching `query`, newest arrival first.
+    /// Messages matching `query`, newest arrival first. Searches the index's rows and the
+    /// catalogs of compacted segments.
     ///
     /// # Errors
     /// Index errors.
     pub fn search(&self, q: &Query) -> Result<Vec<MessageRecord>, StoreError> {
         let txn = self.read()?;
         let limit = if q.limit == 0 { usize::MAX } else { q.limit };
-        let key_lookup = if let Some(m) = &q.message_id {
-            Some((MSGIDS, m.trim().trim_matches(['<', '>']).to_lowercase()))
+        let term = if let Some(m) = &q.message_id {
+            Some(Term::MsgId(
+                m.trim().trim_matches(['<', '>']).to_lowercase(),
+            ))
         } else if let Some(f) = &q.from {
-            Some((ADDRS, format!("f:{}", f.trim().to_lowercase())))
+            Some(Term::Addr(format!("f:{}", f.trim().to_lowercase())))
         } else {
             q.to.as_ref()
-                .map(|t| (ADDRS, format!("t:{}", t.trim().to_lowercase())))
+                .map(|t| Term::Addr(format!("t:{}", t.trim().to_lowercase())))
         };
+        let cataloged = catalog::cataloged(&txn)?;
         let mut out = Vec::new();
-        if let Some((table, key)) = key_lookup {
+        if let Some(term) = term {
+            let (table, key) = match &term {
+                Term::Addr(k) => (ADDRS, k),
+                Term::MsgId(k) => (MSGIDS, k),
+            };
             let t = txn.open_multimap_table(table).map_err(idx_err)?;
             let messages = txn.open_table(MESSAGES).map_err(idx_err)?;
             let mut ids = BTreeSet::new();
@@ -409,6 +418,19 @@ impl StoreReader {
                     ids.insert(m.map_err(idx_err)?.0.value());
                 }
             }
+            let filters = txn.open_table(SEGMENT_FILTERS).map_err(idx_err)?;
+            for (n, _) in &cataloged {
+                let may_hold = filters
+                    .get(*n)
+                    .map_err(idx_err)?
+                    .is_none_or(|f| TermFilter::from_bytes(f.value()).may_hold(&term));
+                if !may_hold {
+                    continue;
+                }
+                if let Some(c) = self.catalogs.of(&txn, *n)? {
+                    ids.extend(c.find(&term));
+                }
+            }
             for id in ids {
                 if let Some(r) = self.record_in(&txn, &MessageId(id))? {
                     if matches(&r, q) {
@@ -419,13 +441,11 @@ impl StoreReader {
             out.sort_by(|a, b| latest(b).cmp(latest(a)));
             out.truncate(limit);
         } else {
-            let by_time = txn.open_table(BY_TIME).map_err(idx_err)?;
-            let lo = (q.since_us.unwrap_or(i64::MIN), 0u64);
-            let hi = (q.until_us.unwrap_or(i64::MAX), 0u64);
+            let lo = q.since_us.unwrap_or(i64::MIN);
+            let hi = q.until_us.unwrap_or(i64::MAX);
             let mut seen = BTreeSet::new();
-            for entry in by_time.range(lo..hi).map_err(idx_err)?.rev() {
-                let (_, v) = entry.map_err(idx_err)?;
-                let id = v.value();
+            let mut newest = self.newest_first(&txn, &cataloged, lo, hi)?;
+            while let Some(id) = newest.next()? {
                 if !seen.insert(id) {
                     continue;
                 }
@@ -440,6 +460,34 @@ impl StoreReader {
             }
         }
         Ok(out)
+    }
+
+    /// The message ids of arrivals with times in `lo..hi`, newest first, from `by_time`
+    /// and the catalogs merged: a catalog is read once the merge reaches its latest time.
+    fn newest_first<'a>(
+        &'a self,
+        txn: &'a ReadTransaction,
+        cataloged: &[(u32, index::SegmentInfo)],
+        lo: i64,
+        hi: i64,
+    ) -> Result<NewestFirst<'a>, StoreError> {
+        let by_time = txn.open_table(BY_TIME).map_err(idx_err)?;
+        let mut pending: Vec<(i64, u32)> = cataloged
+            .iter()
+            .filter(|(_, i)| i.last_time >= lo && i.first_time < hi)
+            .map(|(n, i)| (i.last_time, *n))
+            .collect();
+        pending.sort_unstable(); // latest last: popped first
+        Ok(NewestFirst {
+            reader: self,
+            txn,
+            rows: by_time,
+            next_row: None,
+            lo,
+            hi,
+            pending,
+            heap: std::collections::BinaryHeap::new(),
+        })
     }
 
     /// Re-hashes every message; with `deep`, also scans the whole log and checks the index
@@ -689,6 +737,80 @@ impl StoreReader {
             }
         }
         Ok(())
+    }
+}
+
+/// A row of `by_time`: (arrival µs, local number) → message id.
+type TimeRow = ((i64, u64), [u8; 32]);
+
+/// The merge of [`StoreReader::newest_first`]: `by_time` read backwards from `hi`, a
+/// page at a time, against a heap of the catalogs' entries loaded so far.
+struct NewestFirst<'a> {
+    reader: &'a StoreReader,
+    txn: &'a ReadTransaction,
+    rows: redb::ReadOnlyTable<(i64, u64), [u8; 32]>,
+    /// The next row to give (`Some(None)`: none left), once read.
+    next_row: Option<Option<TimeRow>>,
+    lo: i64,
+    hi: i64,
+    /// Catalogs not loaded yet, by latest time (latest last).
+    pending: Vec<(i64, u32)>,
+    heap: std::collections::BinaryHeap<(i64, u64, [u8; 32])>,
+}
+
+impl NewestFirst<'_> {
+    /// The newest row of `by_time` from `lo` up to (not including) `end`.
+    fn row_before(&self, end: (i64, u64)) -> Result<Option<TimeRow>, StoreError> {
+        Ok(self
+            .rows
+            .range((self.lo, 0u64)..end)
+            .map_err(idx_err)?
+            .next_back()
+            .transpose()
+            .map_err(idx_err)?
+            .map(|(k, v)| (k.value(), v.value())))
+    }
+
+    fn peek_row(&mut self) -> Result<Option<TimeRow>, StoreError> {
+        if self.next_row.is_none() {
+            self.next_row = Some(self.row_before((self.hi, 0))?);
+        }
+        Ok(self.next_row.expect("read"))
+    }
+
+    fn next(&mut self) -> Result<Option<[u8; 32]>, StoreError> {
+        loop {
+            let row = self.peek_row()?;
+            let front = row.map(|r| r.0 .0).max(self.heap.peek().map(|e| e.0));
+            // A catalog whose latest time is at or after the front may hold what comes
+            // next: load it before choosing.
+            if let Some(&(latest, n)) = self.pending.last() {
+                if front.is_none_or(|f| latest >= f) {
+                    self.pending.pop();
+                    if let Some(c) = self.reader.catalogs.of(self.txn, n)? {
+                        self.heap.extend(
+                            c.by_time()
+                                .iter()
+                                .filter(|e| self.lo <= e.0 && e.0 < self.hi)
+                                .copied(),
+                        );
+                    }
+                    continue;
+                }
+            }
+            let from_row = match (row, self.heap.peek()) {
+                (None, None) => return Ok(None),
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(r), Some(e)) => (r.0 .0, r.0 .1) >= (e.0, e.1),
+            };
+            if from_row {
+                let (key, id) = row.expect("a row");
+                self.next_row = Some(self.row_before(key)?);
+                return Ok(Some(id));
+            }
+            return Ok(self.heap.pop().map(|e| e.2));
+        }
     }
 }
 

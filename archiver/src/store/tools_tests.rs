@@ -651,15 +651,95 @@ fn a_leftover_index_rewrite_is_removed_on_open() {
     assert_eq!(all(dir.path()).1.messages, 20);
 }
 
-/// Rows of `summaries` and `arrivals` in a closed store's index.
-fn row_counts(dir: &Path) -> (u64, u64) {
+/// Rows of `summaries`, `arrivals`, `by_time`, `addr_keys`, `msgid_keys` and
+/// `by_message` in a closed store's index.
+fn row_counts(dir: &Path) -> [u64; 6] {
     use redb::{ReadableDatabase, ReadableTableMetadata};
     let db = redb::Database::open(dir.join(engine::INDEX_FILE)).unwrap();
     let txn = db.begin_read().unwrap();
-    (
+    [
         txn.open_table(index::SUMMARIES).unwrap().len().unwrap(),
         txn.open_table(index::ARRIVALS).unwrap().len().unwrap(),
-    )
+        txn.open_table(index::BY_TIME).unwrap().len().unwrap(),
+        txn.open_multimap_table(index::ADDRS)
+            .unwrap()
+            .len()
+            .unwrap(),
+        txn.open_multimap_table(index::MSGIDS)
+            .unwrap()
+            .len()
+            .unwrap(),
+        txn.open_multimap_table(index::BY_MESSAGE)
+            .unwrap()
+            .len()
+            .unwrap(),
+    ]
+}
+
+/// The answers to a set of searches: by sender, recipient, domain, Message-ID, time.
+fn searches(dir: &Path) -> Vec<Vec<String>> {
+    let r = StoreReader::open(dir).unwrap();
+    let (records, _) = all(dir);
+    let times: Vec<i64> = records
+        .iter()
+        .map(|r| index::time_us(&r.arrivals[0].time))
+        .collect();
+    let mid = times[times.len() / 2];
+    let mut qs = vec![
+        Query {
+            from: Some("other@example.org".into()),
+            ..Query::default()
+        },
+        Query {
+            from: Some("@EXAMPLE.org".into()),
+            ..Query::default()
+        },
+        Query {
+            to: Some("rcpt1@example.net".into()),
+            ..Query::default()
+        },
+        Query {
+            to: Some("@example.net".into()),
+            limit: 7,
+            ..Query::default()
+        },
+        Query {
+            since_us: Some(mid),
+            ..Query::default()
+        },
+        Query {
+            until_us: Some(mid),
+            limit: 5,
+            ..Query::default()
+        },
+        Query {
+            limit: 3,
+            ..Query::default()
+        },
+        Query {
+            subject: Some("message 1".into()),
+            ..Query::default()
+        },
+    ];
+    for i in [0, 7, 31, 59] {
+        qs.push(Query {
+            from: Some(format!("sender{i}@example.org")),
+            ..Query::default()
+        });
+        qs.push(Query {
+            message_id: Some(format!("<m{i}@example.org>")),
+            ..Query::default()
+        });
+    }
+    qs.iter()
+        .map(|q| {
+            r.search(q)
+                .unwrap()
+                .into_iter()
+                .map(|m| m.id)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Every arrival by local number, as an in-process reader (a replicator) sees them.
@@ -678,7 +758,9 @@ fn compacted_segments_keep_their_summaries_and_arrivals_in_catalogs() {
     filled(dir.path(), 60, 4096);
     let (records, status) = all(dir.path());
     assert_eq!((status.messages, status.arrivals), (60, 61));
-    assert_eq!(row_counts(dir.path()), (60, 61));
+    assert_eq!(row_counts(dir.path())[..3], [60, 61, 61]);
+    let answers = searches(dir.path());
+    assert!(answers.iter().all(|a| !a.is_empty()), "{answers:?}");
     let compacting = || StoreOptions {
         compaction: compact::CompactOptions {
             block_size: 8192,
@@ -692,7 +774,54 @@ fn compacted_segments_keep_their_summaries_and_arrivals_in_catalogs() {
     let h = store.handle();
     let locals = by_local(&h);
     assert_eq!(locals.len(), 61);
-    assert!(h.compact(true, &|| false).unwrap().segments > 3);
+    // The sealed segments first: searches read rows and catalogs together.
+    assert!(h.compact(false, &|| false).unwrap().segments > 3);
+    assert_eq!(by_local(&h), locals);
+    drop(h);
+    store.close();
+    let rows = row_counts(dir.path());
+    assert!(rows.iter().all(|n| *n > 0) && rows[1] < 20, "{rows:?}");
+    assert_eq!(searches(dir.path()), answers);
+    assert_eq!(all(dir.path()).0, records);
+
+    // Replicated arrivals keep their origin's time: rows as old as cataloged arrivals,
+    // which a search merges by time (equal times: the higher local number first).
+    let store = Store::open(compacting()).unwrap();
+    let h = store.handle();
+    for (k, i) in [5usize, 20, 40].into_iter().enumerate() {
+        let mut m = msg(100 + k, "peer@example.org");
+        m.session.xcoffer = Some(coffer_proto::Xcoffer {
+            origin_arrival: Some(format!("peer/0badf00d/{}", k + 1)),
+            origin_time: Some(records[i].arrivals[0].time.clone()),
+            ..coffer_proto::Xcoffer::default()
+        });
+        assert!(!h.ingest_blocking(m).unwrap().repeat);
+    }
+    drop(h);
+    store.close();
+    let newest = |q: Query| -> Vec<String> {
+        let r = StoreReader::open(dir.path()).unwrap();
+        r.search(&q)
+            .unwrap()
+            .iter()
+            .map(|m| m.arrivals.iter().map(|a| a.time.clone()).max().unwrap())
+            .collect()
+    };
+    let everything = newest(Query::default());
+    assert_eq!(everything.len(), 63);
+    assert!(
+        everything.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {everything:?}"
+    );
+    let answers = searches(dir.path());
+    let (records, status) = all(dir.path());
+    assert_eq!(status.arrivals, 64);
+
+    let store = Store::open(compacting()).unwrap();
+    let h = store.handle();
+    let locals = by_local(&h);
+    assert_eq!(locals.len(), 64);
+    assert!(h.compact(true, &|| false).unwrap().segments >= 1);
     // The compacted segments' rows are gone from the index; their catalogs answer.
     assert_eq!(by_local(&h), locals);
     let txn = h.snapshot().unwrap();
@@ -704,20 +833,28 @@ fn compacted_segments_keep_their_summaries_and_arrivals_in_catalogs() {
     assert!(h.ingest_blocking(msg(3, "a@example.org")).unwrap().repeat);
     drop(h);
     store.close();
-    assert_eq!(row_counts(dir.path()), (0, 0), "all of it is compacted");
+    // Left: the `by_message` row of a repeat arrival in another segment than its message.
+    assert_eq!(
+        row_counts(dir.path()),
+        [0, 0, 0, 0, 0, 1],
+        "all of it is compacted"
+    );
+    assert_eq!(newest(Query::default()), everything);
+    assert_eq!(searches(dir.path()), answers);
     let (again, after) = all(dir.path());
     assert_eq!(again, records);
     assert_eq!(after.arrivals, status.arrivals);
     assert_eq!(after.repeats, status.repeats + 1);
     let report = verify(dir.path(), true);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.arrivals_checked, 61);
+    assert_eq!(report.arrivals_checked, 64);
 
     // A rebuilt index drops the same rows, and answers the same.
     let r = reindex::reindex(dir.path(), "node-a", &mut |_, _| {}).unwrap();
     assert!(r.verify.problems.is_empty(), "{:?}", r.verify.problems);
-    assert_eq!(row_counts(dir.path()), (0, 0));
+    assert_eq!(row_counts(dir.path()), [0, 0, 0, 0, 0, 1]);
     assert_eq!(all(dir.path()), (again, after));
+    assert_eq!(searches(dir.path()), answers);
 
     // A catalog that no longer reads back is named by verify, and reads fail loudly.
     let blk = log::blk_path(&dir.path().join(log::LOG_DIR), 1);
