@@ -259,6 +259,28 @@ pub fn scan_blk<E: From<io::Error>>(
     })
 }
 
+/// The offset of a compacted segment's catalog block, found by its block headers alone.
+/// `None` if it has none, or if damage comes first (a scan names it).
+///
+/// # Errors
+/// I/O errors other than damage.
+pub fn find_catalog(file: &dyn VFile) -> io::Result<Option<u64>> {
+    let file_len = file.len()?;
+    let mut at = SEGMENT_HEADER_LEN;
+    let mut head = [0u8; BLOCK_HEADER_LEN];
+    while at + BLOCK_HEADER_LEN as u64 <= file_len {
+        file.read_exact_at(&mut head, at)?;
+        let Ok(h) = BlockHeader::decode(&head) else {
+            return Ok(None);
+        };
+        if h.codec == BLOCK_CODEC_CATALOG {
+            return Ok(Some(at));
+        }
+        at += h.total_len();
+    }
+    Ok(None)
+}
+
 /// The location of a message record found at `position` of the block at `offset`.
 pub fn block_loc(segment: u32, offset: u64, block: &DecodedBlock, rec: &BlockRecord<'_>) -> Loc {
     let position = rec.position.unwrap_or(0);
@@ -413,10 +435,12 @@ pub fn rewrite(
         blocks: 0,
     };
     let mut raw_bytes = 0u64;
+    // Records written into blocks.
     let mut records_in = 0u64;
     let mut filling = Filling::default();
     let mut stopped = false;
-    let mut arrival_ids = Vec::new();
+    // (arrival id, its catalog form, its record) of every arrival record.
+    let mut arrivals = Vec::new();
     let scan = log::scan(&*src, SEGMENT_HEADER_LEN, |rec| -> Result<(), StoreError> {
         if stopped {
             return Ok(());
@@ -450,12 +474,19 @@ pub fn rewrite(
                 },
                 from,
             ));
+        } else if h.kind == KIND_ARRIVAL {
+            // Held back: the catalog may stand for it (below).
+            let a: super::Arrival = serde_json::from_slice(&rec.payload)
+                .map_err(|e| corrupt(&seg, rec.offset, format!("arrival record: {e}")))?;
+            let encoded = a
+                .message
+                .parse::<MessageId>()
+                .is_ok()
+                .then(|| super::codec::encode_arrival(&a));
+            arrivals.push((a.id.to_string(), encoded, h, rec.payload));
+            records_in -= 1; // not (yet) in a block
+            return Ok(());
         } else {
-            if h.kind == KIND_ARRIVAL {
-                let a: super::Arrival = serde_json::from_slice(&rec.payload)
-                    .map_err(|e| corrupt(&seg, rec.offset, format!("arrival record: {e}")))?;
-                arrival_ids.push(a.id.to_string());
-            }
             encode_record(&mut filling.records, &h, &rec.payload);
         }
         filling.count += 1;
@@ -481,6 +512,25 @@ pub fn rewrite(
         ));
     }
     w.flush(&mut filling)?;
+    let ids: Vec<String> = arrivals.iter().map(|a| a.0.clone()).collect();
+    let cat = Arc::new(catalog(&w.moves, &ids)?);
+    drop(ids);
+    // An arrival record the catalog holds exactly leaves the log's blocks: the catalog is
+    // its durable form. One it does not (none, in a store without damage) stays, in a
+    // block of its own.
+    let held: std::collections::HashSet<&[u8]> =
+        cat.arrivals.iter().map(|(_, v)| v.as_slice()).collect();
+    for (_, encoded, h, payload) in &arrivals {
+        if encoded.as_deref().is_some_and(|e| held.contains(e)) {
+            continue;
+        }
+        encode_record(&mut filling.records, h, payload);
+        filling.count += 1;
+        records_in += 1;
+    }
+    drop(held);
+    drop(arrivals);
+    w.flush(&mut filling)?;
     let BlockWriter {
         mut pos,
         moves,
@@ -488,8 +538,6 @@ pub fn rewrite(
         dict_id,
         ..
     } = w;
-    let cat = Arc::new(catalog(&moves, &arrival_ids)?);
-    drop(arrival_ids);
     let catalog_at = pos;
     let block = catalog::encode_block(&cat, opts.level).map_err(level_err)?;
     out.write_all_at(&block, pos).map_err(io_err(&tmp))?;

@@ -496,6 +496,26 @@ fn replay_blk(ctx: &ReplayCtx<'_>, tables: &mut Tables<'_>, n: u32) -> Result<u6
         compacted: true,
         ..SegmentInfo::default()
     };
+    // The catalog first: the arrivals it holds are in no block, and they came before any
+    // arrival record a block still holds.
+    let bad_catalog = |at: u64, e: std::io::Error| {
+        StoreError::Corrupt(format!("{}: catalog at {at}: {e}", path.display()))
+    };
+    let catalog = match compact::find_catalog(&*file).map_err(io_err(&path))? {
+        Some(at) => Some((
+            at,
+            super::catalog::read(&*file, at).map_err(|e| bad_catalog(at, e))?,
+        )),
+        None => None,
+    };
+    if let Some((_, c)) = &catalog {
+        for (_, v) in &c.arrivals {
+            let arrival = super::codec::decode_arrival(v)
+                .map_err(|e| StoreError::Corrupt(format!("{}: catalog: {e}", path.display())))?;
+            records += 1;
+            apply_arrival(tables, arrival, ctx)?;
+        }
+    }
     let scan = compact::scan_blk(
         &*file,
         &dicts,
@@ -518,15 +538,27 @@ fn replay_blk(ctx: &ReplayCtx<'_>, tables: &mut Tables<'_>, n: u32) -> Result<u6
         )));
     }
     info.bytes = scan.file_len;
-    if let Some(at) = scan.catalog {
-        let catalog = super::catalog::read(&*file, at).map_err(|e| {
-            StoreError::Corrupt(format!("{}: catalog at {at}: {e}", path.display()))
-        })?;
-        info.set_catalog(at, &catalog);
-        tables.drop_cataloged(n, &catalog).map_err(idx_err)?;
+    if let Some((at, c)) = &catalog {
+        info.set_catalog(*at, c);
+        tables.drop_cataloged(n, c).map_err(idx_err)?;
     }
     tables.mark_compacted(n, &info).map_err(idx_err)?;
     Ok(records)
+}
+
+/// Indexes an arrival found in the log (a record, or a catalog).
+fn apply_arrival(
+    tables: &mut Tables<'_>,
+    arrival: Arrival,
+    ctx: &ReplayCtx<'_>,
+) -> Result<(), StoreError> {
+    let ours = arrival.id.node == ctx.node && arrival.id.epoch == ctx.epoch8;
+    let key = if ours { arrival_key(&arrival) } else { None };
+    if ours && arrival.id.seq >= tables.counters.next_seq {
+        tables.counters.next_seq = arrival.id.seq + 1;
+    }
+    tables.apply_arrival(&arrival, key).map_err(idx_err)?;
+    Ok(())
 }
 
 fn apply_record(
@@ -537,7 +569,6 @@ fn apply_record(
     ctx: &ReplayCtx<'_>,
     dicts: super::record::DictLookup<'_>,
 ) -> Result<(), StoreError> {
-    let (node, epoch8) = (ctx.node, ctx.epoch8);
     match h.kind {
         KIND_MESSAGE => {
             let raw = decode_payload(h, payload, dicts).map_err(StoreError::Corrupt)?;
@@ -549,12 +580,7 @@ fn apply_record(
         KIND_ARRIVAL => {
             let arrival: Arrival = serde_json::from_slice(payload)
                 .map_err(|e| StoreError::Corrupt(format!("arrival record: {e}")))?;
-            let ours = arrival.id.node == node && arrival.id.epoch == epoch8;
-            let key = if ours { arrival_key(&arrival) } else { None };
-            if ours && arrival.id.seq >= tables.counters.next_seq {
-                tables.counters.next_seq = arrival.id.seq + 1;
-            }
-            tables.apply_arrival(&arrival, key).map_err(idx_err)?;
+            apply_arrival(tables, arrival, ctx)?;
         }
         KIND_REPEAT => tables.counters.repeats += 1,
         _ => unreachable!("record kinds are checked when decoded"),

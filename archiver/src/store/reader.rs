@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
 use super::catalog::{self, Catalogs, TermFilter};
+use super::codec;
 use super::compact::{self, DecodedBlock};
 use super::dict::Dicts;
 use super::engine::{idx_err, io_err, Engine, INDEX_FILE, LOCK_FILE};
@@ -681,10 +682,32 @@ impl StoreReader {
                 })?;
                 report.problems.append(&mut problems);
                 if let Some(at) = scan.catalog {
-                    if let Err(e) = catalog::read(&*file, at) {
-                        report
+                    match catalog::read(&*file, at) {
+                        Ok(c) => {
+                            // Its arrivals are in no block: the catalog is their record.
+                            for (local, v) in &c.arrivals {
+                                let id = match codec::decode_arrival(v) {
+                                    Ok(a) => a.id.to_string(),
+                                    Err(e) => {
+                                        report.problems.push(format!(
+                                            "{}: catalog at {at}: arrival #{local}: {e}",
+                                            path.display()
+                                        ));
+                                        continue;
+                                    }
+                                };
+                                if ids.get(id.as_str()).map_err(idx_err)?.is_none() {
+                                    report.problems.push(format!(
+                                        "{}: catalog at {at}: arrival {id} is in the log but \
+                                         not in the index",
+                                        path.display()
+                                    ));
+                                }
+                            }
+                        }
+                        Err(e) => report
                             .problems
-                            .push(format!("{}: catalog at {at}: {e}", path.display()));
+                            .push(format!("{}: catalog at {at}: {e}", path.display())),
                     }
                 }
                 if let Some(why) = scan.stopped {

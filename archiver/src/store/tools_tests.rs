@@ -833,6 +833,24 @@ fn compacted_segments_keep_their_summaries_and_arrivals_in_catalogs() {
     assert!(h.ingest_blocking(msg(3, "a@example.org")).unwrap().repeat);
     drop(h);
     store.close();
+    // The catalogs are the arrivals' record: no block holds an arrival record any more.
+    let log_dir = dir.path().join(log::LOG_DIR);
+    let mut in_blocks = [0usize; 2];
+    for f in log::list_log(&io::RealVfs, &log_dir).unwrap() {
+        if !f.blk {
+            continue;
+        }
+        let file = io::Vfs::open_read(&io::RealVfs, &log::blk_path(&log_dir, f.number)).unwrap();
+        compact::scan_blk(&*file, &record::no_dicts, |_, _, recs| {
+            for r in recs {
+                in_blocks[usize::from(r.header.kind == record::KIND_ARRIVAL)] += 1;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
+    }
+    assert_eq!(in_blocks[1], 0, "{in_blocks:?}");
+    assert!(in_blocks[0] >= 63, "{in_blocks:?}");
     // Left: the `by_message` row of a repeat arrival in another segment than its message.
     assert_eq!(
         row_counts(dir.path()),
