@@ -19,9 +19,9 @@ use super::io::{VFile, Vfs};
 use super::log::{self, blk_path, blk_tmp_path, segment_path};
 use super::record::{
     decode_payload, encode_block, encode_record, parse_record, zstd_decode, BlockHeader,
-    DictLookup, RecordHeader, TableEntry, BLOCK_CODEC_CATALOG, BLOCK_CODEC_ZSTD, BLOCK_HEADER_LEN,
-    CODEC_STORED, KIND_ARRIVAL, KIND_MESSAGE, RECORD_TRAILER_LEN, SEGMENT_HEADER_LEN,
-    TABLE_ENTRY_LEN,
+    DictLookup, RecordHeader, TableEntry, BARE_ENTRY_LEN, BLOCK_CODEC_BARE, BLOCK_CODEC_CATALOG,
+    BLOCK_HEADER_LEN, CODEC_STORED, KIND_ARRIVAL, KIND_MESSAGE, RECORD_TRAILER_LEN,
+    SEGMENT_HEADER_LEN, TABLE_ENTRY_LEN,
 };
 use super::StoreError;
 use crate::ids::MessageId;
@@ -94,7 +94,7 @@ pub fn read_block(
     let payload =
         zstd_decode(frame, header.raw_len as usize, header.dict_id, dicts).map_err(bad)?;
     if payload.len() != header.raw_len as usize
-        || (header.messages as usize).saturating_mul(TABLE_ENTRY_LEN) > payload.len()
+        || (header.messages as usize).saturating_mul(entry_len(header.codec)) > payload.len()
     {
         return Err(bad("block payload does not match its header".into()));
     }
@@ -103,6 +103,15 @@ pub fn read_block(
         len,
         payload,
     })
+}
+
+/// Bytes of one table entry in a block of `codec`.
+fn entry_len(codec: u8) -> usize {
+    if codec == BLOCK_CODEC_BARE {
+        BARE_ENTRY_LEN
+    } else {
+        TABLE_ENTRY_LEN
+    }
 }
 
 /// One record found in a block.
@@ -114,8 +123,20 @@ pub struct BlockRecord<'a> {
 }
 
 impl DecodedBlock {
-    fn table(&self) -> impl Iterator<Item = TableEntry> + '_ {
-        (0..self.header.messages as usize).filter_map(|i| TableEntry::read(&self.payload, i))
+    fn bare(&self) -> bool {
+        self.header.codec == BLOCK_CODEC_BARE
+    }
+
+    /// The `i`th entry of the block's table (with codec 3, its id is not known here).
+    pub fn entry(&self, i: u32) -> Option<TableEntry> {
+        if i >= self.header.messages {
+            return None;
+        }
+        if self.bare() {
+            TableEntry::read_bare(&self.payload, i as usize)
+        } else {
+            TableEntry::read(&self.payload, i as usize)
+        }
     }
 
     /// The share of this block's bytes counted for a message record of `entry_len` bytes:
@@ -124,14 +145,23 @@ impl DecodedBlock {
         share(self.len, entry_len, u64::from(self.header.raw_len))
     }
 
-    /// The raw bytes of the message at table entry `position`, which must be `id`'s.
+    /// The raw bytes of the message at table entry `position`, which must be `id`'s (with
+    /// codec 3 the caller checks that they hash to it).
     ///
     /// # Errors
     /// The entry is missing, is not that message's, or its record is damaged.
     pub fn message(&self, position: u32, id: &MessageId) -> Result<Vec<u8>, String> {
-        let e = TableEntry::read(&self.payload, position as usize)
-            .filter(|_| position < self.header.messages)
+        let e = self
+            .entry(position)
             .ok_or_else(|| format!("no entry {position} in the block"))?;
+        if self.bare() {
+            let end = e.offset as usize + e.len as usize;
+            return Ok(self
+                .payload
+                .get(e.offset as usize..end)
+                .ok_or("entry points past the block")?
+                .to_vec());
+        }
         if e.message != *id {
             return Err(format!("entry {position} of the block is another message"));
         }
@@ -147,22 +177,45 @@ impl DecodedBlock {
     }
 
     /// Every record of the block in order, each checked; message records with their
-    /// table position.
+    /// table position. With codec 3 a message's record header is made from its table
+    /// entry, its id by hashing its bytes.
     ///
     /// # Errors
     /// A damaged record, or a table that does not match the records.
     pub fn records(&self) -> Result<Vec<BlockRecord<'_>>, String> {
-        let table: Vec<TableEntry> = self.table().collect();
-        let mut at = table.len() * TABLE_ENTRY_LEN;
+        let table: Vec<TableEntry> = (0..self.header.messages)
+            .map(|i| self.entry(i).ok_or("the block's table is cut short"))
+            .collect::<Result<_, _>>()?;
+        let mut at = table.len() * entry_len(self.header.codec);
         let mut out = Vec::with_capacity(self.header.records as usize);
         let mut next_msg = 0usize;
         while at < self.payload.len() {
-            let (header, payload) = parse_record(&self.payload[at..])?;
+            let bare = self.bare() && table.get(next_msg).is_some_and(|e| e.offset as usize == at);
+            let (header, payload) = if bare {
+                let e = table[next_msg];
+                let payload = self
+                    .payload
+                    .get(at..at + e.len as usize)
+                    .ok_or("entry points past the block")?;
+                let header = RecordHeader {
+                    kind: KIND_MESSAGE,
+                    flags: e.flags,
+                    codec: CODEC_STORED,
+                    dict_id: 0,
+                    key_id: 0,
+                    stored_len: e.len,
+                    raw_len: e.len,
+                    message: MessageId::of(payload),
+                };
+                (header, payload)
+            } else {
+                parse_record(&self.payload[at..])?
+            };
             let position = if header.kind == KIND_MESSAGE {
                 let e = table
                     .get(next_msg)
                     .ok_or("more message records than table entries")?;
-                if e.offset as usize != at || e.message != header.message {
+                if e.offset as usize != at || (!bare && e.message != header.message) {
                     return Err("the block's table does not match its records".into());
                 }
                 next_msg += 1;
@@ -170,7 +223,11 @@ impl DecodedBlock {
             } else {
                 None
             };
-            at += usize::try_from(header.total_len()).unwrap_or(usize::MAX);
+            at += if bare {
+                payload.len()
+            } else {
+                usize::try_from(header.total_len()).unwrap_or(usize::MAX)
+            };
             out.push(BlockRecord {
                 header,
                 payload,
@@ -284,7 +341,7 @@ pub fn find_catalog(file: &dyn VFile) -> io::Result<Option<u64>> {
 /// The location of a message record found at `position` of the block at `offset`.
 pub fn block_loc(segment: u32, offset: u64, block: &DecodedBlock, rec: &BlockRecord<'_>) -> Loc {
     let position = rec.position.unwrap_or(0);
-    let entry_len = TableEntry::read(&block.payload, position as usize).map_or(0, |e| e.len);
+    let entry_len = block.entry(position).map_or(0, |e| e.len);
     Loc {
         segment,
         offset,
@@ -325,12 +382,12 @@ impl BlockWriter<'_> {
             return Ok(());
         }
         let f = std::mem::take(filling);
-        let table_len = f.messages.len() * TABLE_ENTRY_LEN;
+        let table_len = f.messages.len() * BARE_ENTRY_LEN;
         let mut payload = Vec::with_capacity(table_len + f.records.len());
         for (e, _) in &f.messages {
             let mut e = *e;
             e.offset += u32::try_from(table_len).expect("table under 4 GiB");
-            e.encode(&mut payload);
+            e.encode_bare(&mut payload);
         }
         payload.extend_from_slice(&f.records);
         drop(f.records);
@@ -338,14 +395,15 @@ impl BlockWriter<'_> {
         let mut frame = self.compressor.compress(&payload).map_err(zstd_err)?;
         if let Some(mut plain) = self.plain.take() {
             let without = plain.compress(&payload).map_err(zstd_err)?;
-            if without.len() < frame.len() {
+            // The dictionary must save at least 1 %: a few bytes' difference is chance.
+            if frame.len() + without.len() / 100 >= without.len() {
                 frame = without;
                 self.compressor = plain;
                 self.dict_id = 0;
             }
         }
         let bh = BlockHeader {
-            codec: BLOCK_CODEC_ZSTD,
+            codec: BLOCK_CODEC_BARE,
             dict_id: self.dict_id,
             stored_len: u32::try_from(frame.len()).expect("block under 4 GiB"),
             raw_len: u32::try_from(payload.len()).expect("block under 4 GiB"),
@@ -451,13 +509,7 @@ pub fn rewrite(
         if h.kind == KIND_MESSAGE {
             let raw = decode_payload(&h, &rec.payload, dicts)
                 .map_err(|e| corrupt(&seg, rec.offset, e))?;
-            let inner = RecordHeader {
-                codec: CODEC_STORED,
-                dict_id: 0,
-                stored_len: h.raw_len,
-                ..h
-            };
-            encode_record(&mut filling.records, &inner, &raw);
+            filling.records.extend_from_slice(&raw);
             raw_bytes += raw.len() as u64;
             let from = Loc {
                 segment: n,
@@ -470,7 +522,8 @@ pub fn rewrite(
                 TableEntry {
                     message: h.message,
                     offset: at,
-                    len: u32::try_from(inner.total_len()).expect("record under 4 GiB"),
+                    len: u32::try_from(raw.len()).expect("message under 4 GiB"),
+                    flags: h.flags,
                 },
                 from,
             ));

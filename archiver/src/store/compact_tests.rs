@@ -339,3 +339,74 @@ fn a_dictionary_is_used_only_where_it_makes_blocks_smaller() {
     let reader = StoreReader::open_with(Arc::new(vfs.clone()), dir).unwrap();
     check_all(&reader, &ids);
 }
+
+/// Compacted segments written before index format 4 hold blocks of codec 1 (40-byte
+/// table entries with ids, every message a whole record): they still read.
+#[test]
+fn a_block_of_codec_1_still_reads() {
+    use super::record::{
+        encode_block, encode_record, BlockHeader, RecordHeader, TableEntry, BLOCK_CODEC_ZSTD,
+        CODEC_STORED, KIND_MESSAGE, TABLE_ENTRY_LEN,
+    };
+    let msgs: Vec<Vec<u8>> = (0..3).map(message).collect();
+    let mut records = Vec::new();
+    let mut table = Vec::new();
+    for m in &msgs {
+        let id = crate::ids::MessageId::of(m);
+        let len = u32::try_from(m.len()).unwrap();
+        let h = RecordHeader {
+            kind: KIND_MESSAGE,
+            flags: 0,
+            codec: CODEC_STORED,
+            dict_id: 0,
+            key_id: 0,
+            stored_len: len,
+            raw_len: len,
+            message: id,
+        };
+        let at = records.len();
+        encode_record(&mut records, &h, m);
+        table.push(TableEntry {
+            message: id,
+            offset: u32::try_from(at).unwrap(),
+            len: u32::try_from(records.len() - at).unwrap(),
+            flags: 0,
+        });
+    }
+    let table_len = u32::try_from(table.len() * TABLE_ENTRY_LEN).unwrap();
+    let mut payload = Vec::new();
+    for e in &table {
+        TableEntry {
+            offset: e.offset + table_len,
+            ..*e
+        }
+        .encode(&mut payload);
+    }
+    payload.extend_from_slice(&records);
+    let frame = zstd::bulk::compress(&payload, 3).unwrap();
+    let h = BlockHeader {
+        codec: BLOCK_CODEC_ZSTD,
+        dict_id: 0,
+        stored_len: u32::try_from(frame.len()).unwrap(),
+        raw_len: u32::try_from(payload.len()).unwrap(),
+        records: 3,
+        messages: 3,
+    };
+    let mut bytes = vec![0u8; 64];
+    encode_block(&mut bytes, &h, &frame);
+    let vfs = FaultVfs::new();
+    let path = Path::new("/v1.blk");
+    vfs.put_file_bytes(path, bytes);
+    let file = vfs.open_read(path).unwrap();
+    let block = compact::read_block(&*file, 64, &record::no_dicts).unwrap();
+    let recs = block.records().unwrap();
+    assert_eq!(recs.len(), 3);
+    for (i, m) in msgs.iter().enumerate() {
+        let id = crate::ids::MessageId::of(m);
+        assert_eq!(recs[i].header.message, id);
+        assert_eq!(recs[i].position, Some(u32::try_from(i).unwrap()));
+        assert_eq!(block.message(u32::try_from(i).unwrap(), &id).unwrap(), *m);
+    }
+    let other = crate::ids::MessageId::of(b"another message");
+    assert!(block.message(0, &other).is_err());
+}

@@ -60,8 +60,13 @@ pub const BLOCK_CODEC_ZSTD: u8 = 1;
 /// Codec of the last block of a `.blk`: one zstd frame of its catalog
 /// ([`super::catalog`]).
 pub const BLOCK_CODEC_CATALOG: u8 = 2;
-/// One table entry in a decoded block: message id, offset, length.
+/// Codec of a block: one zstd frame of records, message records bare (their bytes
+/// alone, found by a table of [`BARE_ENTRY_LEN`]-byte entries; the id is their hash).
+pub const BLOCK_CODEC_BARE: u8 = 3;
+/// One table entry in a decoded block of codec 1: message id, offset, length.
 pub const TABLE_ENTRY_LEN: usize = 40;
+/// One table entry in a decoded block of codec 3: offset, length, record flags.
+pub const BARE_ENTRY_LEN: usize = 9;
 
 /// The first 64 bytes of every segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,7 +224,10 @@ impl BlockHeader {
             records: u(20),
             messages: u(24),
         };
-        if h.codec != BLOCK_CODEC_ZSTD && h.codec != BLOCK_CODEC_CATALOG {
+        if !matches!(
+            h.codec,
+            BLOCK_CODEC_ZSTD | BLOCK_CODEC_CATALOG | BLOCK_CODEC_BARE
+        ) {
             return Err(format!("unknown block codec {}", h.codec));
         }
         if h.stored_len > MAX_PAYLOAD || h.raw_len > MAX_PAYLOAD {
@@ -243,12 +251,15 @@ pub fn encode_block(out: &mut Vec<u8>, h: &BlockHeader, frame: &[u8]) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
-/// One entry of a block's table: where a message record lies in the decoded payload.
+/// One entry of a block's table: where a message record (codec 1) or a message's bare
+/// bytes (codec 3) lie in the decoded payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableEntry {
     pub message: MessageId,
     pub offset: u32,
     pub len: u32,
+    /// The message record's flags (codec 3; in the record itself with codec 1).
+    pub flags: u8,
 }
 
 impl TableEntry {
@@ -258,6 +269,24 @@ impl TableEntry {
         out.extend_from_slice(&self.len.to_le_bytes());
     }
 
+    /// The entry as codec 3 writes it: no id (the bytes hash to it).
+    pub fn encode_bare(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.push(self.flags);
+    }
+
+    /// The `i`th entry of a codec-3 payload's table; its id is left zero.
+    pub fn read_bare(payload: &[u8], i: usize) -> Option<Self> {
+        let b = payload.get(i * BARE_ENTRY_LEN..(i + 1) * BARE_ENTRY_LEN)?;
+        Some(Self {
+            message: MessageId([0; 32]),
+            offset: u32::from_le_bytes(b[0..4].try_into().ok()?),
+            len: u32::from_le_bytes(b[4..8].try_into().ok()?),
+            flags: b[8],
+        })
+    }
+
     /// The `i`th entry of a decoded payload's table, if the payload holds it.
     pub fn read(payload: &[u8], i: usize) -> Option<Self> {
         let b = payload.get(i * TABLE_ENTRY_LEN..(i + 1) * TABLE_ENTRY_LEN)?;
@@ -265,6 +294,7 @@ impl TableEntry {
             message: MessageId(b[0..32].try_into().ok()?),
             offset: u32::from_le_bytes(b[32..36].try_into().ok()?),
             len: u32::from_le_bytes(b[36..40].try_into().ok()?),
+            flags: 0,
         })
     }
 }
