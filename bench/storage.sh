@@ -4,7 +4,8 @@
 # of the same messages measured in the same run (target: ≤ 0.22, about 1.8× better than
 # gzip). Also, side by side in the same run:
 #   - `coffer get` of the same messages before and after compaction (a read of a
-#     compacted message decodes one block), and `coffer verify` (reads every message);
+#     compacted message decodes one block), `coffer verify` (reads every message), and
+#     four searches (their answers must not change);
 #   - the same import compacted through a running cofferd (the daemon rewrites its
 #     index after the log), index.redb measured before, after and once it stopped;
 #   - the ingest rate of the store generator (archiver/examples/storegen.rs) with the
@@ -132,8 +133,30 @@ time_cmd() { # seconds for one run of the command
     end="$(date +%s.%N)"
     awk -v a="$start" -v b="$end" 'BEGIN {printf "%.3f", b - a}'
 }
+# Searches by sender, by recipient domain, by Message-ID, and the newest 50: timed, and
+# their answers (the JSON, hashed) must not change with compaction.
+FROM_ADDR="$(grep -m1 -i '^From:' "${SAMPLE[0]}" | grep -oE '[[:alnum:]._%+-]+@[[:alnum:].-]+' | head -n1)"
+TO_DOMAIN="@$(grep -m1 -i '^To:' "${SAMPLE[1]}" | grep -oE '[[:alnum:]._%+-]+@[[:alnum:].-]+' | head -n1 | cut -d@ -f2)"
+MSG_ID="$(grep -m1 -i '^Message-Id:' "${SAMPLE[2]}" | sed -E 's/^[^<]*<([^>]*)>.*/\1/')"
+SEARCHES=("--from $FROM_ADDR --limit 0" "--to $TO_DOMAIN --limit 0" "--message-id $MSG_ID"
+    "--limit 50")
+searches() { # the searches' answers, each hashed, one line each
+    local q
+    for q in "${SEARCHES[@]}"; do
+        # shellcheck disable=SC2086 # each query is its words
+        "${C[@]}" search $q --json | sha256sum | cut -c1-64
+    done
+}
+time_searches() { # seconds for the searches; their answers into $1
+    local start end
+    start="$(date +%s.%N)"
+    searches >"$1"
+    end="$(date +%s.%N)"
+    awk -v a="$start" -v b="$end" 'BEGIN {printf "%.3f", b - a}'
+}
 GET_BEFORE="$(time_gets)"
 VERIFY_BEFORE="$(time_cmd "${C[@]}" verify)"
+SEARCH_BEFORE="$(time_searches "$DIR/answers.before")"
 
 say "coffer compact --wait (block_size $BLOCK_SIZE, level $BLOCK_LEVEL, dictionary $DICTIONARY)"
 COMPACT_SECS="$(time_cmd "${C[@]}" compact --wait)"
@@ -147,6 +170,9 @@ DICT_BYTES="$( [ -d "$STORE/dict" ] && data_bytes "$STORE/dict" || echo 0)"
 INDEX_LIVE="$(find "$STORE" -maxdepth 1 -name index.redb -printf '%s')"
 GET_AFTER="$(time_gets)"
 VERIFY_AFTER="$(time_cmd "${C[@]}" verify)"
+SEARCH_AFTER="$(time_searches "$DIR/answers.after")"
+cmp -s "$DIR/answers.before" "$DIR/answers.after" ||
+    die "searches answer differently after compaction (${SEARCHES[*]})"
 
 # 3b. The same through a running daemon: import into a second store, start cofferd on
 #     it, `coffer compact --wait` over its control socket (the log, then the index
@@ -248,6 +274,7 @@ echo "coffer compact --wait: $COMPACT_SECS s"
 echo "daemon's index rewrite: ingest waited ${D_MILLIS:-?} ms${D_SKIPPED:+ (not rewritten: $D_SKIPPED)}"
 echo "coffer get × ${#IDS[@]}: $GET_BEFORE s before, $GET_AFTER s after compaction (after/before $(ratio "$GET_AFTER" "$GET_BEFORE"))"
 echo "coffer verify (reads every message): $VERIFY_BEFORE s before, $VERIFY_AFTER s after (after/before $(ratio "$VERIFY_AFTER" "$VERIFY_BEFORE"))"
+echo "coffer search × ${#SEARCHES[@]} (${SEARCHES[*]}; JSON): $SEARCH_BEFORE s before, $SEARCH_AFTER s after (after/before $(ratio "$SEARCH_AFTER" "$SEARCH_BEFORE")); the same answers"
 if [ "$INGEST_N" -gt 0 ]; then
     ON="$(median "${RATE_ON[@]}")"
     OFF="$(median "${RATE_OFF[@]}")"

@@ -168,8 +168,11 @@ impl Catalog {
             b.extend_from_slice(&count(key.len()).to_le_bytes());
             b.extend_from_slice(key.as_bytes());
             b.extend_from_slice(&count(ns.len()).to_le_bytes());
+            // Ascending: each as its difference from the one before, in LEB128.
+            let mut last = 0;
             for n in ns {
-                b.extend_from_slice(&n.to_le_bytes());
+                put_leb(&mut b, n - last);
+                last = *n;
             }
         }
         b
@@ -228,16 +231,22 @@ impl Catalog {
                 k => return Err(format!("unknown search key kind {k}")),
             };
             let n = r.u32()? as usize;
-            if n.saturating_mul(4) > b.len() - r.at {
+            if n > b.len() - r.at {
                 return Err("catalog counts exceed its bytes".into());
             }
             let mut ns = Vec::with_capacity(n);
-            for _ in 0..n {
-                let i = r.u32()?;
-                if i as usize >= ids {
-                    return Err("a search key names no message of the catalog".into());
+            let mut last = 0u32;
+            for k in 0..n {
+                let d = r.leb()?;
+                if k > 0 && d == 0 {
+                    return Err("a search key's messages are not ascending".into());
                 }
+                let i = last
+                    .checked_add(d)
+                    .filter(|i| (*i as usize) < ids)
+                    .ok_or("a search key names no message of the catalog")?;
                 ns.push(i);
+                last = i;
             }
             c.terms.push((t, ns));
         }
@@ -343,6 +352,31 @@ impl<'a> Cursor<'a> {
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
+
+    /// A u32 in LEB128 (at most 5 bytes).
+    fn leb(&mut self) -> Result<u32, String> {
+        let mut v = 0u32;
+        for shift in [0, 7, 14, 21, 28] {
+            let byte = self.take(1)?[0];
+            let bits = u32::from(byte & 0x7f);
+            if shift == 28 && bits > 0x0f {
+                return Err("a number in the catalog is too large".into());
+            }
+            v |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("a number in the catalog is too long".into())
+    }
+}
+
+fn put_leb(out: &mut Vec<u8>, mut v: u32) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 /// The catalog as one block of a `.blk` (header, zstd frame, CRC).
@@ -755,13 +789,19 @@ mod tests {
 
     #[test]
     fn a_catalog_reads_back_and_finds_its_messages_by_key() {
-        let c = catalog(50);
+        let c = catalog(300);
         let back = Catalog::decode(&c.encode()).unwrap();
         assert_eq!(back, c);
-        let found = c.find(&Term::Addr("t:rcpt3@example.net".into()));
-        assert_eq!(found.len(), 7);
-        assert_eq!(c.find(&Term::Addr("t:@example.net".into())).len(), 50);
-        assert_eq!(c.find(&Term::MsgId("m9@example.org".into())).len(), 1);
+        let found = back.find(&Term::Addr("t:rcpt3@example.net".into()));
+        assert_eq!(found.len(), 43);
+        assert_eq!(back.find(&Term::Addr("t:@example.net".into())).len(), 300);
+        assert_eq!(back.find(&Term::MsgId("m9@example.org".into())).len(), 1);
+        assert_eq!(back.find(&Term::MsgId("m299@example.org".into())).len(), 1);
+        let mut big = Vec::new();
+        put_leb(&mut big, u32::MAX);
+        put_leb(&mut big, 300);
+        let mut r = Cursor { b: &big, at: 0 };
+        assert_eq!((r.leb(), r.leb()), (Ok(u32::MAX), Ok(300)));
         assert!(c
             .find(&Term::Addr("f:nobody@example.org".into()))
             .is_empty());
