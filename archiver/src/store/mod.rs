@@ -311,6 +311,9 @@ pub struct Shared {
     low_disk: AtomicBool,
     /// The writer hit a sync/commit failure and is reopening the store.
     failed: AtomicBool,
+    /// The index stage's commit failed: it answers what still reaches it with an error
+    /// until the writer notices and reopens the store.
+    index_failed: AtomicBool,
     /// The failure happened with the disk full: refusals say 452 while it lasts.
     failed_full: AtomicBool,
     /// Highest log batch whose index entries are committed (see `writer`).
@@ -407,6 +410,7 @@ impl Store {
             free_disk: AtomicU64::new(u64::MAX),
             low_disk: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            index_failed: AtomicBool::new(false),
             failed_full: AtomicBool::new(false),
             committed_gen: AtomicU64::new(0),
             stats: stats::StoreStats::default(),

@@ -195,6 +195,7 @@ impl Live {
             next
         };
         shared.committed_gen.store(0, Ordering::Release);
+        shared.index_failed.store(false, Ordering::Release);
         shared.set_db(Some(db.clone()));
         let (index_tx, rx) = crossbeam_channel::bounded(INDEX_QUEUE);
         let (db2, shared2) = (db.clone(), shared.clone());
@@ -226,6 +227,7 @@ impl Live {
     /// Starts the index stage again after [`Live::stop`], on the same index, and shows
     /// the index to in-process readers again.
     fn resume(&mut self, shared: &Arc<Shared>) -> Result<(), StoreError> {
+        shared.index_failed.store(false, Ordering::Release);
         let (index_tx, rx) = crossbeam_channel::bounded(INDEX_QUEUE);
         let (db2, shared2) = (self.db.clone(), shared.clone());
         let indexer = std::thread::Builder::new()
@@ -280,6 +282,9 @@ impl Writer {
             let first = match rx.recv_timeout(IDLE_TICK) {
                 Ok(job) => job,
                 Err(RecvTimeoutError::Timeout) => {
+                    if self.live.is_some() && self.shared.index_failed.load(Ordering::Acquire) {
+                        self.poison("the index stage stopped");
+                    }
                     if self.live.is_none() {
                         let _ = self.ensure_live();
                     }
@@ -405,7 +410,7 @@ impl Writer {
         let (before, disk_before) = size(&path)?;
         let started = Instant::now();
         let live = self.live.as_mut().expect("live after ensure_live");
-        if !live.stop() {
+        if !live.stop() || self.shared.index_failed.load(Ordering::Acquire) {
             self.poison("the index stage stopped");
             return Err("the index stage had failed; the store reopens".into());
         }
@@ -529,7 +534,7 @@ impl Writer {
                     .index_tx
                     .as_ref()
                     .is_some_and(|tx| tx.send(index_batch).is_ok());
-                if !sent {
+                if !sent || self.shared.index_failed.load(Ordering::Acquire) {
                     // The index stage died (its commit failed). What was acknowledged is
                     // in the log; reopening replays it into the index.
                     self.poison("the index stage stopped");
@@ -820,6 +825,16 @@ fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) 
             Err(e) => {
                 shared.stats.errors_commit.fetch_add(1, Ordering::Relaxed);
                 error!(error = %e, "committing the index failed; the index stage stops");
+                // Nothing will commit what waits here or reaches here before the writer
+                // notices and drops its sender: answer it now, or its callers wait
+                // forever (a channel keeps what it holds while a sender lives).
+                shared.index_failed.store(true, Ordering::Release);
+                let why = format!("the index stage stopped: {e}");
+                for b in batches.into_iter().chain(rx.iter()) {
+                    for (_, reply) in b.state {
+                        reply(Err(IngestError::Unavailable(why.clone())));
+                    }
+                }
                 return;
             }
         }
