@@ -20,8 +20,8 @@ use super::log::{self, blk_path, blk_tmp_path, segment_path};
 use super::record::{
     decode_payload, encode_block, encode_record, parse_record, zstd_decode, BlockHeader,
     DictLookup, RecordHeader, TableEntry, BARE_ENTRY_LEN, BLOCK_CODEC_BARE, BLOCK_CODEC_CATALOG,
-    BLOCK_HEADER_LEN, CODEC_STORED, KIND_ARRIVAL, KIND_MESSAGE, RECORD_TRAILER_LEN,
-    SEGMENT_HEADER_LEN, TABLE_ENTRY_LEN,
+    BLOCK_HEADER_LEN, KIND_ARRIVAL, KIND_MESSAGE, RECORD_TRAILER_LEN, SEGMENT_HEADER_LEN,
+    TABLE_ENTRY_LEN,
 };
 use super::StoreError;
 use crate::ids::MessageId;
@@ -197,16 +197,7 @@ impl DecodedBlock {
                     .payload
                     .get(at..at + e.len as usize)
                     .ok_or("entry points past the block")?;
-                let header = RecordHeader {
-                    kind: KIND_MESSAGE,
-                    flags: e.flags,
-                    codec: CODEC_STORED,
-                    dict_id: 0,
-                    key_id: 0,
-                    stored_len: e.len,
-                    raw_len: e.len,
-                    message: MessageId::of(payload),
-                };
+                let header = RecordHeader::stored_message(MessageId::of(payload), e.len, e.flags);
                 (header, payload)
             } else {
                 parse_record(&self.payload[at..])?

@@ -346,7 +346,7 @@ fn a_dictionary_is_used_only_where_it_makes_blocks_smaller() {
 fn a_block_of_codec_1_still_reads() {
     use super::record::{
         encode_block, encode_record, BlockHeader, RecordHeader, TableEntry, BLOCK_CODEC_ZSTD,
-        CODEC_STORED, KIND_MESSAGE, TABLE_ENTRY_LEN,
+        TABLE_ENTRY_LEN,
     };
     let msgs: Vec<Vec<u8>> = (0..3).map(message).collect();
     let mut records = Vec::new();
@@ -354,16 +354,7 @@ fn a_block_of_codec_1_still_reads() {
     for m in &msgs {
         let id = crate::ids::MessageId::of(m);
         let len = u32::try_from(m.len()).unwrap();
-        let h = RecordHeader {
-            kind: KIND_MESSAGE,
-            flags: 0,
-            codec: CODEC_STORED,
-            dict_id: 0,
-            key_id: 0,
-            stored_len: len,
-            raw_len: len,
-            message: id,
-        };
+        let h = RecordHeader::stored_message(id, len, 0);
         let at = records.len();
         encode_record(&mut records, &h, m);
         table.push(TableEntry {

@@ -151,6 +151,20 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
+    /// The header of message `message`'s record with its `len` bytes stored as they are.
+    pub fn stored_message(message: MessageId, len: u32, flags: u8) -> RecordHeader {
+        RecordHeader {
+            kind: KIND_MESSAGE,
+            flags,
+            codec: CODEC_STORED,
+            dict_id: 0,
+            key_id: 0,
+            stored_len: len,
+            raw_len: len,
+            message,
+        }
+    }
+
     /// Total bytes of the record on disk.
     pub fn total_len(&self) -> u64 {
         (RECORD_HEADER_LEN + RECORD_TRAILER_LEN) as u64 + u64::from(self.stored_len)
