@@ -123,9 +123,14 @@ impl Catalog {
             .arrivals
             .iter()
             .filter_map(|(local, v)| {
-                let a = codec::decode_arrival(v).ok()?;
-                let m = a.message.parse::<MessageId>().ok()?;
-                Some((index::time_us(&a.time), *local, m.0))
+                let (m, t) = codec::arrival_message_and_time(v).or_else(|| {
+                    let a = codec::decode_arrival(v).ok()?;
+                    Some((
+                        a.message.parse::<MessageId>().ok()?.0,
+                        index::time_us(&a.time),
+                    ))
+                })?;
+                Some((t, *local, m))
             })
             .collect();
         self.by_time.sort_unstable_by(|a, b| b.cmp(a));

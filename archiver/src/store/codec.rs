@@ -237,6 +237,22 @@ pub fn decode_arrival(b: &[u8]) -> R<Arrival> {
     Ok(a)
 }
 
+/// The message id and arrival time (µs) of a binary `arrivals` value, read without
+/// decoding the rest; `None` for a JSON value or one whose time is not in the canonical
+/// form (decode it whole then).
+pub fn arrival_message_and_time(b: &[u8]) -> Option<([u8; 32], i64)> {
+    let mut c = Cursor { b };
+    if c.byte().ok()? != TAG_ARRIVAL {
+        return None;
+    }
+    c.string().ok()?;
+    let message: [u8; 32] = c.bytes(32).ok()?.try_into().ok()?;
+    match c.byte().ok()? {
+        1 => Some((message, c.int().ok()?)),
+        _ => None,
+    }
+}
+
 /// The `summaries` value of `s`.
 pub fn encode_summary(s: &Summary) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);
@@ -339,6 +355,15 @@ mod tests {
         }
         let a = arrival("2024-05-01T12:00:00.123456Z");
         let b = encode_arrival(&a);
+        assert_eq!(
+            arrival_message_and_time(&b),
+            Some(([7u8; 32], crate::store::index::time_us(&a.time)))
+        );
+        assert_eq!(
+            arrival_message_and_time(&encode_arrival(&arrival("not a time"))),
+            None,
+            "a time kept as a string is read whole"
+        );
         let json = serde_json::to_vec(&a).unwrap();
         assert!(b.len() * 2 < json.len(), "{} vs {}", b.len(), json.len());
         assert_eq!(decode_arrival(&json).unwrap(), a);

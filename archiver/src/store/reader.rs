@@ -432,7 +432,16 @@ impl StoreReader {
                     ids.extend(c.find(&term));
                 }
             }
+            // In location order: each compacted segment's catalog is decoded once, not
+            // once for every message it holds.
+            let mut located = Vec::with_capacity(ids.len());
             for id in ids {
+                if let Some(loc) = Self::loc(&txn, &MessageId(id))? {
+                    located.push((loc.segment, id));
+                }
+            }
+            located.sort_unstable();
+            for (_, id) in located {
                 if let Some(r) = self.record_in(&txn, &MessageId(id))? {
                     if matches(&r, q) {
                         out.push(r);
