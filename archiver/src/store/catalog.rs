@@ -509,7 +509,7 @@ pub fn cataloged(txn: &ReadTransaction) -> Result<Vec<(u32, SegmentInfo)>, Store
     let mut out = Vec::new();
     for e in t.iter().map_err(idx_err)? {
         let (k, v) = e.map_err(idx_err)?;
-        if let Ok(info) = serde_json::from_slice::<SegmentInfo>(v.value()) {
+        if let Some(info) = SegmentInfo::decode(v.value()) {
             if info.catalog != 0 {
                 out.push((k.value(), info));
             }
@@ -521,7 +521,7 @@ pub fn cataloged(txn: &ReadTransaction) -> Result<Vec<(u32, SegmentInfo)>, Store
 fn segment_info(txn: &ReadTransaction, n: u32) -> Result<Option<SegmentInfo>, StoreError> {
     let t = txn.open_table(SEGMENTS).map_err(idx_err)?;
     let v = t.get(n).map_err(idx_err)?;
-    Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
+    Ok(v.and_then(|v| SegmentInfo::decode(v.value())))
 }
 
 /// The summary of message `id`, located at `loc`: its row, or its segment's catalog.

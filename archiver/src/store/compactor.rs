@@ -249,7 +249,7 @@ impl StoreHandle {
             let compacted = segments
                 .get(f.number)
                 .map_err(idx_err)?
-                .and_then(|v| serde_json::from_slice::<SegmentInfo>(v.value()).ok())
+                .and_then(|v| SegmentInfo::decode(v.value()))
                 .is_some_and(|i| i.compacted);
             if compacted {
                 leftovers.push(f.number);

@@ -312,7 +312,7 @@ fn settle_compactions(
         let compacted = segments
             .get(f.number)
             .map_err(idx_err)?
-            .and_then(|v| serde_json::from_slice::<SegmentInfo>(v.value()).ok())
+            .and_then(|v| SegmentInfo::decode(v.value()))
             .is_some_and(|i| i.compacted);
         let loser = if compacted {
             segment_path(log_dir, f.number)

@@ -148,6 +148,11 @@ pub struct SegmentInfo {
 }
 
 impl SegmentInfo {
+    /// A `segments` value; `None` if it does not parse.
+    pub fn decode(b: &[u8]) -> Option<SegmentInfo> {
+        serde_json::from_slice(b).ok()
+    }
+
     /// Notes where `catalog` is (offset `at` of the `.blk`) and what it holds.
     pub fn set_catalog(&mut self, at: u64, catalog: &Catalog) {
         self.catalog = at;
@@ -531,14 +536,6 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// The encoded summary row of message `id`, if there is one.
-    ///
-    /// # Errors
-    /// redb errors.
-    pub fn summary_row(&self, id: &MessageId) -> Result<Option<Vec<u8>>, redb::Error> {
-        Ok(self.summaries.get(id.0)?.map(|v| v.value().to_vec()))
-    }
-
     /// Records that `segment` is compacted (`segments` table).
     ///
     /// # Errors
@@ -557,7 +554,7 @@ impl<'t> Tables<'t> {
         Ok(self
             .segments
             .get(segment)?
-            .and_then(|v| serde_json::from_slice(v.value()).ok()))
+            .and_then(|v| SegmentInfo::decode(v.value())))
     }
 
     /// Indexes an arrival. Returns its local number, or `None` if an arrival with this id

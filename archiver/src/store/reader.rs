@@ -328,14 +328,13 @@ impl StoreReader {
         self.read_fresh(id, loc)
     }
 
-    fn arrivals_in(
+    /// The arrivals of message `id`, located at `loc`, oldest first.
+    fn arrivals_at(
         &self,
         txn: &ReadTransaction,
         id: &MessageId,
+        loc: Loc,
     ) -> Result<Vec<Arrival>, StoreError> {
-        let Some(loc) = Self::loc(txn, id)? else {
-            return Ok(Vec::new());
-        };
         let mut out = Vec::new();
         for local in catalog::locals_of(txn, &self.catalogs, id, loc)? {
             if let Some(a) = catalog::arrival(txn, &self.catalogs, local)? {
@@ -351,7 +350,11 @@ impl StoreReader {
     /// # Errors
     /// Index errors.
     pub fn arrivals(&self, id: &MessageId) -> Result<Vec<Arrival>, StoreError> {
-        self.arrivals_in(&self.read()?, id)
+        let txn = self.read()?;
+        match Self::loc(&txn, id)? {
+            Some(loc) => self.arrivals_at(&txn, id, loc),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn record_in(
@@ -359,11 +362,21 @@ impl StoreReader {
         txn: &ReadTransaction,
         id: &MessageId,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        let Some(loc) = Self::loc(txn, id)? else {
-            return Ok(None);
-        };
+        match Self::loc(txn, id)? {
+            Some(loc) => self.record_at(txn, id, loc).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The record of message `id`, located at `loc`.
+    fn record_at(
+        &self,
+        txn: &ReadTransaction,
+        id: &MessageId,
+        loc: Loc,
+    ) -> Result<MessageRecord, StoreError> {
         let summary = catalog::summary(txn, &self.catalogs, id, loc)?.unwrap_or_default();
-        Ok(Some(MessageRecord {
+        Ok(MessageRecord {
             id: id.to_hex(),
             size: u64::from(loc.raw_len),
             date: summary.date,
@@ -371,8 +384,8 @@ impl StoreReader {
             to: summary.to,
             subject: summary.subject,
             message_id: summary.message_id,
-            arrivals: self.arrivals_in(txn, id)?,
-        }))
+            arrivals: self.arrivals_at(txn, id, loc)?,
+        })
     }
 
     /// # Errors
@@ -437,15 +450,14 @@ impl StoreReader {
             let mut located = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(loc) = Self::loc(&txn, &MessageId(id))? {
-                    located.push((loc.segment, id));
+                    located.push((loc.segment, id, loc));
                 }
             }
-            located.sort_unstable();
-            for (_, id) in located {
-                if let Some(r) = self.record_in(&txn, &MessageId(id))? {
-                    if matches(&r, q) {
-                        out.push(r);
-                    }
+            located.sort_unstable_by_key(|l| (l.0, l.1));
+            for (_, id, loc) in located {
+                let r = self.record_at(&txn, &MessageId(id), loc)?;
+                if matches(&r, q) {
+                    out.push(r);
                 }
             }
             out.sort_by(|a, b| latest(b).cmp(latest(a)));
