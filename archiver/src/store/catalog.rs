@@ -13,23 +13,29 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use redb::{ReadTransaction, ReadableTable};
 
 use super::codec;
 use super::engine::{idx_err, io_err};
 use super::index::{
-    self, Loc, Move, SegmentInfo, Term, ARRIVALS, ARRIVAL_IDS, BY_MESSAGE, SEGMENTS, SUMMARIES,
+    self, Loc, Move, SegmentInfo, Term, ARRIVALS, ARRIVAL_IDS, ARRIVAL_KEYS, BY_MESSAGE, SEGMENTS,
+    SUMMARIES,
 };
 use super::io::{VFile, Vfs};
 use super::log::blk_path;
 use super::record::{self, BlockHeader, BLOCK_CODEC_CATALOG, BLOCK_HEADER_LEN, RECORD_TRAILER_LEN};
 use super::summary::Summary;
 use super::{Arrival, StoreError};
-use crate::ids::MessageId;
+use crate::ids::{ArrivalId, MessageId};
 
+/// The first layout (index format 4): each summary and each arrival with its key.
 const MAGIC: &[u8; 4] = b"CCAT";
+/// The layout written now: by column (all summary ids, their lengths, the summaries;
+/// all local numbers as LEB128 differences, the arrivals' lengths, the arrivals), which
+/// compresses better.
+const MAGIC_COLUMNS: &[u8; 4] = b"CCA2";
 /// An arrival and its local number; `Err(why)` if it does not decode.
 pub type Numbered = (u64, Result<Arrival, String>);
 
@@ -39,64 +45,66 @@ pub type CatalogOf<'a> = dyn FnMut(&[Move], &[String]) -> Result<Catalog, StoreE
 /// Decoded catalogs a [`Catalogs`] keeps.
 const CACHED: usize = 4;
 
-/// What a compacted segment carries of the index: summaries sorted by message id,
+/// What a compacted segment carries of the index: summaries sorted by message id and
 /// arrivals sorted by local number (each value in the binary form of
-/// [`super::codec`]), and the search keys they give, each with the messages it finds.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// [`super::codec`]). The search keys they give are derived from them when first
+/// needed (a catalog of index format 4 stored them).
+#[derive(Clone, Debug, Default)]
 pub struct Catalog {
     pub summaries: Vec<([u8; 32], Vec<u8>)>,
     pub arrivals: Vec<(u64, Vec<u8>)>,
-    /// Ids of messages stored elsewhere that an arrival here names, sorted.
-    others: Vec<[u8; 32]>,
-    /// Search keys, sorted, each with its messages: numbers into `summaries`, then
-    /// into `others`.
-    terms: Vec<(Term, Vec<u32>)>,
+    /// The search keys: derived on first use, or as a format-4 catalog stored them.
+    keys: OnceLock<Keys>,
     /// (arrival µs, local number, message id) of every arrival, newest first: derived.
     by_time: Vec<(i64, u64, [u8; 32])>,
     /// (message id, local number) of every arrival, sorted: derived.
     by_message: Vec<([u8; 32], u64)>,
 }
 
-impl Catalog {
-    /// The catalog of these summaries and arrivals (sorted and deduplicated here), with
-    /// the search keys the index gives them ([`index::summary_terms`],
-    /// [`index::arrival_terms`]).
-    pub fn build(
-        mut summaries: Vec<([u8; 32], Vec<u8>)>,
-        mut arrivals: Vec<(u64, Vec<u8>)>,
-    ) -> Catalog {
-        summaries.sort_unstable_by_key(|s| s.0);
-        summaries.dedup_by_key(|s| s.0);
-        arrivals.sort_unstable_by_key(|a| a.0);
-        arrivals.dedup_by_key(|a| a.0);
-        let mut keyed: Vec<(Term, [u8; 32])> = Vec::new();
-        for (id, v) in &summaries {
+/// A catalog's search keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Keys {
+    /// Ids of messages stored elsewhere that an arrival here names, sorted.
+    others: Vec<[u8; 32]>,
+    /// Search keys, sorted, each with its messages: numbers into `summaries`, then
+    /// into `others`.
+    terms: Vec<(Term, Vec<u32>)>,
+}
+
+impl Keys {
+    /// The search keys the index gives these summaries and arrivals
+    /// ([`index::summary_terms`], [`index::arrival_terms`]).
+    fn of(summaries: &[([u8; 32], Vec<u8>)], arrivals: &[(u64, Vec<u8>)]) -> Keys {
+        // Summaries are numbered by position; the messages arrivals name elsewhere after
+        // them, in id order.
+        let mut numbered: Vec<(Term, u32)> = Vec::new();
+        for (i, (_, v)) in summaries.iter().enumerate() {
             if let Ok(s) = codec::decode_summary(v) {
-                keyed.extend(index::summary_terms(&s).into_iter().map(|t| (t, *id)));
+                let n = count(i);
+                numbered.extend(index::summary_terms(&s).into_iter().map(|t| (t, n)));
             }
         }
-        for (_, v) in &arrivals {
-            if let Ok(a) = codec::decode_arrival(v) {
-                if let Ok(m) = a.message.parse::<MessageId>() {
-                    keyed.extend(index::arrival_terms(&a).into_iter().map(|t| (t, m.0)));
-                }
+        let mut elsewhere: Vec<(Term, [u8; 32])> = Vec::new();
+        for (_, v) in arrivals {
+            let Ok(a) = codec::decode_arrival(v) else {
+                continue;
+            };
+            let Ok(m) = a.message.parse::<MessageId>() else {
+                continue;
+            };
+            let terms = index::arrival_terms(&a);
+            match summaries.binary_search_by(|s| s.0.cmp(&m.0)) {
+                Ok(i) => numbered.extend(terms.into_iter().map(|t| (t, count(i)))),
+                Err(_) => elsewhere.extend(terms.into_iter().map(|t| (t, m.0))),
             }
         }
-        let mut others: Vec<[u8; 32]> = keyed
-            .iter()
-            .map(|(_, id)| *id)
-            .filter(|id| summaries.binary_search_by(|s| s.0.cmp(id)).is_err())
-            .collect();
+        let mut others: Vec<[u8; 32]> = elsewhere.iter().map(|(_, id)| *id).collect();
         others.sort_unstable();
         others.dedup();
-        let number = |id: &[u8; 32]| match summaries.binary_search_by(|s| s.0.cmp(id)) {
-            Ok(i) => count(i),
-            Err(_) => count(summaries.len() + others.binary_search(id).expect("collected")),
-        };
-        let mut numbered: Vec<(Term, u32)> = keyed
-            .iter()
-            .map(|(t, id)| (t.clone(), number(id)))
-            .collect();
+        for (t, id) in elsewhere {
+            let i = others.binary_search(&id).expect("collected");
+            numbered.push((t, count(summaries.len() + i)));
+        }
         numbered.sort_unstable();
         numbered.dedup();
         let mut terms: Vec<(Term, Vec<u32>)> = Vec::new();
@@ -106,15 +114,42 @@ impl Catalog {
                 _ => terms.push((t, vec![n])),
             }
         }
+        Keys { others, terms }
+    }
+}
+
+/// Two catalogs are equal when they hold the same summaries and arrivals: everything
+/// else is derived from those.
+impl PartialEq for Catalog {
+    fn eq(&self, other: &Self) -> bool {
+        self.summaries == other.summaries && self.arrivals == other.arrivals
+    }
+}
+
+impl Eq for Catalog {}
+
+impl Catalog {
+    /// The catalog of these summaries and arrivals (sorted and deduplicated here).
+    pub fn build(
+        mut summaries: Vec<([u8; 32], Vec<u8>)>,
+        mut arrivals: Vec<(u64, Vec<u8>)>,
+    ) -> Catalog {
+        summaries.sort_unstable_by_key(|s| s.0);
+        summaries.dedup_by_key(|s| s.0);
+        arrivals.sort_unstable_by_key(|a| a.0);
+        arrivals.dedup_by_key(|a| a.0);
         Catalog {
             summaries,
             arrivals,
-            others,
-            terms,
-            by_time: Vec::new(),
-            by_message: Vec::new(),
+            ..Catalog::default()
         }
         .derive()
+    }
+
+    /// The search keys, derived now if not yet.
+    fn keys(&self) -> &Keys {
+        self.keys
+            .get_or_init(|| Keys::of(&self.summaries, &self.arrivals))
     }
 
     /// Fills the lookups derived from the arrivals.
@@ -139,46 +174,31 @@ impl Catalog {
         self
     }
 
-    /// The catalog's bytes before compression.
+    /// The catalog's bytes before compression (the layout of [`MAGIC_COLUMNS`]).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
-        b.extend_from_slice(MAGIC);
-        for n in [
-            self.summaries.len(),
-            self.arrivals.len(),
-            self.others.len(),
-            self.terms.len(),
-        ] {
-            b.extend_from_slice(&count(n).to_le_bytes());
-        }
-        for (id, v) in &self.summaries {
-            b.extend_from_slice(id);
-            b.extend_from_slice(&count(v.len()).to_le_bytes());
-            b.extend_from_slice(v);
-        }
-        for (local, v) in &self.arrivals {
-            b.extend_from_slice(&local.to_le_bytes());
-            b.extend_from_slice(&count(v.len()).to_le_bytes());
-            b.extend_from_slice(v);
-        }
-        for id in &self.others {
+        b.extend_from_slice(MAGIC_COLUMNS);
+        b.extend_from_slice(&count(self.summaries.len()).to_le_bytes());
+        b.extend_from_slice(&count(self.arrivals.len()).to_le_bytes());
+        for (id, _) in &self.summaries {
             b.extend_from_slice(id);
         }
-        for (t, ns) in &self.terms {
-            let (kind, key) = match t {
-                Term::Addr(k) => (0u8, k),
-                Term::MsgId(k) => (1u8, k),
-            };
-            b.push(kind);
-            b.extend_from_slice(&count(key.len()).to_le_bytes());
-            b.extend_from_slice(key.as_bytes());
-            b.extend_from_slice(&count(ns.len()).to_le_bytes());
-            // Ascending: each as its difference from the one before, in LEB128.
-            let mut last = 0;
-            for n in ns {
-                put_leb(&mut b, n - last);
-                last = *n;
-            }
+        for (_, v) in &self.summaries {
+            put_leb(&mut b, count(v.len()));
+        }
+        for (_, v) in &self.summaries {
+            b.extend_from_slice(v);
+        }
+        let mut last = 0;
+        for (local, _) in &self.arrivals {
+            put_leb64(&mut b, local - last);
+            last = *local;
+        }
+        for (_, v) in &self.arrivals {
+            put_leb(&mut b, count(v.len()));
+        }
+        for (_, v) in &self.arrivals {
+            b.extend_from_slice(v);
         }
         b
     }
@@ -187,13 +207,18 @@ impl Catalog {
     /// Why the bytes are not a catalog.
     pub fn decode(b: &[u8]) -> Result<Catalog, String> {
         let mut r = Cursor { b, at: 0 };
-        if r.take(4)? != MAGIC {
-            return Err("not a catalog (bad magic)".into());
-        }
+        let columns = match r.take(4)? {
+            m if m == MAGIC_COLUMNS => true,
+            m if m == MAGIC => false,
+            _ => return Err("not a catalog (bad magic)".into()),
+        };
         let summaries = r.u32()? as usize;
         let arrivals = r.u32()? as usize;
-        let others = r.u32()? as usize;
-        let terms = r.u32()? as usize;
+        let (others, terms) = if columns {
+            (0, 0)
+        } else {
+            (r.u32()? as usize, r.u32()? as usize)
+        };
         // Every entry takes at least this many bytes: a bad count cannot allocate much.
         let least = summaries.saturating_mul(36)
             + arrivals.saturating_mul(12)
@@ -205,63 +230,50 @@ impl Catalog {
         let mut c = Catalog {
             summaries: Vec::with_capacity(summaries),
             arrivals: Vec::with_capacity(arrivals),
-            others: Vec::with_capacity(others),
-            terms: Vec::with_capacity(terms),
-            by_time: Vec::new(),
-            by_message: Vec::new(),
+            ..Catalog::default()
         };
-        for _ in 0..summaries {
-            let id: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
-            let len = r.u32()? as usize;
-            c.summaries.push((id, r.take(len)?.to_vec()));
-        }
-        for _ in 0..arrivals {
-            let local = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
-            let len = r.u32()? as usize;
-            c.arrivals.push((local, r.take(len)?.to_vec()));
-        }
-        for _ in 0..others {
-            c.others.push(r.take(32)?.try_into().expect("32 bytes"));
-        }
-        let ids = summaries + others;
-        for _ in 0..terms {
-            let kind = r.take(1)?[0];
-            let len = r.u32()? as usize;
-            let key = std::str::from_utf8(r.take(len)?)
-                .map_err(|_| "a search key is not UTF-8")?
-                .to_owned();
-            let t = match kind {
-                0 => Term::Addr(key),
-                1 => Term::MsgId(key),
-                k => return Err(format!("unknown search key kind {k}")),
-            };
-            let n = r.u32()? as usize;
-            if n > b.len() - r.at {
-                return Err("catalog counts exceed its bytes".into());
+        if columns {
+            let ids = r.take(summaries.saturating_mul(32))?;
+            let lens = (0..summaries)
+                .map(|_| r.leb())
+                .collect::<Result<Vec<_>, _>>()?;
+            for (id, len) in ids.chunks_exact(32).zip(lens) {
+                let id: [u8; 32] = id.try_into().expect("32 bytes");
+                c.summaries.push((id, r.take(len as usize)?.to_vec()));
             }
-            let mut ns = Vec::with_capacity(n);
-            let mut last = 0u32;
-            for k in 0..n {
-                let d = r.leb()?;
-                if k > 0 && d == 0 {
-                    return Err("a search key's messages are not ascending".into());
-                }
-                let i = last
-                    .checked_add(d)
-                    .filter(|i| (*i as usize) < ids)
-                    .ok_or("a search key names no message of the catalog")?;
-                ns.push(i);
-                last = i;
+            let mut local = 0u64;
+            let mut locals = Vec::with_capacity(arrivals);
+            for _ in 0..arrivals {
+                local = local
+                    .checked_add(r.leb64()?)
+                    .ok_or("a local number in the catalog is too large")?;
+                locals.push(local);
             }
-            c.terms.push((t, ns));
+            let lens = (0..arrivals)
+                .map(|_| r.leb())
+                .collect::<Result<Vec<_>, _>>()?;
+            for (local, len) in locals.into_iter().zip(lens) {
+                c.arrivals.push((local, r.take(len as usize)?.to_vec()));
+            }
+        } else {
+            for _ in 0..summaries {
+                let id: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+                let len = r.u32()? as usize;
+                c.summaries.push((id, r.take(len)?.to_vec()));
+            }
+            for _ in 0..arrivals {
+                let local = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+                let len = r.u32()? as usize;
+                c.arrivals.push((local, r.take(len)?.to_vec()));
+            }
+            let keys = decode_keys(&mut r, summaries, others, terms)?;
+            c.keys = OnceLock::from(keys);
         }
         if r.at != b.len() {
             return Err("bytes after the catalog's entries".into());
         }
         if !c.summaries.windows(2).all(|w| w[0].0 < w[1].0)
             || !c.arrivals.windows(2).all(|w| w[0].0 < w[1].0)
-            || !c.others.windows(2).all(|w| w[0] < w[1])
-            || !c.terms.windows(2).all(|w| w[0].0 < w[1].0)
         {
             return Err("catalog entries out of order".into());
         }
@@ -296,15 +308,17 @@ impl Catalog {
 
     /// Every search key with the ids of the messages it finds.
     pub fn terms(&self) -> impl Iterator<Item = (&Term, Vec<[u8; 32]>)> {
-        self.terms
+        self.keys()
+            .terms
             .iter()
             .map(|(t, ns)| (t, ns.iter().map(|n| self.id_of(*n)).collect()))
     }
 
     /// The messages search key `term` finds here.
     pub fn find(&self, term: &Term) -> Vec<[u8; 32]> {
-        match self.terms.binary_search_by(|(t, _)| t.cmp(term)) {
-            Ok(i) => self.terms[i].1.iter().map(|n| self.id_of(*n)).collect(),
+        let terms = &self.keys().terms;
+        match terms.binary_search_by(|(t, _)| t.cmp(term)) {
+            Ok(i) => terms[i].1.iter().map(|n| self.id_of(*n)).collect(),
             Err(_) => Vec::new(),
         }
     }
@@ -328,13 +342,66 @@ impl Catalog {
         let n = n as usize;
         match self.summaries.get(n) {
             Some(s) => s.0,
-            None => self.others[n - self.summaries.len()],
+            None => self.keys().others[n - self.summaries.len()],
         }
     }
 }
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).expect("catalog parts under 4 GiB")
+}
+
+/// The ids of messages stored elsewhere and the search keys, as a catalog of the first
+/// layout ([`MAGIC`]) ends.
+fn decode_keys(
+    r: &mut Cursor<'_>,
+    summaries: usize,
+    others: usize,
+    terms: usize,
+) -> Result<Keys, String> {
+    let mut k = Keys {
+        others: Vec::with_capacity(others),
+        terms: Vec::with_capacity(terms),
+    };
+    for _ in 0..others {
+        k.others.push(r.take(32)?.try_into().expect("32 bytes"));
+    }
+    let ids = summaries + others;
+    for _ in 0..terms {
+        let kind = r.take(1)?[0];
+        let len = r.u32()? as usize;
+        let key = std::str::from_utf8(r.take(len)?)
+            .map_err(|_| "a search key is not UTF-8")?
+            .to_owned();
+        let t = match kind {
+            0 => Term::Addr(key),
+            1 => Term::MsgId(key),
+            k => return Err(format!("unknown search key kind {k}")),
+        };
+        let n = r.u32()? as usize;
+        if n > r.b.len() - r.at {
+            return Err("catalog counts exceed its bytes".into());
+        }
+        let mut ns = Vec::with_capacity(n);
+        let mut last = 0u32;
+        for i in 0..n {
+            let d = r.leb()?;
+            if i > 0 && d == 0 {
+                return Err("a search key's messages are not ascending".into());
+            }
+            let number = last
+                .checked_add(d)
+                .filter(|x| (*x as usize) < ids)
+                .ok_or("a search key names no message of the catalog")?;
+            ns.push(number);
+            last = number;
+        }
+        k.terms.push((t, ns));
+    }
+    if !k.others.windows(2).all(|w| w[0] < w[1]) || !k.terms.windows(2).all(|w| w[0].0 < w[1].0) {
+        return Err("catalog entries out of order".into());
+    }
+    Ok(k)
 }
 
 struct Cursor<'a> {
@@ -358,6 +425,23 @@ impl<'a> Cursor<'a> {
         ))
     }
 
+    /// A u64 in LEB128 (at most 10 bytes).
+    fn leb64(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.take(1)?[0];
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err("a number in the catalog is too large".into());
+            }
+            v |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("a number in the catalog is too long".into())
+    }
+
     /// A u32 in LEB128 (at most 5 bytes).
     fn leb(&mut self) -> Result<u32, String> {
         let mut v = 0u32;
@@ -374,6 +458,14 @@ impl<'a> Cursor<'a> {
         }
         Err("a number in the catalog is too long".into())
     }
+}
+
+fn put_leb64(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 fn put_leb(out: &mut Vec<u8>, mut v: u32) {
@@ -464,9 +556,20 @@ impl Catalogs {
         if let Some(c) = self.cached(n) {
             return Ok(Some(c));
         }
-        let Some(info) = segment_info(txn, n)? else {
-            return Ok(None);
-        };
+        match segment_info(txn, n)? {
+            Some(info) => self.of_info(n, &info),
+            None => Ok(None),
+        }
+    }
+
+    /// The catalog of segment `n`, which `segments` describes as `info`.
+    ///
+    /// # Errors
+    /// I/O errors, a damaged catalog.
+    pub fn of_info(&self, n: u32, info: &SegmentInfo) -> Result<Option<Arc<Catalog>>, StoreError> {
+        if let Some(c) = self.cached(n) {
+            return Ok(Some(c));
+        }
         if info.catalog == 0 {
             return Ok(None);
         }
@@ -603,12 +706,83 @@ impl LocalRanges {
     }
 }
 
+/// The arrival numbered `local` in the catalog of a compacted segment whose range holds
+/// it, found through `segments` (read in a write transaction too); `Err(why)` if it
+/// does not decode. Whether the index agrees is for the caller to check.
+///
+/// # Errors
+/// Index and I/O errors, a damaged catalog.
+pub fn cataloged_arrival<T: ReadableTable<u32, &'static [u8]>>(
+    segments: &T,
+    cats: &Catalogs,
+    local: u64,
+) -> Result<Option<Result<Arrival, String>>, StoreError> {
+    for e in segments.iter().map_err(idx_err)? {
+        let (k, v) = e.map_err(idx_err)?;
+        let Some(info) = SegmentInfo::decode(v.value()) else {
+            continue;
+        };
+        if info.catalog == 0 || info.first_local == 0 {
+            continue;
+        }
+        if !(info.first_local..=info.last_local).contains(&local) {
+            continue;
+        }
+        if let Some(c) = cats.of_info(k.value(), &info)? {
+            if let Some(v) = c.arrival(local) {
+                return Ok(Some(codec::decode_arrival(v).map_err(|e| e.to_string())));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The local number the index gives arrival `id`: among those filed under its hash in
+/// `arrival_ids`, the one whose arrival has that id.
+///
+/// # Errors
+/// Index and I/O errors, a damaged catalog.
+pub fn local_of_id(
+    txn: &ReadTransaction,
+    cats: &Catalogs,
+    id: &ArrivalId,
+) -> Result<Option<u64>, StoreError> {
+    let ids = txn.open_table(ARRIVAL_IDS).map_err(idx_err)?;
+    for local in index::hashed_locals(&ids, index::id_hash(&id.to_string())).map_err(idx_err)? {
+        if arrival(txn, cats, local)?.is_some_and(|a| a.id == *id) {
+            return Ok(Some(local));
+        }
+    }
+    Ok(None)
+}
+
+/// The arrival that arrival key `key` was first given to: among the local numbers filed
+/// under its prefix in `arrival_keys`, the one whose arrival has that key.
+///
+/// # Errors
+/// Index and I/O errors, a damaged catalog.
+pub fn arrival_of_key(
+    txn: &ReadTransaction,
+    cats: &Catalogs,
+    key: &[u8; 32],
+) -> Result<Option<Arrival>, StoreError> {
+    let keys = txn.open_table(ARRIVAL_KEYS).map_err(idx_err)?;
+    for local in index::hashed_locals(&keys, index::key_prefix(key)).map_err(idx_err)? {
+        if let Some(a) = arrival(txn, cats, local)? {
+            if super::engine::arrival_key(&a).as_ref() == Some(key) {
+                return Ok(Some(a));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// The arrival with local number `local`, found in the catalogs: that of the segment
-/// that holds it, where the index maps that arrival's id to `local`.
+/// that holds it, where the index files that arrival's id under `local`.
 fn arrival_in_catalogs(
     txn: &ReadTransaction,
     cats: &Catalogs,
-    ids: &redb::ReadOnlyTable<&'static str, u64>,
+    ids: &redb::ReadOnlyTable<(u64, u64), ()>,
     local: u64,
 ) -> Result<Option<Result<Arrival, String>>, StoreError> {
     let mut found = None;
@@ -633,9 +807,9 @@ fn arrival_in_catalogs(
         Some(Ok(a)) => a,
     };
     let agrees = ids
-        .get(a.id.to_string().as_str())
+        .get((index::id_hash(&a.id.to_string()), local))
         .map_err(idx_err)?
-        .is_some_and(|l| l.value() == local);
+        .is_some();
     Ok(agrees.then_some(Ok(a)))
 }
 
@@ -730,11 +904,11 @@ pub struct TermFilter(Vec<u8>);
 
 impl TermFilter {
     pub fn of(catalog: &Catalog) -> TermFilter {
-        let bytes = (catalog.terms.len() * FILTER_BITS_PER_KEY)
+        let bytes = (catalog.keys().terms.len() * FILTER_BITS_PER_KEY)
             .div_ceil(8)
             .max(8);
         let mut bits = vec![0u8; bytes];
-        for (t, _) in &catalog.terms {
+        for (t, _) in &catalog.keys().terms {
             for bit in probes(t, bytes * 8) {
                 bits[bit / 8] |= 1 << (bit % 8);
             }
@@ -805,17 +979,112 @@ mod tests {
         let mut big = Vec::new();
         put_leb(&mut big, u32::MAX);
         put_leb(&mut big, 300);
+        put_leb64(&mut big, u64::MAX);
         let mut r = Cursor { b: &big, at: 0 };
         assert_eq!((r.leb(), r.leb()), (Ok(u32::MAX), Ok(300)));
+        assert_eq!(r.leb64(), Ok(u64::MAX));
         assert!(c
             .find(&Term::Addr("f:nobody@example.org".into()))
             .is_empty());
         // Damage is refused, not misread.
         let mut bytes = c.encode();
         let n = bytes.len();
-        bytes[n - 1] = 0xff;
-        assert!(Catalog::decode(&bytes).is_err());
         assert!(Catalog::decode(&bytes[..n - 3]).is_err());
+        let first_len = 12 + 300 * 32;
+        bytes[first_len] = bytes[first_len].wrapping_add(1); // one length is wrong
+        assert!(Catalog::decode(&bytes).is_err());
+    }
+
+    /// A catalog with arrivals too: 40 messages, two arrivals each.
+    fn catalog_with_arrivals() -> Catalog {
+        let c = catalog(40);
+        let mut arrivals = Vec::new();
+        for (i, (id, _)) in c.summaries.iter().enumerate() {
+            for k in 0..2u64 {
+                let a = Arrival {
+                    id: crate::ids::ArrivalId {
+                        node: "node-a".into(),
+                        epoch: "0a1b2c3d".into(),
+                        seq: 2 * i as u64 + k + 1,
+                    },
+                    message: MessageId(*id).to_hex(),
+                    time: format!("2026-05-01T12:00:{:02}.000001Z", i % 60),
+                    listener: "journal".into(),
+                    protocol: "ESMTP".into(),
+                    client_addr: Some("192.0.2.1".into()),
+                    helo: None,
+                    mail_from: format!("sender{i}@example.org"),
+                    mail_params: Vec::new(),
+                    rcpt_to: vec![format!("rcpt{k}@example.net")],
+                    queue_id: None,
+                    xcoffer: None,
+                    trace: vec!["node-a".into()],
+                    via: None,
+                    tls: None,
+                    received: None,
+                };
+                arrivals.push((2 * i as u64 + k + 1, codec::encode_arrival(&a)));
+            }
+        }
+        Catalog::build(c.summaries, arrivals)
+    }
+
+    #[test]
+    fn a_catalog_of_either_layout_reads_back() {
+        let c = catalog_with_arrivals();
+        assert_eq!(c.arrivals.len(), 80);
+        let columns = c.encode();
+        assert_eq!(&columns[..4], MAGIC_COLUMNS);
+        assert_eq!(Catalog::decode(&columns).unwrap(), c);
+        // The first layout (index format 4): each entry beside its key, then the keys.
+        let keys = c.keys().clone();
+        let mut rows = Vec::new();
+        rows.extend_from_slice(MAGIC);
+        for n in [
+            c.summaries.len(),
+            c.arrivals.len(),
+            keys.others.len(),
+            keys.terms.len(),
+        ] {
+            rows.extend_from_slice(&count(n).to_le_bytes());
+        }
+        for (id, v) in &c.summaries {
+            rows.extend_from_slice(id);
+            rows.extend_from_slice(&count(v.len()).to_le_bytes());
+            rows.extend_from_slice(v);
+        }
+        for (local, v) in &c.arrivals {
+            rows.extend_from_slice(&local.to_le_bytes());
+            rows.extend_from_slice(&count(v.len()).to_le_bytes());
+            rows.extend_from_slice(v);
+        }
+        for id in &keys.others {
+            rows.extend_from_slice(id);
+        }
+        for (t, ns) in &keys.terms {
+            let (kind, key) = match t {
+                Term::Addr(k) => (0u8, k),
+                Term::MsgId(k) => (1u8, k),
+            };
+            rows.push(kind);
+            rows.extend_from_slice(&count(key.len()).to_le_bytes());
+            rows.extend_from_slice(key.as_bytes());
+            rows.extend_from_slice(&count(ns.len()).to_le_bytes());
+            let mut last = 0;
+            for n in ns {
+                put_leb(&mut rows, n - last);
+                last = *n;
+            }
+        }
+        let back = Catalog::decode(&rows).unwrap();
+        assert_eq!(back, c);
+        // Stored keys are taken as they are; the same as derived ones.
+        assert_eq!(back.keys.get(), Some(&keys));
+        assert_eq!(
+            back.find(&Term::Addr("t:rcpt1@example.net".into())).len(),
+            40
+        );
+        assert_eq!(back.arrivals_of(&MessageId(c.summaries[7].0)).count(), 2);
     }
 
     #[test]

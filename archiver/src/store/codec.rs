@@ -10,6 +10,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use super::index::Loc;
 use super::summary::Summary;
 use super::Arrival;
 use crate::ids::MessageId;
@@ -295,9 +296,73 @@ pub fn decode_summary(b: &[u8]) -> R<Summary> {
     Ok(s)
 }
 
+/// A `messages` value (index format 5): the fields of a [`Loc`] as LEB128 numbers —
+/// segment, offset, record length, raw length, then the block table position + 1, or 0
+/// for a record in a segment. 8 to 13 bytes where format 4 took 20 or 24.
+pub fn encode_loc(l: &Loc) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    put_uint(&mut out, u64::from(l.segment));
+    put_uint(&mut out, l.offset);
+    put_uint(&mut out, u64::from(l.record_len));
+    put_uint(&mut out, u64::from(l.raw_len));
+    put_uint(&mut out, l.position.map_or(0, |p| u64::from(p) + 1));
+    out
+}
+
+/// A `messages` value as [`encode_loc`] writes it; `None` if it is not one.
+pub fn decode_loc(b: &[u8]) -> Option<Loc> {
+    let mut c = Cursor { b };
+    let u32_of = |c: &mut Cursor<'_>| c.uint().ok().and_then(|v| u32::try_from(v).ok());
+    let segment = u32_of(&mut c)?;
+    let offset = c.uint().ok()?;
+    let record_len = u32_of(&mut c)?;
+    let raw_len = u32_of(&mut c)?;
+    let position = match c.uint().ok()? {
+        0 => None,
+        p => Some(u32::try_from(p - 1).ok()?),
+    };
+    c.end().ok()?;
+    Some(Loc {
+        segment,
+        offset,
+        record_len,
+        raw_len,
+        position,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_location_reads_back_in_few_bytes() {
+        let record = Loc {
+            segment: 12,
+            offset: 1 << 30,
+            record_len: 22_000,
+            raw_len: 21_000,
+            position: None,
+        };
+        let in_block = Loc {
+            position: Some(0),
+            ..record
+        };
+        let widest = Loc {
+            segment: u32::MAX,
+            offset: u64::MAX,
+            record_len: u32::MAX,
+            raw_len: u32::MAX,
+            position: Some(u32::MAX),
+        };
+        for l in [record, in_block, widest] {
+            assert_eq!(decode_loc(&encode_loc(&l)), Some(l));
+        }
+        assert_eq!(encode_loc(&in_block).len(), 13); // format 4: 24
+        let b = encode_loc(&record);
+        assert_eq!(decode_loc(&b[..b.len() - 1]), None);
+        assert_eq!(decode_loc(&[b.as_slice(), &[0]].concat()), None);
+    }
     use crate::ids::ArrivalId;
 
     fn arrival(time: &str) -> Arrival {

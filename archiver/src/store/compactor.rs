@@ -17,6 +17,7 @@ use serde::Serialize;
 use tracing::{debug, error, info};
 
 use super::catalog;
+use super::codec;
 use super::compact;
 use super::dict;
 use super::engine::{idx_err, io_err};
@@ -220,11 +221,18 @@ impl StoreHandle {
         }
         let mut numbered = Vec::new();
         for id in arrivals {
-            let Some(local) = ids.get(id.as_str()).map_err(idx_err)?.map(|l| l.value()) else {
-                continue;
-            };
-            if let Some(v) = rows.get(local).map_err(idx_err)? {
-                numbered.push((local, v.value().to_vec()));
+            // The segment's arrivals are rows still: the one filed under the id's hash
+            // whose row has that id.
+            let hash = index::id_hash(id);
+            for local in index::hashed_locals(&ids, hash).map_err(idx_err)? {
+                let Some(v) = rows.get(local).map_err(idx_err)? else {
+                    continue;
+                };
+                let v = v.value();
+                if codec::decode_arrival(v).is_ok_and(|a| a.id.to_string() == *id) {
+                    numbered.push((local, v.to_vec()));
+                    break;
+                }
             }
         }
         Ok(catalog::Catalog::build(found, numbered))

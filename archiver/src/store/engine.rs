@@ -190,6 +190,14 @@ impl Engine {
                 summaries, "index values re-encoded for index format {INDEX_FORMAT}"
             );
         }
+        if stored_format.is_some_and(|v| v < 5) {
+            let moved = index::upgrade_arrival_tables(&txn).map_err(idx_err)?;
+            let locations = index::upgrade_locations(&txn).map_err(idx_err)?;
+            info!(
+                moved,
+                locations, "arrival ids, arrival keys and locations re-encoded for index format {INDEX_FORMAT}"
+            );
+        }
         settle_compactions(&*vfs, &txn, &log_dir, &segments)?;
         let mut segments = list_log(&*vfs, &log_dir).map_err(io_err(&log_dir))?;
         let first_header_epoch = match segments.first() {
@@ -262,7 +270,7 @@ impl Engine {
         }
 
         let ctx = ReplayCtx {
-            vfs: &*vfs,
+            vfs: &vfs,
             log_dir: &log_dir,
             node,
             epoch8: &epoch8,
@@ -372,7 +380,7 @@ impl Unlocked {
 
 /// What replay needs to know of the store.
 pub(crate) struct ReplayCtx<'a> {
-    pub vfs: &'a dyn Vfs,
+    pub vfs: &'a Arc<dyn Vfs>,
     pub log_dir: &'a Path,
     pub node: &'a str,
     pub epoch8: &'a str,
@@ -388,7 +396,8 @@ fn replay(
     segments: &[SegmentFiles],
 ) -> Result<ActiveSegment, StoreError> {
     let log_dir = ctx.log_dir;
-    let mut tables = Tables::open(txn).map_err(idx_err)?;
+    let catalogs = super::catalog::Catalogs::new(ctx.vfs.clone(), log_dir.to_owned());
+    let mut tables = Tables::open(txn, &catalogs).map_err(idx_err)?;
     let tail_seg = u32::try_from(tables.counters.tail_seg).unwrap_or(0);
     let tail_off = tables.counters.tail_off;
     let last = segments.last().expect("at least one segment").number;
@@ -557,7 +566,7 @@ fn apply_arrival(
     if ours && arrival.id.seq >= tables.counters.next_seq {
         tables.counters.next_seq = arrival.id.seq + 1;
     }
-    tables.apply_arrival(&arrival, key).map_err(idx_err)?;
+    tables.apply_arrival(&arrival, key)?;
     Ok(())
 }
 

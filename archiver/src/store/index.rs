@@ -11,10 +11,12 @@ use redb::{
 
 use std::ops::Bound;
 
-use super::catalog::Catalog;
+use super::catalog::{Catalog, Catalogs};
 use super::codec;
+use super::engine::idx_err;
 use super::summary::{domain_of, Summary};
 use super::Arrival;
+use super::StoreError;
 use crate::ids::MessageId;
 
 /// Small values: format, epoch, node, counters, the log position indexed so far.
@@ -25,10 +27,20 @@ pub const MESSAGES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new(
 pub const SUMMARIES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("summaries");
 /// local arrival number (log order) → JSON [`Arrival`].
 pub const ARRIVALS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("arrivals");
-/// arrival id (`NODE/EPOCH/SEQ`) → local arrival number. Replicated arrivals dedupe here.
-pub const ARRIVAL_IDS: TableDefinition<'_, &str, u64> = TableDefinition::new("arrival_ids");
-/// arrival key → local arrival number. A client's retry dedupes here.
-pub const ARRIVAL_KEYS: TableDefinition<'_, [u8; 32], u64> = TableDefinition::new("arrival_keys");
+/// ([`id_hash`] of an arrival id, local arrival number). Replicated arrivals dedupe
+/// here: a hash stands for every arrival whose id has it, so each local number found is
+/// checked against its arrival's id ([`super::catalog::local_of_id`]).
+pub const ARRIVAL_IDS: TableDefinition<'_, (u64, u64), ()> =
+    TableDefinition::new("arrival_id_hashes");
+/// ([`key_prefix`] of an arrival key, local arrival number). A client's retry dedupes
+/// here, each local number found checked against the key of its arrival.
+pub const ARRIVAL_KEYS: TableDefinition<'_, (u64, u64), ()> =
+    TableDefinition::new("arrival_key_prefixes");
+/// arrival id → local number, of index formats 1 to 4; moved into [`ARRIVAL_IDS`] on open.
+pub const ARRIVAL_IDS_V4: TableDefinition<'_, &str, u64> = TableDefinition::new("arrival_ids");
+/// arrival key → local number, of index formats 1 to 4; moved into [`ARRIVAL_KEYS`].
+pub const ARRIVAL_KEYS_V4: TableDefinition<'_, [u8; 32], u64> =
+    TableDefinition::new("arrival_keys");
 /// message id → local arrival numbers.
 pub const BY_MESSAGE: MultimapTableDefinition<'_, [u8; 32], u64> =
     MultimapTableDefinition::new("by_message");
@@ -90,6 +102,35 @@ pub fn arrival_terms(arrival: &Arrival) -> Vec<Term> {
         push_address(&mut out, "t:", r);
     }
     out
+}
+
+/// What [`ARRIVAL_IDS`] holds of an arrival id (`NODE/EPOCH/SEQ`): the first 8 bytes of
+/// its SHA-256.
+pub fn id_hash(id: &str) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(id.as_bytes());
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// What [`ARRIVAL_KEYS`] holds of an arrival key (itself a hash): its first 8 bytes.
+pub fn key_prefix(key: &[u8; 32]) -> u64 {
+    u64::from_be_bytes(key[..8].try_into().expect("8 bytes"))
+}
+
+/// The local numbers filed under `hash` in [`ARRIVAL_IDS`] or [`ARRIVAL_KEYS`], each to be
+/// checked against its arrival.
+///
+/// # Errors
+/// redb errors.
+pub fn hashed_locals<T: ReadableTable<(u64, u64), ()>>(
+    t: &T,
+    hash: u64,
+) -> Result<Vec<u64>, redb::Error> {
+    let mut out = Vec::new();
+    for e in t.range((hash, 0)..=(hash, u64::MAX))? {
+        out.push(e?.0.value().1);
+    }
+    Ok(out)
 }
 
 /// The first 8 bytes of a message id: what [`ADDRS`] and [`MSGIDS`] hold.
@@ -243,19 +284,19 @@ pub struct Loc {
 }
 
 impl Loc {
+    /// The `messages` value of this location ([`codec::encode_loc`]).
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(24);
-        b.extend_from_slice(&self.segment.to_le_bytes());
-        b.extend_from_slice(&self.offset.to_le_bytes());
-        b.extend_from_slice(&self.record_len.to_le_bytes());
-        b.extend_from_slice(&self.raw_len.to_le_bytes());
-        if let Some(p) = self.position {
-            b.extend_from_slice(&p.to_le_bytes());
-        }
-        b
+        codec::encode_loc(self)
     }
 
+    /// A `messages` value ([`codec::decode_loc`]).
     pub fn decode(b: &[u8]) -> Option<Loc> {
+        codec::decode_loc(b)
+    }
+
+    /// A `messages` value of index formats 2 to 4: fixed-width little-endian fields,
+    /// 20 bytes, or 24 with a block position.
+    fn decode_v4(b: &[u8]) -> Option<Loc> {
         if b.len() != 20 && b.len() != 24 {
             return None;
         }
@@ -333,8 +374,8 @@ pub struct Tables<'t> {
     messages: redb::Table<'t, [u8; 32], &'static [u8]>,
     summaries: redb::Table<'t, [u8; 32], &'static [u8]>,
     arrivals: redb::Table<'t, u64, &'static [u8]>,
-    arrival_ids: redb::Table<'t, &'static str, u64>,
-    arrival_keys: redb::Table<'t, [u8; 32], u64>,
+    arrival_ids: redb::Table<'t, (u64, u64), ()>,
+    arrival_keys: redb::Table<'t, (u64, u64), ()>,
     by_message: redb::MultimapTable<'t, [u8; 32], u64>,
     by_time: redb::Table<'t, (i64, u64), [u8; 32]>,
     addrs: redb::MultimapTable<'t, &'static str, [u8; 8]>,
@@ -343,16 +384,19 @@ pub struct Tables<'t> {
     parked: redb::Table<'t, (&'static str, u64), &'static str>,
     segments: redb::Table<'t, u32, &'static [u8]>,
     segment_filters: redb::Table<'t, u32, &'static [u8]>,
+    /// Where an arrival whose row was dropped is read back (to check an id's hash).
+    catalogs: &'t Catalogs,
     /// META's counters as of this transaction; written back by [`Tables::finish`].
     pub counters: Counters,
 }
 
 impl<'t> Tables<'t> {
-    /// Opens (creating if needed) every table and reads the counters.
+    /// Opens (creating if needed) every table and reads the counters. `catalogs` reads
+    /// the catalogs of this store's compacted segments.
     ///
     /// # Errors
     /// redb errors.
-    pub fn open(txn: &'t WriteTransaction) -> Result<Self, redb::Error> {
+    pub fn open(txn: &'t WriteTransaction, catalogs: &'t Catalogs) -> Result<Self, redb::Error> {
         let meta = txn.open_table(META)?;
         let mut counters = Counters::default();
         for (key, slot) in Counters::KEYS.iter().zip(counters.slots()) {
@@ -373,6 +417,7 @@ impl<'t> Tables<'t> {
             parked: txn.open_table(PARKED)?,
             segments: txn.open_table(SEGMENTS)?,
             segment_filters: txn.open_table(SEGMENT_FILTERS)?,
+            catalogs,
             counters,
         })
     }
@@ -501,10 +546,14 @@ impl<'t> Tables<'t> {
             let Ok(a) = codec::decode_arrival(v) else {
                 continue;
             };
+            // The index gives that id this number, and the row (if still there) agrees.
             let agrees = self
                 .arrival_ids
-                .get(a.id.to_string().as_str())?
-                .is_some_and(|l| l.value() == *local);
+                .get((id_hash(&a.id.to_string()), *local))?
+                .is_some()
+                && self.arrivals.get(*local)?.is_none_or(|v| {
+                    codec::decode_arrival(v.value()).is_ok_and(|row| row.id == a.id)
+                });
             if agrees {
                 self.arrivals.remove(*local)?;
                 self.by_time.remove((time_us(&a.time), *local))?;
@@ -557,23 +606,46 @@ impl<'t> Tables<'t> {
             .and_then(|v| SegmentInfo::decode(v.value())))
     }
 
+    /// The arrival numbered `local`: its row, or the catalog of the compacted segment
+    /// that holds it. `None` if neither has it or it does not decode.
+    fn arrival_at(&self, local: u64) -> Result<Option<Arrival>, StoreError> {
+        if let Some(v) = self.arrivals.get(local).map_err(idx_err)? {
+            return Ok(codec::decode_arrival(v.value()).ok());
+        }
+        Ok(
+            super::catalog::cataloged_arrival(&self.segments, self.catalogs, local)?
+                .and_then(Result::ok),
+        )
+    }
+
     /// Indexes an arrival. Returns its local number, or `None` if an arrival with this id
     /// was already indexed (a replayed or replicated duplicate).
     ///
     /// # Errors
-    /// redb errors.
+    /// redb errors; a catalog that cannot be read.
     pub fn apply_arrival(
         &mut self,
         arrival: &Arrival,
         key: Option<[u8; 32]>,
-    ) -> Result<Option<u64>, redb::Error> {
-        let id = arrival.id.to_string();
-        if self.arrival_ids.get(id.as_str())?.is_some() {
-            return Ok(None);
+    ) -> Result<Option<u64>, StoreError> {
+        let hash = id_hash(&arrival.id.to_string());
+        for local in hashed_locals(&self.arrival_ids, hash).map_err(idx_err)? {
+            if self.arrival_at(local)?.is_some_and(|a| a.id == arrival.id) {
+                return Ok(None);
+            }
         }
+        self.insert_arrival(arrival, key, hash).map_err(idx_err)
+    }
+
+    fn insert_arrival(
+        &mut self,
+        arrival: &Arrival,
+        key: Option<[u8; 32]>,
+        hash: u64,
+    ) -> Result<Option<u64>, redb::Error> {
         let local = self.counters.next_local.max(1);
         self.counters.next_local = local + 1;
-        self.arrival_ids.insert(id.as_str(), local)?;
+        self.arrival_ids.insert((hash, local), ())?;
         let message: MessageId = arrival.message.parse().expect("arrival names a message id");
         self.arrivals
             .insert(local, codec::encode_arrival(arrival).as_slice())?;
@@ -581,7 +653,7 @@ impl<'t> Tables<'t> {
         self.by_time
             .insert((time_us(&arrival.time), local), message.0)?;
         if let Some(key) = key {
-            self.arrival_keys.insert(key, local)?;
+            self.arrival_keys.insert((key_prefix(&key), local), ())?;
         }
         self.insert_terms(&arrival_terms(arrival), &message)?;
         self.counters.arrivals += 1;
@@ -684,6 +756,74 @@ fn move_to_prefixes(
     }
     txn.delete_multimap_table(old)?;
     Ok(())
+}
+
+/// Moves `arrival_ids` and `arrival_keys` of index formats 1 to 4 (whole ids and keys)
+/// into their format-5 tables of hashes and prefixes. Returns how many
+/// entries moved.
+///
+/// # Errors
+/// redb errors.
+pub fn upgrade_arrival_tables(txn: &WriteTransaction) -> Result<u64, redb::Error> {
+    // (Opening a table in a write transaction creates it: an absent one moves nothing.)
+    let mut moved = 0;
+    {
+        let src = txn.open_table(ARRIVAL_IDS_V4)?;
+        let mut dst = txn.open_table(ARRIVAL_IDS)?;
+        for e in src.iter()? {
+            let (k, v) = e?;
+            dst.insert((id_hash(k.value()), v.value()), ())?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(ARRIVAL_IDS_V4)?;
+    {
+        let src = txn.open_table(ARRIVAL_KEYS_V4)?;
+        let mut dst = txn.open_table(ARRIVAL_KEYS)?;
+        for e in src.iter()? {
+            let (k, v) = e?;
+            dst.insert((key_prefix(&k.value()), v.value()), ())?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(ARRIVAL_KEYS_V4)?;
+    Ok(moved)
+}
+
+/// Re-encodes the `messages` values of index formats 2 to 4 ([`Loc::decode_v4`]) in the
+/// form of format 5, in key order and in chunks. Returns how many it re-encoded; a value
+/// of neither form is left as it is (verify reports it).
+///
+/// # Errors
+/// redb errors.
+pub fn upgrade_locations(txn: &WriteTransaction) -> Result<u64, redb::Error> {
+    const CHUNK: usize = 4096;
+    let mut t = txn.open_table(MESSAGES)?;
+    let mut count = 0;
+    let mut from: Option<[u8; 32]> = None;
+    loop {
+        let mut chunk = Vec::new();
+        let mut last = None;
+        let range = match from {
+            Some(f) => t.range::<[u8; 32]>((Bound::Excluded(f), Bound::Unbounded))?,
+            None => t.range::<[u8; 32]>(..)?,
+        };
+        for e in range.take(CHUNK) {
+            let (k, v) = e?;
+            last = Some(k.value());
+            if let Some(loc) = Loc::decode_v4(v.value()) {
+                chunk.push((k.value(), loc.encode()));
+            }
+        }
+        for (k, v) in chunk {
+            t.insert(k, v.as_slice())?;
+            count += 1;
+        }
+        match last {
+            Some(l) => from = Some(l),
+            None => return Ok(count),
+        }
+    }
 }
 
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(

@@ -652,11 +652,7 @@ impl StoreReader {
                 }
                 KIND_ARRIVAL => match serde_json::from_slice::<Arrival>(payload) {
                     Ok(a) => {
-                        if ids
-                            .get(a.id.to_string().as_str())
-                            .map_err(idx_err)?
-                            .is_none()
-                        {
+                        if catalog::local_of_id(txn, &self.catalogs, &a.id)?.is_none() {
                             problems.push(format!(
                                 "{} at {at}: arrival {} is in the log but not in the index",
                                 path.display(),
@@ -708,7 +704,7 @@ impl StoreReader {
                             // Its arrivals are in no block: the catalog is their record.
                             for (local, v) in &c.arrivals {
                                 let id = match codec::decode_arrival(v) {
-                                    Ok(a) => a.id.to_string(),
+                                    Ok(a) => a.id,
                                     Err(e) => {
                                         report.problems.push(format!(
                                             "{}: catalog at {at}: arrival #{local}: {e}",
@@ -717,7 +713,8 @@ impl StoreReader {
                                         continue;
                                     }
                                 };
-                                if ids.get(id.as_str()).map_err(idx_err)?.is_none() {
+                                let hash = index::id_hash(&id.to_string());
+                                if ids.get((hash, *local)).map_err(idx_err)?.is_none() {
                                     report.problems.push(format!(
                                         "{}: catalog at {at}: arrival {id} is in the log but \
                                          not in the index",

@@ -32,7 +32,11 @@ pub const FORMAT_VERSION: u32 = 1;
 /// 4 drops the `summaries` and `arrivals` rows a compacted segment's catalog holds
 /// ([`super::catalog`]); an index of format 3 has no catalogs yet and is marked 4 on
 /// open, so that an older build refuses the store.
-pub const INDEX_FORMAT: u32 = 4;
+/// 5 keeps arrival ids and arrival keys as 8-byte hashes beside their local numbers
+/// (checked against the arrival on every hit), locations in LEB128, and catalogs by
+/// column; an index of format 4 or older has those tables re-encoded on open (catalogs
+/// of either layout are read).
+pub const INDEX_FORMAT: u32 = 5;
 pub const SEGMENT_HEADER_LEN: u64 = 64;
 pub const RECORD_HEADER_LEN: usize = 56;
 pub const RECORD_TRAILER_LEN: usize = 4;

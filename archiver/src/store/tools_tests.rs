@@ -317,12 +317,68 @@ fn backup_without_a_daemon_and_into_an_empty_folder() {
     assert!(!dir.path().join(".dest.coffer-backup").exists());
 }
 
-/// Rewrites a format-3 index as format 2 wrote it: JSON `arrivals` and `summaries`,
-/// whole message ids in `addrs` and `msgids`.
+/// Rewrites an index of a store with no compacted segment as formats 2 to 4 kept
+/// arrival ids, arrival keys and locations: whole ids and keys, fixed-width locations.
+fn downgrade_to_format_4(txn: &redb::WriteTransaction) {
+    use redb::ReadableTable;
+    let rows: Vec<(u64, Arrival)> = txn
+        .open_table(index::ARRIVALS)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|e| {
+            let (k, v) = e.unwrap();
+            (k.value(), codec::decode_arrival(v.value()).unwrap())
+        })
+        .collect();
+    {
+        let keys = txn.open_table(index::ARRIVAL_KEYS).unwrap();
+        let mut old_ids = txn.open_table(index::ARRIVAL_IDS_V4).unwrap();
+        let mut old_keys = txn.open_table(index::ARRIVAL_KEYS_V4).unwrap();
+        for (local, a) in &rows {
+            old_ids.insert(a.id.to_string().as_str(), local).unwrap();
+            if let Some(key) = engine::arrival_key(a) {
+                if keys
+                    .get((index::key_prefix(&key), *local))
+                    .unwrap()
+                    .is_some()
+                {
+                    old_keys.insert(key, local).unwrap();
+                }
+            }
+        }
+        let mut messages = txn.open_table(index::MESSAGES).unwrap();
+        let locs: Vec<([u8; 32], index::Loc)> = messages
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.value(), index::Loc::decode(v.value()).unwrap())
+            })
+            .collect();
+        for (id, l) in locs {
+            let mut v = Vec::new();
+            v.extend_from_slice(&l.segment.to_le_bytes());
+            v.extend_from_slice(&l.offset.to_le_bytes());
+            v.extend_from_slice(&l.record_len.to_le_bytes());
+            v.extend_from_slice(&l.raw_len.to_le_bytes());
+            if let Some(p) = l.position {
+                v.extend_from_slice(&p.to_le_bytes());
+            }
+            messages.insert(id, v.as_slice()).unwrap();
+        }
+    }
+    txn.delete_table(index::ARRIVAL_IDS).unwrap();
+    txn.delete_table(index::ARRIVAL_KEYS).unwrap();
+}
+
+/// Rewrites a current index as format 2 wrote it: JSON `arrivals` and `summaries`,
+/// whole message ids in `addrs` and `msgids`, and what [`downgrade_to_format_4`] does.
 fn downgrade_to_format_2(dir: &Path) {
     use redb::{ReadableMultimapTable, ReadableTable};
     let db = redb::Database::open(dir.join(engine::INDEX_FILE)).unwrap();
     let txn = db.begin_write().unwrap();
+    downgrade_to_format_4(&txn);
     {
         let mut t = txn.open_table(index::ARRIVALS).unwrap();
         let all: Vec<(u64, Arrival)> = t
@@ -480,6 +536,19 @@ fn a_format_2_index_is_upgraded_on_open_and_keeps_everything() {
     let (again, after) = all(dir.path());
     assert_eq!(again, records);
     assert_eq!(after, status);
+    {
+        use redb::{ReadableDatabase, TableHandle};
+        let db = redb::Database::open(dir.path().join(engine::INDEX_FILE)).unwrap();
+        let names: Vec<String> = db
+            .begin_read()
+            .unwrap()
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert!(!names.contains(&"arrival_ids".to_owned()), "{names:?}");
+        assert!(!names.contains(&"arrival_keys".to_owned()), "{names:?}");
+    }
     let r = StoreReader::open(dir.path()).unwrap();
     for (i, receipt) in receipts.iter().take(40).enumerate() {
         let q = Query {
@@ -497,9 +566,32 @@ fn a_format_2_index_is_upgraded_on_open_and_keeps_everything() {
     }
     drop(r);
     assert!(verify(dir.path(), true).problems.is_empty());
+    // A client's retry of an arrival indexed before the upgrade is still a repeat.
+    let store = Store::open(opts(dir.path(), 8192)).unwrap();
+    assert!(
+        store
+            .handle()
+            .ingest_blocking(msg(2, "a@example.org"))
+            .unwrap()
+            .repeat
+    );
+    assert!(
+        !store
+            .handle()
+            .ingest_blocking(msg(2, "b@example.org"))
+            .unwrap()
+            .repeat
+    );
+    store.close();
+    let (now, after) = all(dir.path());
+    assert_eq!(now.len(), records.len());
+    assert_eq!(
+        (after.repeats, after.arrivals),
+        (status.repeats + 1, status.arrivals + 1)
+    );
     // Reindexing the upgraded store gives the same answers.
     reindex::reindex(dir.path(), "node-a", &mut |_, _| {}).unwrap();
-    assert_eq!(all(dir.path()).0, records);
+    assert_eq!(all(dir.path()).0, now);
 }
 
 #[test]
@@ -624,7 +716,8 @@ fn an_open_store_rewrites_its_index_and_serves_on() {
     receipts.push(h.ingest_blocking(msg(5002, "after@example.org")).unwrap());
 
     // An in-process holder that does not let go: the index is left as it was, the
-    // store carries on.
+    // store carries on. (A reader waits until the index holds the last message.)
+    StoreReader::open(dir.path()).unwrap().status().unwrap();
     let held = h.shared.db.read().unwrap().clone().unwrap();
     let size_now = size();
     let refused = h.rewrite_index().unwrap_err();
@@ -889,4 +982,65 @@ fn compacted_segments_keep_their_summaries_and_arrivals_in_catalogs() {
         "{:?}",
         report.problems
     );
+}
+
+#[test]
+fn an_arrival_whose_id_or_key_hash_is_taken_is_still_indexed_as_new() {
+    use redb::ReadableTable;
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 3, 64 << 20);
+    let (_, before) = all(dir.path());
+    // Forge what a collision of 8-byte hashes would leave: the id the next arrival gets,
+    // and its arrival key, filed under arrival 1 (which has another id and key).
+    let next = msg(7, "z@example.org");
+    {
+        let db = redb::Database::open(dir.path().join(engine::INDEX_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let meta = txn.open_table(index::META).unwrap();
+            let seq = index::meta_u64(&meta, index::K_NEXT_SEQ);
+            let epoch: [u8; 16] = meta
+                .get(index::K_EPOCH)
+                .unwrap()
+                .unwrap()
+                .value()
+                .try_into()
+                .unwrap();
+            let id = format!("node-a/{}/{seq}", &hex::encode(epoch)[..8]);
+            let key = crate::ids::ArrivalKey::new(
+                &crate::ids::MessageId::of(&next.bytes),
+                &next.envelope,
+                &next.session.listener,
+            );
+            let mut ids = txn.open_table(index::ARRIVAL_IDS).unwrap();
+            ids.insert((index::id_hash(&id), 1), ()).unwrap();
+            let mut keys = txn.open_table(index::ARRIVAL_KEYS).unwrap();
+            keys.insert((index::key_prefix(&key.0), 1), ()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(opts(dir.path(), 64 << 20)).unwrap();
+    let h = store.handle();
+    let first = h.ingest_blocking(next).unwrap();
+    assert!(
+        !first.repeat,
+        "a hash shared with arrival 1 made it a repeat"
+    );
+    let again = h.ingest_blocking(msg(7, "z@example.org")).unwrap();
+    assert!(again.repeat);
+    assert_eq!(again.arrival_id, first.arrival_id);
+    drop(h);
+    store.close();
+    let (records, after) = all(dir.path());
+    assert_eq!(
+        (after.arrivals, after.repeats),
+        (before.arrivals + 1, before.repeats + 1)
+    );
+    let found = records
+        .iter()
+        .find(|m| m.from == ["sender7@example.org"])
+        .unwrap();
+    assert_eq!(found.arrivals.len(), 1);
+    assert_eq!(found.arrivals[0].id, first.arrival_id);
+    assert!(verify(dir.path(), true).problems.is_empty());
 }

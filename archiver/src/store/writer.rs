@@ -622,7 +622,8 @@ impl Writer {
                     let s = id.to_string();
                     let known = live.pending.ids.contains_key(&s)
                         || new_ids.contains(&s)
-                        || has_arrival_id(&snapshot, &s).map_err(poisoned)?;
+                        || has_arrival_id(&snapshot, &self.shared.catalogs, id)
+                            .map_err(poisoned)?;
                     known.then(|| id.clone())
                 }
                 None => match live.pending.keys.get(&key) {
@@ -800,7 +801,7 @@ fn run_indexer(db: &redb::Database, rx: &Receiver<IndexBatch>, shared: &Shared) 
         check_relocations(&mut batches, shared);
         last_commit = Some(Instant::now());
         let started = Instant::now();
-        match commit_index(db, &batches) {
+        match commit_index(db, &shared.catalogs, &batches) {
             Ok(totals) => {
                 let tail_seg = batches.last().expect("one batch at least").tail.0;
                 if last_tail_seg.is_some_and(|t| t < tail_seg) {
@@ -864,15 +865,19 @@ fn check_relocations(batches: &mut [IndexBatch], shared: &Shared) {
     }
 }
 
-fn commit_index(db: &redb::Database, batches: &[IndexBatch]) -> Result<[u64; 5], StoreError> {
+fn commit_index(
+    db: &redb::Database,
+    catalogs: &super::catalog::Catalogs,
+    batches: &[IndexBatch],
+) -> Result<[u64; 5], StoreError> {
     let txn = db.begin_write().map_err(idx_err)?;
-    let mut tables = Tables::open(&txn).map_err(idx_err)?;
+    let mut tables = Tables::open(&txn, catalogs).map_err(idx_err)?;
     for b in batches {
         for (id, loc, summary) in &b.messages {
             tables.apply_message(id, *loc, summary).map_err(idx_err)?;
         }
         for (arrival, key) in &b.arrivals {
-            tables.apply_arrival(arrival, *key).map_err(idx_err)?;
+            tables.apply_arrival(arrival, *key)?;
         }
         tables.counters.repeats += b.repeats;
         for (op, _) in &b.state {
@@ -990,9 +995,12 @@ fn replicated_arrival(p: &Prepared, id: ArrivalId, node: &str) -> Arrival {
     }
 }
 
-fn has_arrival_id(snapshot: &ReadTransaction, id: &str) -> Result<bool, StoreError> {
-    let t = snapshot.open_table(index::ARRIVAL_IDS).map_err(idx_err)?;
-    Ok(t.get(id).map_err(idx_err)?.is_some())
+fn has_arrival_id(
+    snapshot: &ReadTransaction,
+    catalogs: &super::catalog::Catalogs,
+    id: &ArrivalId,
+) -> Result<bool, StoreError> {
+    Ok(super::catalog::local_of_id(snapshot, catalogs, id)?.is_some())
 }
 
 fn has_message(snapshot: &ReadTransaction, id: &MessageId) -> Result<bool, StoreError> {
@@ -1005,14 +1013,7 @@ fn lookup_key(
     catalogs: &super::catalog::Catalogs,
     key: [u8; 32],
 ) -> Result<Option<ArrivalId>, StoreError> {
-    let keys = snapshot.open_table(index::ARRIVAL_KEYS).map_err(idx_err)?;
-    let Some(local) = keys.get(key).map_err(idx_err)?.map(|v| v.value()) else {
-        return Ok(None);
-    };
-    let a = super::catalog::arrival(snapshot, catalogs, local)?.ok_or_else(|| {
-        StoreError::Corrupt(format!("arrival key points at missing arrival {local}"))
-    })?;
-    Ok(Some(a.id))
+    Ok(super::catalog::arrival_of_key(snapshot, catalogs, &key)?.map(|a| a.id))
 }
 
 enum BatchError {
