@@ -639,7 +639,7 @@ pub fn summary(
 ) -> Result<Option<Summary>, StoreError> {
     let bad = |e: String| StoreError::Corrupt(format!("summary of {id}: {e}"));
     let t = txn.open_table(SUMMARIES).map_err(idx_err)?;
-    if let Some(v) = t.get(id.0).map_err(idx_err)? {
+    if let Some(v) = t.get((loc.segment, id.0)).map_err(idx_err)? {
         return codec::decode_summary(v.value()).map(Some).map_err(bad);
     }
     if !loc.in_block() {
@@ -668,7 +668,7 @@ pub fn locals_of(
 ) -> Result<BTreeSet<u64>, StoreError> {
     let t = txn.open_multimap_table(BY_MESSAGE).map_err(idx_err)?;
     let mut out = BTreeSet::new();
-    for l in t.get(id.0).map_err(idx_err)? {
+    for l in t.get((loc.segment, id.0)).map_err(idx_err)? {
         out.insert(l.map_err(idx_err)?.value());
     }
     if loc.in_block() {
@@ -748,7 +748,7 @@ pub fn local_of_id(
     id: &ArrivalId,
 ) -> Result<Option<u64>, StoreError> {
     let ids = txn.open_table(ARRIVAL_IDS).map_err(idx_err)?;
-    for local in index::hashed_locals(&ids, index::id_hash(&id.to_string())).map_err(idx_err)? {
+    for local in index::id_locals(&ids, id).map_err(idx_err)? {
         if arrival(txn, cats, local)?.is_some_and(|a| a.id == *id) {
             return Ok(Some(local));
         }
@@ -782,7 +782,7 @@ pub fn arrival_of_key(
 fn arrival_in_catalogs(
     txn: &ReadTransaction,
     cats: &Catalogs,
-    ids: &redb::ReadOnlyTable<(u64, u64), ()>,
+    ids: &redb::ReadOnlyTable<(u64, u64, u64), ()>,
     local: u64,
 ) -> Result<Option<Result<Arrival, String>>, StoreError> {
     let mut found = None;
@@ -807,7 +807,7 @@ fn arrival_in_catalogs(
         Some(Ok(a)) => a,
     };
     let agrees = ids
-        .get((index::id_hash(&a.id.to_string()), local))
+        .get(index::id_entry(&a.id, local))
         .map_err(idx_err)?
         .is_some();
     Ok(agrees.then_some(Ok(a)))

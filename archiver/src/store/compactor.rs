@@ -215,21 +215,26 @@ impl StoreHandle {
             if !indexed_here {
                 continue;
             }
-            if let Some(v) = summaries.get(m.message.0).map_err(idx_err)? {
+            if let Some(v) = summaries
+                .get((m.from.segment, m.message.0))
+                .map_err(idx_err)?
+            {
                 found.push((m.message.0, v.value().to_vec()));
             }
         }
         let mut numbered = Vec::new();
         for id in arrivals {
-            // The segment's arrivals are rows still: the one filed under the id's hash
+            // The segment's arrivals are rows still: of those filed under the id, the one
             // whose row has that id.
-            let hash = index::id_hash(id);
-            for local in index::hashed_locals(&ids, hash).map_err(idx_err)? {
+            let Ok(id) = id.parse::<crate::ids::ArrivalId>() else {
+                continue;
+            };
+            for local in index::id_locals(&ids, &id).map_err(idx_err)? {
                 let Some(v) = rows.get(local).map_err(idx_err)? else {
                     continue;
                 };
                 let v = v.value();
-                if codec::decode_arrival(v).is_ok_and(|a| a.id.to_string() == *id) {
+                if codec::decode_arrival(v).is_ok_and(|a| a.id == id) {
                     numbered.push((local, v.to_vec()));
                     break;
                 }

@@ -193,9 +193,13 @@ impl Engine {
         if stored_format.is_some_and(|v| v < 5) {
             let moved = index::upgrade_arrival_tables(&txn).map_err(idx_err)?;
             let locations = index::upgrade_locations(&txn).map_err(idx_err)?;
+            let rows = index::upgrade_by_segment(&txn).map_err(idx_err)?;
             info!(
                 moved,
-                locations, "arrival ids, arrival keys and locations re-encoded for index format {INDEX_FORMAT}"
+                locations,
+                rows,
+                "arrival ids, arrival keys, locations, summaries and message arrivals \
+                 re-encoded for index format {INDEX_FORMAT}"
             );
         }
         settle_compactions(&*vfs, &txn, &log_dir, &segments)?;

@@ -17,20 +17,26 @@ use super::engine::idx_err;
 use super::summary::{domain_of, Summary};
 use super::Arrival;
 use super::StoreError;
-use crate::ids::MessageId;
+use crate::ids::{ArrivalId, MessageId};
 
 /// Small values: format, epoch, node, counters, the log position indexed so far.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 /// message id → [`Loc`] of its blob record.
 pub const MESSAGES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("messages");
-/// message id → JSON [`Summary`] of its top-level headers.
-pub const SUMMARIES: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("summaries");
+/// (segment of the message's blob, message id) → binary [`Summary`] of its top-level
+/// headers. Ingest writes into the open segment's range of keys only, so the pages it
+/// touches stay few however large the index grows.
+pub const SUMMARIES: TableDefinition<'_, (u32, [u8; 32]), &[u8]> =
+    TableDefinition::new("segment_summaries");
+/// message id → summary, of index formats 1 to 4; moved into [`SUMMARIES`] on open.
+pub const SUMMARIES_V4: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("summaries");
 /// local arrival number (log order) → JSON [`Arrival`].
 pub const ARRIVALS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("arrivals");
-/// ([`id_hash`] of an arrival id, local arrival number). Replicated arrivals dedupe
-/// here: a hash stands for every arrival whose id has it, so each local number found is
-/// checked against its arrival's id ([`super::catalog::local_of_id`]).
-pub const ARRIVAL_IDS: TableDefinition<'_, (u64, u64), ()> =
+/// ([`origin_hash`] of an arrival id's `NODE/EPOCH`, its `SEQ`, local arrival number):
+/// [`id_entry`]. Replicated arrivals dedupe here. Keys of one origin follow its sequence,
+/// so ingest appends; a hash stands for every origin that has it, so each local number
+/// found is checked against its arrival's id ([`super::catalog::local_of_id`]).
+pub const ARRIVAL_IDS: TableDefinition<'_, (u64, u64, u64), ()> =
     TableDefinition::new("arrival_id_hashes");
 /// ([`key_prefix`] of an arrival key, local arrival number). A client's retry dedupes
 /// here, each local number found checked against the key of its arrival.
@@ -41,8 +47,13 @@ pub const ARRIVAL_IDS_V4: TableDefinition<'_, &str, u64> = TableDefinition::new(
 /// arrival key → local number, of index formats 1 to 4; moved into [`ARRIVAL_KEYS`].
 pub const ARRIVAL_KEYS_V4: TableDefinition<'_, [u8; 32], u64> =
     TableDefinition::new("arrival_keys");
-/// message id → local arrival numbers.
-pub const BY_MESSAGE: MultimapTableDefinition<'_, [u8; 32], u64> =
+/// (segment of the message's blob, message id) → local numbers of its arrivals, like
+/// [`SUMMARIES`] keyed by segment first. An arrival whose message is not indexed when
+/// it is (a catalog's arrivals replay before its blocks) has no row: its catalog has it.
+pub const BY_MESSAGE: MultimapTableDefinition<'_, (u32, [u8; 32]), u64> =
+    MultimapTableDefinition::new("segment_by_message");
+/// message id → local numbers, of index formats 1 to 4; moved into [`BY_MESSAGE`].
+pub const BY_MESSAGE_V4: MultimapTableDefinition<'_, [u8; 32], u64> =
     MultimapTableDefinition::new("by_message");
 /// (arrival time µs, local arrival number) → message id.
 pub const BY_TIME: TableDefinition<'_, (i64, u64), [u8; 32]> = TableDefinition::new("by_time");
@@ -104,12 +115,33 @@ pub fn arrival_terms(arrival: &Arrival) -> Vec<Term> {
     out
 }
 
-/// What [`ARRIVAL_IDS`] holds of an arrival id (`NODE/EPOCH/SEQ`): the first 8 bytes of
-/// its SHA-256.
-pub fn id_hash(id: &str) -> u64 {
+/// The first 8 bytes of the SHA-256 of an arrival id's `NODE/EPOCH`.
+pub fn origin_hash(id: &ArrivalId) -> u64 {
     use sha2::Digest;
-    let d = sha2::Sha256::digest(id.as_bytes());
+    let d = sha2::Sha256::digest(format!("{}/{}", id.node, id.epoch).as_bytes());
     u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// The [`ARRIVAL_IDS`] key of arrival `id` numbered `local`.
+pub fn id_entry(id: &ArrivalId, local: u64) -> (u64, u64, u64) {
+    (origin_hash(id), id.seq, local)
+}
+
+/// The local numbers [`ARRIVAL_IDS`] files arrival `id` under, each to be checked
+/// against its arrival.
+///
+/// # Errors
+/// redb errors.
+pub fn id_locals<T: ReadableTable<(u64, u64, u64), ()>>(
+    t: &T,
+    id: &ArrivalId,
+) -> Result<Vec<u64>, redb::Error> {
+    let (h, seq) = (origin_hash(id), id.seq);
+    let mut out = Vec::new();
+    for e in t.range((h, seq, 0)..=(h, seq, u64::MAX))? {
+        out.push(e?.0.value().2);
+    }
+    Ok(out)
 }
 
 /// What [`ARRIVAL_KEYS`] holds of an arrival key (itself a hash): its first 8 bytes.
@@ -117,8 +149,8 @@ pub fn key_prefix(key: &[u8; 32]) -> u64 {
     u64::from_be_bytes(key[..8].try_into().expect("8 bytes"))
 }
 
-/// The local numbers filed under `hash` in [`ARRIVAL_IDS`] or [`ARRIVAL_KEYS`], each to be
-/// checked against its arrival.
+/// The local numbers filed under `hash` in [`ARRIVAL_KEYS`], each to be checked against
+/// its arrival.
 ///
 /// # Errors
 /// redb errors.
@@ -372,11 +404,11 @@ impl Counters {
 pub struct Tables<'t> {
     meta: redb::Table<'t, &'static str, &'static [u8]>,
     messages: redb::Table<'t, [u8; 32], &'static [u8]>,
-    summaries: redb::Table<'t, [u8; 32], &'static [u8]>,
+    summaries: redb::Table<'t, (u32, [u8; 32]), &'static [u8]>,
     arrivals: redb::Table<'t, u64, &'static [u8]>,
-    arrival_ids: redb::Table<'t, (u64, u64), ()>,
+    arrival_ids: redb::Table<'t, (u64, u64, u64), ()>,
     arrival_keys: redb::Table<'t, (u64, u64), ()>,
-    by_message: redb::MultimapTable<'t, [u8; 32], u64>,
+    by_message: redb::MultimapTable<'t, (u32, [u8; 32]), u64>,
     by_time: redb::Table<'t, (i64, u64), [u8; 32]>,
     addrs: redb::MultimapTable<'t, &'static str, [u8; 8]>,
     msgids: redb::MultimapTable<'t, &'static str, [u8; 8]>,
@@ -460,8 +492,10 @@ impl<'t> Tables<'t> {
             return Ok(false);
         }
         self.messages.insert(id.0, loc.encode().as_slice())?;
-        self.summaries
-            .insert(id.0, codec::encode_summary(summary).as_slice())?;
+        self.summaries.insert(
+            (loc.segment, id.0),
+            codec::encode_summary(summary).as_slice(),
+        )?;
         self.insert_terms(&summary_terms(summary), id)?;
         self.counters.messages += 1;
         self.counters.raw_bytes += u64::from(loc.raw_len);
@@ -539,7 +573,7 @@ impl<'t> Tables<'t> {
                 .and_then(|v| Loc::decode(v.value()))
                 .is_some_and(|l| l.segment == segment && l.in_block());
             if here {
-                self.summaries.remove(*id)?;
+                self.summaries.remove((segment, *id))?;
             }
         }
         for (local, v) in &catalog.arrivals {
@@ -547,10 +581,7 @@ impl<'t> Tables<'t> {
                 continue;
             };
             // The index gives that id this number, and the row (if still there) agrees.
-            let agrees = self
-                .arrival_ids
-                .get((id_hash(&a.id.to_string()), *local))?
-                .is_some()
+            let agrees = self.arrival_ids.get(id_entry(&a.id, *local))?.is_some()
                 && self.arrivals.get(*local)?.is_none_or(|v| {
                     codec::decode_arrival(v.value()).is_ok_and(|row| row.id == a.id)
                 });
@@ -565,7 +596,7 @@ impl<'t> Tables<'t> {
                         .and_then(|v| Loc::decode(v.value()))
                         .is_some_and(|l| l.segment == segment && l.in_block());
                     if here {
-                        self.by_message.remove(m.0, *local)?;
+                        self.by_message.remove((segment, m.0), *local)?;
                     }
                 }
             }
@@ -628,28 +659,33 @@ impl<'t> Tables<'t> {
         arrival: &Arrival,
         key: Option<[u8; 32]>,
     ) -> Result<Option<u64>, StoreError> {
-        let hash = id_hash(&arrival.id.to_string());
-        for local in hashed_locals(&self.arrival_ids, hash).map_err(idx_err)? {
+        for local in id_locals(&self.arrival_ids, &arrival.id).map_err(idx_err)? {
             if self.arrival_at(local)?.is_some_and(|a| a.id == arrival.id) {
                 return Ok(None);
             }
         }
-        self.insert_arrival(arrival, key, hash).map_err(idx_err)
+        self.insert_arrival(arrival, key).map_err(idx_err)
     }
 
     fn insert_arrival(
         &mut self,
         arrival: &Arrival,
         key: Option<[u8; 32]>,
-        hash: u64,
     ) -> Result<Option<u64>, redb::Error> {
         let local = self.counters.next_local.max(1);
         self.counters.next_local = local + 1;
-        self.arrival_ids.insert((hash, local), ())?;
+        self.arrival_ids.insert(id_entry(&arrival.id, local), ())?;
         let message: MessageId = arrival.message.parse().expect("arrival names a message id");
         self.arrivals
             .insert(local, codec::encode_arrival(arrival).as_slice())?;
-        self.by_message.insert(message.0, local)?;
+        let segment = self
+            .messages
+            .get(message.0)?
+            .and_then(|v| Loc::decode(v.value()))
+            .map(|l| l.segment);
+        if let Some(segment) = segment {
+            self.by_message.insert((segment, message.0), local)?;
+        }
         self.by_time
             .insert((time_us(&arrival.time), local), message.0)?;
         if let Some(key) = key {
@@ -700,7 +736,7 @@ pub fn upgrade_values(txn: &WriteTransaction) -> Result<(u64, u64), redb::Error>
         }
     }
     {
-        let mut t = txn.open_table(SUMMARIES)?;
+        let mut t = txn.open_table(SUMMARIES_V4)?;
         let mut from: Option<[u8; 32]> = None;
         loop {
             let mut chunk = Vec::new();
@@ -772,8 +808,11 @@ pub fn upgrade_arrival_tables(txn: &WriteTransaction) -> Result<u64, redb::Error
         let mut dst = txn.open_table(ARRIVAL_IDS)?;
         for e in src.iter()? {
             let (k, v) = e?;
-            dst.insert((id_hash(k.value()), v.value()), ())?;
-            moved += 1;
+            // (An id that does not parse cannot be asked for either; verify names it.)
+            if let Ok(id) = k.value().parse::<ArrivalId>() {
+                dst.insert(id_entry(&id, v.value()), ())?;
+                moved += 1;
+            }
         }
     }
     txn.delete_table(ARRIVAL_IDS_V4)?;
@@ -787,6 +826,49 @@ pub fn upgrade_arrival_tables(txn: &WriteTransaction) -> Result<u64, redb::Error
         }
     }
     txn.delete_table(ARRIVAL_KEYS_V4)?;
+    Ok(moved)
+}
+
+/// Moves `summaries` and `by_message` of index formats 1 to 4 (keyed by message id) into
+/// [`SUMMARIES`] and [`BY_MESSAGE`] (keyed by the message's segment first), after
+/// [`upgrade_locations`]. A row whose message is not indexed has nothing to find it by
+/// and is left out. Returns how many rows moved.
+///
+/// # Errors
+/// redb errors.
+pub fn upgrade_by_segment(txn: &WriteTransaction) -> Result<u64, redb::Error> {
+    let mut moved = 0;
+    {
+        let messages = txn.open_table(MESSAGES)?;
+        let segment_of = |id: &[u8; 32]| -> Result<Option<u32>, redb::Error> {
+            Ok(messages
+                .get(id)?
+                .and_then(|v| Loc::decode(v.value()))
+                .map(|l| l.segment))
+        };
+        let src = txn.open_table(SUMMARIES_V4)?;
+        let mut dst = txn.open_table(SUMMARIES)?;
+        for e in src.iter()? {
+            let (k, v) = e?;
+            if let Some(segment) = segment_of(&k.value())? {
+                dst.insert((segment, k.value()), v.value())?;
+                moved += 1;
+            }
+        }
+        let src = txn.open_multimap_table(BY_MESSAGE_V4)?;
+        let mut dst = txn.open_multimap_table(BY_MESSAGE)?;
+        for e in src.iter()? {
+            let (k, locals) = e?;
+            if let Some(segment) = segment_of(&k.value())? {
+                for l in locals {
+                    dst.insert((segment, k.value()), l?.value())?;
+                    moved += 1;
+                }
+            }
+        }
+    }
+    txn.delete_table(SUMMARIES_V4)?;
+    txn.delete_multimap_table(BY_MESSAGE_V4)?;
     Ok(moved)
 }
 

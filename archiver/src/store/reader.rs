@@ -713,8 +713,11 @@ impl StoreReader {
                                         continue;
                                     }
                                 };
-                                let hash = index::id_hash(&id.to_string());
-                                if ids.get((hash, *local)).map_err(idx_err)?.is_none() {
+                                if ids
+                                    .get(index::id_entry(&id, *local))
+                                    .map_err(idx_err)?
+                                    .is_none()
+                                {
                                     report.problems.push(format!(
                                         "{}: catalog at {at}: arrival {id} is in the log but \
                                          not in the index",

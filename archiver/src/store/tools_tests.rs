@@ -318,9 +318,28 @@ fn backup_without_a_daemon_and_into_an_empty_folder() {
 }
 
 /// Rewrites an index of a store with no compacted segment as formats 2 to 4 kept
-/// arrival ids, arrival keys and locations: whole ids and keys, fixed-width locations.
+/// arrival ids, arrival keys, locations, summaries and message arrivals: whole ids and
+/// keys, fixed-width locations, summaries and arrivals by message id alone.
 fn downgrade_to_format_4(txn: &redb::WriteTransaction) {
-    use redb::ReadableTable;
+    use redb::{ReadableMultimapTable, ReadableTable};
+    {
+        let src = txn.open_table(index::SUMMARIES).unwrap();
+        let mut dst = txn.open_table(index::SUMMARIES_V4).unwrap();
+        for e in src.iter().unwrap() {
+            let (k, v) = e.unwrap();
+            dst.insert(k.value().1, v.value()).unwrap();
+        }
+        let src = txn.open_multimap_table(index::BY_MESSAGE).unwrap();
+        let mut dst = txn.open_multimap_table(index::BY_MESSAGE_V4).unwrap();
+        for e in src.iter().unwrap() {
+            let (k, locals) = e.unwrap();
+            for l in locals {
+                dst.insert(k.value().1, l.unwrap().value()).unwrap();
+            }
+        }
+    }
+    txn.delete_table(index::SUMMARIES).unwrap();
+    txn.delete_multimap_table(index::BY_MESSAGE).unwrap();
     let rows: Vec<(u64, Arrival)> = txn
         .open_table(index::ARRIVALS)
         .unwrap()
@@ -393,7 +412,7 @@ fn downgrade_to_format_2(dir: &Path) {
             t.insert(k, serde_json::to_vec(&a).unwrap().as_slice())
                 .unwrap();
         }
-        let mut t = txn.open_table(index::SUMMARIES).unwrap();
+        let mut t = txn.open_table(index::SUMMARIES_V4).unwrap();
         let all: Vec<([u8; 32], summary::Summary)> = t
             .iter()
             .unwrap()
@@ -474,19 +493,19 @@ fn index_state(dir: &Path) -> IndexState {
             .unwrap(),
     );
     let arrivals = txn.open_table(index::ARRIVALS).unwrap();
-    let summaries = txn.open_table(index::SUMMARIES).unwrap();
-    let json = arrivals
+    let mut values: Vec<Vec<u8>> = arrivals
         .iter()
         .unwrap()
         .map(|e| e.unwrap().1.value().to_vec())
-        .chain(
-            summaries
-                .iter()
-                .unwrap()
-                .map(|e| e.unwrap().1.value().to_vec()),
-        )
-        .filter(|v| v.first() == Some(&b'{'))
-        .count();
+        .collect();
+    if format < 5 {
+        let t = txn.open_table(index::SUMMARIES_V4).unwrap();
+        values.extend(t.iter().unwrap().map(|e| e.unwrap().1.value().to_vec()));
+    } else {
+        let t = txn.open_table(index::SUMMARIES).unwrap();
+        values.extend(t.iter().unwrap().map(|e| e.unwrap().1.value().to_vec()));
+    }
+    let json = values.iter().filter(|v| v.first() == Some(&b'{')).count();
     let cursors = txn
         .open_table(index::CURSORS)
         .unwrap()
@@ -1013,7 +1032,8 @@ fn an_arrival_whose_id_or_key_hash_is_taken_is_still_indexed_as_new() {
                 &next.session.listener,
             );
             let mut ids = txn.open_table(index::ARRIVAL_IDS).unwrap();
-            ids.insert((index::id_hash(&id), 1), ()).unwrap();
+            ids.insert(index::id_entry(&id.parse().unwrap(), 1), ())
+                .unwrap();
             let mut keys = txn.open_table(index::ARRIVAL_KEYS).unwrap();
             keys.insert((index::key_prefix(&key.0), 1), ()).unwrap();
         }
