@@ -92,10 +92,11 @@ fn main() {
         multimap(&txn, index::BY_MESSAGE),
         table(&txn, index::BY_TIME),
         multimap(&txn, index::ADDRS),
-        multimap(&txn, index::MSGIDS),
+        table(&txn, index::MSGIDS),
         table(&txn, index::CURSORS),
         table(&txn, index::PARKED),
         table(&txn, index::SEGMENTS),
+        table(&txn, index::SEGMENT_FILTERS),
     ]
     .into_iter()
     .flatten()

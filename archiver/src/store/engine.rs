@@ -193,13 +193,14 @@ impl Engine {
         if stored_format.is_some_and(|v| v < 5) {
             let moved = index::upgrade_arrival_tables(&txn).map_err(idx_err)?;
             let locations = index::upgrade_locations(&txn).map_err(idx_err)?;
-            let rows = index::upgrade_by_segment(&txn).map_err(idx_err)?;
+            let rows = index::upgrade_by_segment(&txn).map_err(idx_err)?
+                + index::upgrade_term_refs(&txn).map_err(idx_err)?;
             info!(
                 moved,
                 locations,
                 rows,
-                "arrival ids, arrival keys, locations, summaries and message arrivals \
-                 re-encoded for index format {INDEX_FORMAT}"
+                "arrival ids, arrival keys, locations, summaries, message arrivals and \
+                 search keys re-encoded for index format {INDEX_FORMAT}"
             );
         }
         settle_compactions(&*vfs, &txn, &log_dir, &segments)?;

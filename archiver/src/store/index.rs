@@ -57,18 +57,28 @@ pub const BY_MESSAGE_V4: MultimapTableDefinition<'_, [u8; 32], u64> =
     MultimapTableDefinition::new("by_message");
 /// (arrival time µs, local arrival number) → message id.
 pub const BY_TIME: TableDefinition<'_, (i64, u64), [u8; 32]> = TableDefinition::new("by_time");
-/// `f:addr`, `f:@domain`, `t:addr`, `t:@domain` → [`id_prefix`] of message ids. A
-/// prefix stands for every message whose id starts with it; search checks each message
-/// it finds against the query, so a shared prefix never adds a wrong result.
+/// `f:addr`, `f:@domain`, `t:addr`, `t:@domain` → [`term_ref`]s of the messages the key
+/// finds. A ref stands for every message of its segment whose id starts with its 4
+/// bytes; search checks each message it finds against the query, so a shared ref never
+/// adds a wrong result. A key's refs sort by segment: ingest adds them at the end.
 pub const ADDRS: MultimapTableDefinition<'_, &str, [u8; 8]> =
+    MultimapTableDefinition::new("addr_refs");
+/// ([`msgid_hash`] of a Message-ID header, lowercased, no brackets; [`term_ref`] of a
+/// message) → nothing. A hash stands for every Message-ID that has it: search checks
+/// what it finds, as with a ref.
+pub const MSGIDS: TableDefinition<'_, (u64, [u8; 8]), ()> = TableDefinition::new("msgid_refs");
+/// `addr_keys` of index formats 3 and 4 (8-byte id prefixes); moved into [`ADDRS`] on
+/// open.
+pub const ADDRS_V4: MultimapTableDefinition<'_, &str, [u8; 8]> =
     MultimapTableDefinition::new("addr_keys");
-/// Message-ID header (lowercased, no brackets) → [`id_prefix`] of message ids.
-pub const MSGIDS: MultimapTableDefinition<'_, &str, [u8; 8]> =
+/// `msgid_keys` of index formats 3 and 4; moved into [`MSGIDS`] on open.
+pub const MSGIDS_V4: MultimapTableDefinition<'_, &str, [u8; 8]> =
     MultimapTableDefinition::new("msgid_keys");
-/// `addrs` of index formats 1 and 2 (whole message ids); moved into [`ADDRS`] on open.
+/// `addrs` of index formats 1 and 2 (whole message ids); moved into [`ADDRS_V4`] (and on
+/// into [`ADDRS`]) on open.
 pub const ADDRS_V2: MultimapTableDefinition<'_, &str, [u8; 32]> =
     MultimapTableDefinition::new("addrs");
-/// `msgids` of index formats 1 and 2; moved into [`MSGIDS`] on open.
+/// `msgids` of index formats 1 and 2; moved into [`MSGIDS_V4`] (and on) on open.
 pub const MSGIDS_V2: MultimapTableDefinition<'_, &str, [u8; 32]> =
     MultimapTableDefinition::new("msgids");
 
@@ -165,18 +175,71 @@ pub fn hashed_locals<T: ReadableTable<(u64, u64), ()>>(
     Ok(out)
 }
 
-/// The first 8 bytes of a message id: what [`ADDRS`] and [`MSGIDS`] hold.
+/// The first 8 bytes of a message id: what the search-key tables of index formats 3
+/// and 4 held.
 pub fn id_prefix(id: &[u8; 32]) -> [u8; 8] {
     id[..8].try_into().expect("8 bytes")
 }
 
 /// The range of message ids that start with `prefix`, for a range read of `messages`.
-pub fn prefix_range(prefix: [u8; 8]) -> std::ops::RangeInclusive<[u8; 32]> {
+pub fn prefix_range(prefix: &[u8]) -> std::ops::RangeInclusive<[u8; 32]> {
     let mut lo = [0u8; 32];
     let mut hi = [0xffu8; 32];
-    lo[..8].copy_from_slice(&prefix);
-    hi[..8].copy_from_slice(&prefix);
+    lo[..prefix.len()].copy_from_slice(prefix);
+    hi[..prefix.len()].copy_from_slice(prefix);
     lo..=hi
+}
+
+/// What [`ADDRS`] and [`MSGIDS`] hold of message `id` whose blob is in `segment`: the
+/// segment, big-endian, and the first 4 bytes of the id.
+pub fn term_ref(segment: u32, id: &[u8; 32]) -> [u8; 8] {
+    let mut r = [0u8; 8];
+    r[..4].copy_from_slice(&segment.to_be_bytes());
+    r[4..].copy_from_slice(&id[..4]);
+    r
+}
+
+/// The messages a [`term_ref`] stands for: those of `messages` whose id starts with its
+/// 4 bytes and whose blob is in its segment (practically always one).
+///
+/// # Errors
+/// redb errors.
+pub fn ref_messages<T: ReadableTable<[u8; 32], &'static [u8]>>(
+    messages: &T,
+    r: [u8; 8],
+) -> Result<Vec<[u8; 32]>, redb::Error> {
+    let segment = u32::from_be_bytes(r[..4].try_into().expect("4 bytes"));
+    let mut out = Vec::new();
+    for e in messages.range(prefix_range(&r[4..]))? {
+        let (k, v) = e?;
+        if Loc::decode(v.value()).is_some_and(|l| l.segment == segment) {
+            out.push(k.value());
+        }
+    }
+    Ok(out)
+}
+
+/// What [`MSGIDS`] keys a Message-ID by: the first 8 bytes of its SHA-256.
+pub fn msgid_hash(key: &str) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(key.as_bytes());
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// The refs [`MSGIDS`] files under Message-ID `key`.
+///
+/// # Errors
+/// redb errors.
+pub fn msgid_refs<T: ReadableTable<(u64, [u8; 8]), ()>>(
+    t: &T,
+    key: &str,
+) -> Result<Vec<[u8; 8]>, redb::Error> {
+    let h = msgid_hash(key);
+    let mut out = Vec::new();
+    for e in t.range((h, [0u8; 8])..=(h, [0xffu8; 8]))? {
+        out.push(e?.0.value().1);
+    }
+    Ok(out)
 }
 /// connection name → JSON [`CursorState`]: replication progress. Not in the log: after a
 /// rebuilt index a connection starts again from zero (an idempotent resend).
@@ -411,7 +474,7 @@ pub struct Tables<'t> {
     by_message: redb::MultimapTable<'t, (u32, [u8; 32]), u64>,
     by_time: redb::Table<'t, (i64, u64), [u8; 32]>,
     addrs: redb::MultimapTable<'t, &'static str, [u8; 8]>,
-    msgids: redb::MultimapTable<'t, &'static str, [u8; 8]>,
+    msgids: redb::Table<'t, (u64, [u8; 8]), ()>,
     cursors: redb::Table<'t, &'static str, &'static [u8]>,
     parked: redb::Table<'t, (&'static str, u64), &'static str>,
     segments: redb::Table<'t, u32, &'static [u8]>,
@@ -444,7 +507,7 @@ impl<'t> Tables<'t> {
             by_message: txn.open_multimap_table(BY_MESSAGE)?,
             by_time: txn.open_table(BY_TIME)?,
             addrs: txn.open_multimap_table(ADDRS)?,
-            msgids: txn.open_multimap_table(MSGIDS)?,
+            msgids: txn.open_table(MSGIDS)?,
             cursors: txn.open_table(CURSORS)?,
             parked: txn.open_table(PARKED)?,
             segments: txn.open_table(SEGMENTS)?,
@@ -466,12 +529,17 @@ impl<'t> Tables<'t> {
         Ok(counters)
     }
 
-    fn insert_terms(&mut self, terms: &[Term], id: &MessageId) -> Result<(), redb::Error> {
-        let p = id_prefix(&id.0);
+    fn insert_terms(
+        &mut self,
+        terms: &[Term],
+        segment: u32,
+        id: &MessageId,
+    ) -> Result<(), redb::Error> {
+        let r = term_ref(segment, &id.0);
         for t in terms {
             match t {
-                Term::Addr(k) => self.addrs.insert(k.as_str(), p)?,
-                Term::MsgId(k) => self.msgids.insert(k.as_str(), p)?,
+                Term::Addr(k) => self.addrs.insert(k.as_str(), r)?,
+                Term::MsgId(k) => self.msgids.insert((msgid_hash(k), r), ())?.is_some(),
             };
         }
         Ok(())
@@ -496,7 +564,7 @@ impl<'t> Tables<'t> {
             (loc.segment, id.0),
             codec::encode_summary(summary).as_slice(),
         )?;
-        self.insert_terms(&summary_terms(summary), id)?;
+        self.insert_terms(&summary_terms(summary), loc.segment, id)?;
         self.counters.messages += 1;
         self.counters.raw_bytes += u64::from(loc.raw_len);
         self.counters.stored_bytes += u64::from(loc.record_len);
@@ -603,13 +671,17 @@ impl<'t> Tables<'t> {
         }
         for (term, ids) in catalog.terms() {
             for id in ids {
-                let p = id_prefix(&id);
-                if self.messages.range(prefix_range(p))?.take(2).count() > 1 {
-                    continue; // the row may stand for another message too
+                let located = self.messages.get(id)?.and_then(|v| Loc::decode(v.value()));
+                let Some(loc) = located else {
+                    continue;
+                };
+                let r = term_ref(loc.segment, &id);
+                if ref_messages(&self.messages, r)?.len() > 1 {
+                    continue; // the row stands for another message too
                 }
                 match term {
-                    Term::Addr(k) => self.addrs.remove(k.as_str(), p)?,
-                    Term::MsgId(k) => self.msgids.remove(k.as_str(), p)?,
+                    Term::Addr(k) => self.addrs.remove(k.as_str(), r)?,
+                    Term::MsgId(k) => self.msgids.remove((msgid_hash(k), r))?.is_some(),
                 };
             }
         }
@@ -685,13 +757,13 @@ impl<'t> Tables<'t> {
             .map(|l| l.segment);
         if let Some(segment) = segment {
             self.by_message.insert((segment, message.0), local)?;
+            self.insert_terms(&arrival_terms(arrival), segment, &message)?;
         }
         self.by_time
             .insert((time_us(&arrival.time), local), message.0)?;
         if let Some(key) = key {
             self.arrival_keys.insert((key_prefix(&key), local), ())?;
         }
-        self.insert_terms(&arrival_terms(arrival), &message)?;
         self.counters.arrivals += 1;
         Ok(Some(local))
     }
@@ -764,7 +836,7 @@ pub fn upgrade_values(txn: &WriteTransaction) -> Result<(u64, u64), redb::Error>
             }
         }
     }
-    for (old, new) in [(ADDRS_V2, ADDRS), (MSGIDS_V2, MSGIDS)] {
+    for (old, new) in [(ADDRS_V2, ADDRS_V4), (MSGIDS_V2, MSGIDS_V4)] {
         move_to_prefixes(txn, old, new)?;
     }
     Ok(counts)
@@ -872,6 +944,55 @@ pub fn upgrade_by_segment(txn: &WriteTransaction) -> Result<u64, redb::Error> {
     Ok(moved)
 }
 
+/// Moves `addr_keys` and `msgid_keys` of index formats 3 and 4 (8-byte id prefixes) into
+/// [`ADDRS`] and [`MSGIDS`] ([`term_ref`]s), after [`upgrade_locations`]. Returns how many
+/// rows it wrote.
+///
+/// # Errors
+/// redb errors.
+pub fn upgrade_term_refs(txn: &WriteTransaction) -> Result<u64, redb::Error> {
+    let mut moved = 0;
+    {
+        let messages = txn.open_table(MESSAGES)?;
+        let refs_of = |p: [u8; 8]| -> Result<Vec<[u8; 8]>, redb::Error> {
+            let mut out = Vec::new();
+            for e in messages.range(prefix_range(&p))? {
+                let (k, v) = e?;
+                if let Some(l) = Loc::decode(v.value()) {
+                    out.push(term_ref(l.segment, &k.value()));
+                }
+            }
+            Ok(out)
+        };
+        let src = txn.open_multimap_table(ADDRS_V4)?;
+        let mut dst = txn.open_multimap_table(ADDRS)?;
+        for e in src.iter()? {
+            let (k, ps) = e?;
+            for p in ps {
+                for r in refs_of(p?.value())? {
+                    dst.insert(k.value(), r)?;
+                    moved += 1;
+                }
+            }
+        }
+        let src = txn.open_multimap_table(MSGIDS_V4)?;
+        let mut dst = txn.open_table(MSGIDS)?;
+        for e in src.iter()? {
+            let (k, ps) = e?;
+            let h = msgid_hash(k.value());
+            for p in ps {
+                for r in refs_of(p?.value())? {
+                    dst.insert((h, r), ())?;
+                    moved += 1;
+                }
+            }
+        }
+    }
+    txn.delete_multimap_table(ADDRS_V4)?;
+    txn.delete_multimap_table(MSGIDS_V4)?;
+    Ok(moved)
+}
+
 /// Re-encodes the `messages` values of index formats 2 to 4 ([`Loc::decode_v4`]) in the
 /// form of format 5, in key order and in chunks. Returns how many it re-encoded; a value
 /// of neither form is left as it is (verify reports it).
@@ -961,7 +1082,7 @@ pub fn copy_tables(r: &ReadTransaction, w: &WriteTransaction) -> Result<(), redb
     copy_multimap(r, w, BY_MESSAGE)?;
     copy_table(r, w, BY_TIME)?;
     copy_multimap(r, w, ADDRS)?;
-    copy_multimap(r, w, MSGIDS)?;
+    copy_table(r, w, MSGIDS)?;
     copy_table(r, w, CURSORS)?;
     copy_table(r, w, PARKED)?;
     copy_table(r, w, SEGMENTS)?;

@@ -416,21 +416,24 @@ impl StoreReader {
         let cataloged = catalog::cataloged(&txn)?;
         let mut out = Vec::new();
         if let Some(term) = term {
-            let (table, key) = match &term {
-                Term::Addr(k) => (ADDRS, k),
-                Term::MsgId(k) => (MSGIDS, k),
+            let refs = match &term {
+                Term::Addr(k) => {
+                    let t = txn.open_multimap_table(ADDRS).map_err(idx_err)?;
+                    let mut refs = Vec::new();
+                    for v in t.get(k.as_str()).map_err(idx_err)? {
+                        refs.push(v.map_err(idx_err)?.value());
+                    }
+                    refs
+                }
+                Term::MsgId(k) => {
+                    let t = txn.open_table(MSGIDS).map_err(idx_err)?;
+                    index::msgid_refs(&t, k).map_err(idx_err)?
+                }
             };
-            let t = txn.open_multimap_table(table).map_err(idx_err)?;
             let messages = txn.open_table(MESSAGES).map_err(idx_err)?;
             let mut ids = BTreeSet::new();
-            for v in t.get(key.as_str()).map_err(idx_err)? {
-                let prefix = v.map_err(idx_err)?.value();
-                for m in messages
-                    .range(index::prefix_range(prefix))
-                    .map_err(idx_err)?
-                {
-                    ids.insert(m.map_err(idx_err)?.0.value());
-                }
+            for r in refs {
+                ids.extend(index::ref_messages(&messages, r).map_err(idx_err)?);
             }
             let filters = txn.open_table(SEGMENT_FILTERS).map_err(idx_err)?;
             for (n, _) in &cataloged {

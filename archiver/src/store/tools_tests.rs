@@ -323,6 +323,34 @@ fn backup_without_a_daemon_and_into_an_empty_folder() {
 fn downgrade_to_format_4(txn: &redb::WriteTransaction) {
     use redb::{ReadableMultimapTable, ReadableTable};
     {
+        let messages = txn.open_table(index::MESSAGES).unwrap();
+        let src = txn.open_multimap_table(index::ADDRS).unwrap();
+        let mut dst = txn.open_multimap_table(index::ADDRS_V4).unwrap();
+        for e in src.iter().unwrap() {
+            let (k, refs) = e.unwrap();
+            for r in refs {
+                for id in index::ref_messages(&messages, r.unwrap().value()).unwrap() {
+                    dst.insert(k.value(), index::id_prefix(&id)).unwrap();
+                }
+            }
+        }
+        // Message-IDs are kept hashed now: the old rows come from the summaries.
+        let summaries = txn.open_table(index::SUMMARIES).unwrap();
+        let mut dst = txn.open_multimap_table(index::MSGIDS_V4).unwrap();
+        for e in summaries.iter().unwrap() {
+            let (k, v) = e.unwrap();
+            let s = codec::decode_summary(v.value()).unwrap();
+            for t in index::summary_terms(&s) {
+                if let index::Term::MsgId(m) = t {
+                    dst.insert(m.as_str(), index::id_prefix(&k.value().1))
+                        .unwrap();
+                }
+            }
+        }
+    }
+    txn.delete_multimap_table(index::ADDRS).unwrap();
+    txn.delete_table(index::MSGIDS).unwrap();
+    {
         let src = txn.open_table(index::SUMMARIES).unwrap();
         let mut dst = txn.open_table(index::SUMMARIES_V4).unwrap();
         for e in src.iter().unwrap() {
@@ -433,8 +461,8 @@ fn downgrade_to_format_2(dir: &Path) {
             .map(|e| e.unwrap().0.value())
             .collect();
         for (new, old) in [
-            (index::ADDRS, index::ADDRS_V2),
-            (index::MSGIDS, index::MSGIDS_V2),
+            (index::ADDRS_V4, index::ADDRS_V2),
+            (index::MSGIDS_V4, index::MSGIDS_V2),
         ] {
             {
                 let src = txn.open_multimap_table(new).unwrap();
@@ -655,17 +683,25 @@ fn the_index_rewrite_keeps_every_entry_and_shrinks_the_file() {
 fn search_by_address_checks_what_an_id_prefix_finds() {
     let dir = tempfile::tempdir().unwrap();
     let receipts = filled(dir.path(), 3, 64 << 20);
-    // Point sender0's address key at the prefix of message 1 as well, as if the two ids
-    // shared their first 8 bytes: search still answers only message 0.
+    // Point sender0's address key at the ref of message 1 as well, as if the two ids
+    // shared their first 4 bytes: search still answers only message 0.
     {
+        use redb::ReadableTable;
         let db = redb::Database::open(dir.path().join(engine::INDEX_FILE)).unwrap();
         let txn = db.begin_write().unwrap();
+        let id = receipts[1].message_id.0;
+        let loc = index::Loc::decode(
+            txn.open_table(index::MESSAGES)
+                .unwrap()
+                .get(id)
+                .unwrap()
+                .unwrap()
+                .value(),
+        )
+        .unwrap();
         txn.open_multimap_table(index::ADDRS)
             .unwrap()
-            .insert(
-                "f:sender0@example.org",
-                index::id_prefix(&receipts[1].message_id.0),
-            )
+            .insert("f:sender0@example.org", index::term_ref(loc.segment, &id))
             .unwrap();
         txn.commit().unwrap();
     }
@@ -763,7 +799,7 @@ fn a_leftover_index_rewrite_is_removed_on_open() {
     assert_eq!(all(dir.path()).1.messages, 20);
 }
 
-/// Rows of `summaries`, `arrivals`, `by_time`, `addr_keys`, `msgid_keys` and
+/// Rows of `summaries`, `arrivals`, `by_time`, `addr_refs`, `msgid_refs` and
 /// `by_message` in a closed store's index.
 fn row_counts(dir: &Path) -> [u64; 6] {
     use redb::{ReadableDatabase, ReadableTableMetadata};
@@ -777,10 +813,7 @@ fn row_counts(dir: &Path) -> [u64; 6] {
             .unwrap()
             .len()
             .unwrap(),
-        txn.open_multimap_table(index::MSGIDS)
-            .unwrap()
-            .len()
-            .unwrap(),
+        txn.open_table(index::MSGIDS).unwrap().len().unwrap(),
         txn.open_multimap_table(index::BY_MESSAGE)
             .unwrap()
             .len()
