@@ -314,13 +314,40 @@ impl Catalog {
             .map(|(t, ns)| (t, ns.iter().map(|n| self.id_of(*n)).collect()))
     }
 
-    /// The messages search key `term` finds here.
+    /// The messages search key `term` finds here. Unless the keys are derived already,
+    /// a scan for this one key: far cheaper than deriving them all (no key is built, none
+    /// sorted).
     pub fn find(&self, term: &Term) -> Vec<[u8; 32]> {
-        let terms = &self.keys().terms;
-        match terms.binary_search_by(|(t, _)| t.cmp(term)) {
-            Ok(i) => terms[i].1.iter().map(|n| self.id_of(*n)).collect(),
-            Err(_) => Vec::new(),
+        if let Some(keys) = self.keys.get() {
+            return match keys.terms.binary_search_by(|(t, _)| t.cmp(term)) {
+                Ok(i) => keys.terms[i].1.iter().map(|n| self.id_of(*n)).collect(),
+                Err(_) => Vec::new(),
+            };
         }
+        let mut found = BTreeSet::new();
+        for (id, v) in &self.summaries {
+            if codec::decode_summary(v).is_ok_and(|s| index::summary_gives(&s, term)) {
+                found.insert(*id);
+            }
+        }
+        if matches!(term, Term::Addr(_)) {
+            for (_, v) in &self.arrivals {
+                let envelope = codec::arrival_envelope(v).or_else(|| {
+                    let a = codec::decode_arrival(v).ok()?;
+                    Some((
+                        a.message.parse::<MessageId>().ok()?.0,
+                        a.mail_from,
+                        a.rcpt_to,
+                    ))
+                });
+                if let Some((m, from, rcpt)) = envelope {
+                    if index::envelope_gives(&from, &rcpt, term) {
+                        found.insert(m);
+                    }
+                }
+            }
+        }
+        found.into_iter().collect()
     }
 
     /// The local numbers of its arrivals of message `id`.
@@ -1085,6 +1112,51 @@ mod tests {
             40
         );
         assert_eq!(back.arrivals_of(&MessageId(c.summaries[7].0)).count(), 2);
+    }
+
+    #[test]
+    fn a_scan_for_one_key_finds_what_the_derived_keys_find() {
+        let base = catalog_with_arrivals();
+        let mut summaries = base.summaries.clone();
+        let odd = Summary {
+            from: vec!["Dave@Example.COM".into(), "@x@y".into()],
+            to: vec!["\u{c9}mile@Example.fr".into()],
+            message_id: Some("MixedCase@Example.org".into()),
+            ..Summary::default()
+        };
+        summaries.push(([0xee; 32], codec::encode_summary(&odd)));
+        let mut arrivals = base.arrivals.clone();
+        // An arrival of a message stored elsewhere, with an empty sender.
+        let mut a = codec::decode_arrival(&arrivals[0].1).unwrap();
+        a.message = MessageId([0xdd; 32]).to_hex();
+        a.mail_from = String::new();
+        a.rcpt_to = vec!["Other@Example.NET".into()];
+        arrivals.push((1000, codec::encode_arrival(&a)));
+        let derived = Catalog::build(summaries.clone(), arrivals.clone());
+        let scanned = Catalog::build(summaries, arrivals);
+        let mut queries: Vec<Term> = derived.terms().map(|(t, _)| t.clone()).collect();
+        assert!(queries.len() > 50, "{}", queries.len());
+        assert!(queries.contains(&Term::Addr("f:@x@y".into())));
+        assert!(queries.contains(&Term::MsgId("mixedcase@example.org".into())));
+        queries.extend([
+            Term::Addr("f:nobody@example.org".into()),
+            Term::Addr("t:@example".into()),
+            Term::MsgId("m1@example.org.".into()),
+        ]);
+        for q in &queries {
+            let want: BTreeSet<[u8; 32]> = derived.find(q).into_iter().collect();
+            assert!(scanned.keys.get().is_none());
+            let got: BTreeSet<[u8; 32]> = scanned.find(q).into_iter().collect();
+            assert_eq!(got, want, "{q:?}");
+        }
+        assert_eq!(
+            scanned.find(&Term::Addr("t:other@example.net".into())),
+            vec![[0xdd; 32]]
+        );
+        assert_eq!(
+            scanned.find(&Term::Addr("t:\u{e9}mile@example.fr".into())),
+            vec![[0xee; 32]]
+        );
     }
 
     #[test]

@@ -254,6 +254,34 @@ pub fn arrival_message_and_time(b: &[u8]) -> Option<([u8; 32], i64)> {
     }
 }
 
+/// The message id, envelope sender and recipients of an `arrivals` value in the binary
+/// form, read without the rest; `None` if it is not one (JSON, damage).
+pub fn arrival_envelope(b: &[u8]) -> Option<([u8; 32], String, Vec<String>)> {
+    let mut c = Cursor { b };
+    if c.byte().ok()? != TAG_ARRIVAL {
+        return None;
+    }
+    c.string().ok()?;
+    let message: [u8; 32] = c.bytes(32).ok()?.try_into().ok()?;
+    match c.byte().ok()? {
+        1 => {
+            c.int().ok()?;
+        }
+        0 => {
+            c.string().ok()?;
+        }
+        _ => return None,
+    }
+    c.string().ok()?; // listener
+    c.string().ok()?; // protocol
+    c.opt().ok()?; // client address
+    c.opt().ok()?; // HELO
+    let mail_from = c.string().ok()?;
+    c.list().ok()?; // MAIL FROM parameters
+    let rcpt_to = c.list().ok()?;
+    Some((message, mail_from, rcpt_to))
+}
+
 /// The `summaries` value of `s`.
 pub fn encode_summary(s: &Summary) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);

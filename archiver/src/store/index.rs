@@ -113,6 +113,41 @@ pub fn summary_terms(summary: &Summary) -> Vec<Term> {
     out
 }
 
+/// Whether `addr` gives search key `key` under `prefix` (`f:` or `t:`), as
+/// [`push_address`] does: the address or its domain, lowercased.
+fn address_gives(prefix: &str, addr: &str, key: &str) -> bool {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return false;
+    };
+    let a = addr.to_lowercase();
+    a == rest || domain_of(&a).as_deref() == Some(rest)
+}
+
+/// Whether [`summary_terms`] of `summary` holds `term`, without making them all.
+pub fn summary_gives(summary: &Summary, term: &Term) -> bool {
+    match term {
+        Term::Addr(k) => {
+            summary.from.iter().any(|a| address_gives("f:", a, k))
+                || summary.to.iter().any(|a| address_gives("t:", a, k))
+        }
+        Term::MsgId(k) => summary
+            .message_id
+            .as_ref()
+            .is_some_and(|m| m.to_lowercase() == *k),
+    }
+}
+
+/// Whether [`arrival_terms`] of an arrival with this envelope holds `term`.
+pub fn envelope_gives(mail_from: &str, rcpt_to: &[String], term: &Term) -> bool {
+    match term {
+        Term::Addr(k) => {
+            (!mail_from.is_empty() && address_gives("f:", mail_from, k))
+                || rcpt_to.iter().any(|r| address_gives("t:", r, k))
+        }
+        Term::MsgId(_) => false,
+    }
+}
+
 /// The search keys an arrival gives its message: envelope sender and recipients.
 pub fn arrival_terms(arrival: &Arrival) -> Vec<Term> {
     let mut out = Vec::new();
