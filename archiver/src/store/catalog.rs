@@ -794,7 +794,7 @@ pub fn arrival_of_key(
     key: &[u8; 32],
 ) -> Result<Option<Arrival>, StoreError> {
     let keys = txn.open_table(ARRIVAL_KEYS).map_err(idx_err)?;
-    for local in index::hashed_locals(&keys, index::key_prefix(key)).map_err(idx_err)? {
+    for local in index::key_locals(&keys, index::key_prefix(key)).map_err(idx_err)? {
         if let Some(a) = arrival(txn, cats, local)? {
             if super::engine::arrival_key(&a).as_ref() == Some(key) {
                 return Ok(Some(a));

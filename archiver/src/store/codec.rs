@@ -242,27 +242,28 @@ pub fn decode_arrival(b: &[u8]) -> R<Arrival> {
 /// decoding the rest; `None` for a JSON value or one whose time is not in the canonical
 /// form (decode it whole then).
 pub fn arrival_message_and_time(b: &[u8]) -> Option<([u8; 32], i64)> {
-    let mut c = Cursor { b };
-    if c.byte().ok()? != TAG_ARRIVAL {
-        return None;
-    }
-    c.string().ok()?;
-    let message: [u8; 32] = c.bytes(32).ok()?.try_into().ok()?;
+    let (mut c, message) = arrival_head(b)?;
     match c.byte().ok()? {
         1 => Some((message, c.int().ok()?)),
         _ => None,
     }
 }
 
-/// The message id, envelope sender and recipients of an `arrivals` value in the binary
-/// form, read without the rest; `None` if it is not one (JSON, damage).
-pub fn arrival_envelope(b: &[u8]) -> Option<([u8; 32], String, Vec<String>)> {
+/// The message id of a binary `arrivals` value, and the cursor past it (at the time).
+fn arrival_head(b: &[u8]) -> Option<(Cursor<'_>, [u8; 32])> {
     let mut c = Cursor { b };
     if c.byte().ok()? != TAG_ARRIVAL {
         return None;
     }
     c.string().ok()?;
     let message: [u8; 32] = c.bytes(32).ok()?.try_into().ok()?;
+    Some((c, message))
+}
+
+/// The message id, envelope sender and recipients of an `arrivals` value in the binary
+/// form, read without the rest; `None` if it is not one (JSON, damage).
+pub fn arrival_envelope(b: &[u8]) -> Option<([u8; 32], String, Vec<String>)> {
+    let (mut c, message) = arrival_head(b)?;
     match c.byte().ok()? {
         1 => {
             c.int().ok()?;

@@ -199,7 +199,7 @@ pub fn key_prefix(key: &[u8; 32]) -> u64 {
 ///
 /// # Errors
 /// redb errors.
-pub fn hashed_locals<T: ReadableTable<(u64, u64), ()>>(
+pub fn key_locals<T: ReadableTable<(u64, u64), ()>>(
     t: &T,
     hash: u64,
 ) -> Result<Vec<u64>, redb::Error> {
@@ -811,70 +811,62 @@ impl<'t> Tables<'t> {
 /// # Errors
 /// redb errors; a value that is neither form is left as it is (verify reports it).
 pub fn upgrade_values(txn: &WriteTransaction) -> Result<(u64, u64), redb::Error> {
-    const CHUNK: usize = 4096;
-    let mut counts = (0, 0);
-    {
-        let mut t = txn.open_table(ARRIVALS)?;
-        let mut from: Option<u64> = None;
-        loop {
-            let mut chunk = Vec::new();
-            let mut last = None;
-            let range = match from {
-                Some(f) => t.range::<u64>((Bound::Excluded(f), Bound::Unbounded))?,
-                None => t.range::<u64>(..)?,
-            };
-            for e in range.take(CHUNK) {
-                let (k, v) = e?;
-                last = Some(k.value());
-                if v.value().first() == Some(&b'{') {
-                    if let Ok(a) = codec::decode_arrival(v.value()) {
-                        chunk.push((k.value(), codec::encode_arrival(&a)));
-                    }
-                }
-            }
-            for (k, v) in chunk {
-                t.insert(k, v.as_slice())?;
-                counts.0 += 1;
-            }
-            match last {
-                Some(l) => from = Some(l),
-                None => break,
-            }
-        }
-    }
-    {
-        let mut t = txn.open_table(SUMMARIES_V4)?;
-        let mut from: Option<[u8; 32]> = None;
-        loop {
-            let mut chunk = Vec::new();
-            let mut last = None;
-            let range = match from {
-                Some(f) => t.range::<[u8; 32]>((Bound::Excluded(f), Bound::Unbounded))?,
-                None => t.range::<[u8; 32]>(..)?,
-            };
-            for e in range.take(CHUNK) {
-                let (k, v) = e?;
-                last = Some(k.value());
-                if v.value().first() == Some(&b'{') {
-                    if let Ok(s) = codec::decode_summary(v.value()) {
-                        chunk.push((k.value(), codec::encode_summary(&s)));
-                    }
-                }
-            }
-            for (k, v) in chunk {
-                t.insert(k, v.as_slice())?;
-                counts.1 += 1;
-            }
-            match last {
-                Some(l) => from = Some(l),
-                None => break,
-            }
-        }
-    }
+    let json = |v: &[u8]| v.first() == Some(&b'{');
+    let arrivals = recode_values(txn, ARRIVALS, |v| {
+        json(v)
+            .then(|| codec::decode_arrival(v).ok())
+            .flatten()
+            .map(|a| codec::encode_arrival(&a))
+    })?;
+    let summaries = recode_values(txn, SUMMARIES_V4, |v| {
+        json(v)
+            .then(|| codec::decode_summary(v).ok())
+            .flatten()
+            .map(|s| codec::encode_summary(&s))
+    })?;
     for (old, new) in [(ADDRS_V2, ADDRS_V4), (MSGIDS_V2, MSGIDS_V4)] {
         move_to_prefixes(txn, old, new)?;
     }
-    Ok(counts)
+    Ok((arrivals, summaries))
+}
+
+/// Rewrites each value of table `def` that `recode` gives a new form, in key order and
+/// in chunks of 4,096 (memory stays bounded). Returns how many it rewrote.
+fn recode_values<K>(
+    txn: &WriteTransaction,
+    def: TableDefinition<'_, K, &'static [u8]>,
+    recode: impl Fn(&[u8]) -> Option<Vec<u8>>,
+) -> Result<u64, redb::Error>
+where
+    K: redb::Key + Copy + 'static + for<'a> redb::Value<SelfType<'a> = K>,
+{
+    const CHUNK: usize = 4096;
+    let mut t = txn.open_table(def)?;
+    let mut count = 0;
+    let mut from: Option<K> = None;
+    loop {
+        let mut chunk = Vec::new();
+        let mut last = None;
+        let range = match from {
+            Some(f) => t.range::<K>((Bound::Excluded(f), Bound::Unbounded))?,
+            None => t.range::<K>(..)?,
+        };
+        for e in range.take(CHUNK) {
+            let (k, v) = e?;
+            last = Some(k.value());
+            if let Some(new) = recode(v.value()) {
+                chunk.push((k.value(), new));
+            }
+        }
+        for (k, v) in chunk {
+            t.insert(k, v.as_slice())?;
+            count += 1;
+        }
+        match last {
+            Some(l) => from = Some(l),
+            None => return Ok(count),
+        }
+    }
 }
 
 /// Moves a format-2 multimap of whole message ids into its format-3 table of prefixes.
@@ -1035,33 +1027,7 @@ pub fn upgrade_term_refs(txn: &WriteTransaction) -> Result<u64, redb::Error> {
 /// # Errors
 /// redb errors.
 pub fn upgrade_locations(txn: &WriteTransaction) -> Result<u64, redb::Error> {
-    const CHUNK: usize = 4096;
-    let mut t = txn.open_table(MESSAGES)?;
-    let mut count = 0;
-    let mut from: Option<[u8; 32]> = None;
-    loop {
-        let mut chunk = Vec::new();
-        let mut last = None;
-        let range = match from {
-            Some(f) => t.range::<[u8; 32]>((Bound::Excluded(f), Bound::Unbounded))?,
-            None => t.range::<[u8; 32]>(..)?,
-        };
-        for e in range.take(CHUNK) {
-            let (k, v) = e?;
-            last = Some(k.value());
-            if let Some(loc) = Loc::decode_v4(v.value()) {
-                chunk.push((k.value(), loc.encode()));
-            }
-        }
-        for (k, v) in chunk {
-            t.insert(k, v.as_slice())?;
-            count += 1;
-        }
-        match last {
-            Some(l) => from = Some(l),
-            None => return Ok(count),
-        }
-    }
+    recode_values(txn, MESSAGES, |v| Loc::decode_v4(v).map(|l| l.encode()))
 }
 
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(

@@ -317,6 +317,20 @@ fn backup_without_a_daemon_and_into_an_empty_folder() {
     assert!(!dir.path().join(".dest.coffer-backup").exists());
 }
 
+/// Every row of `arrivals`, decoded.
+fn arrival_rows(txn: &redb::WriteTransaction) -> Vec<(u64, Arrival)> {
+    use redb::ReadableTable;
+    txn.open_table(index::ARRIVALS)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|e| {
+            let (k, v) = e.unwrap();
+            (k.value(), codec::decode_arrival(v.value()).unwrap())
+        })
+        .collect()
+}
+
 /// Rewrites an index of a store with no compacted segment as formats 2 to 4 kept
 /// arrival ids, arrival keys, locations, summaries and message arrivals: whole ids and
 /// keys, fixed-width locations, summaries and arrivals by message id alone.
@@ -368,16 +382,7 @@ fn downgrade_to_format_4(txn: &redb::WriteTransaction) {
     }
     txn.delete_table(index::SUMMARIES).unwrap();
     txn.delete_multimap_table(index::BY_MESSAGE).unwrap();
-    let rows: Vec<(u64, Arrival)> = txn
-        .open_table(index::ARRIVALS)
-        .unwrap()
-        .iter()
-        .unwrap()
-        .map(|e| {
-            let (k, v) = e.unwrap();
-            (k.value(), codec::decode_arrival(v.value()).unwrap())
-        })
-        .collect();
+    let rows = arrival_rows(txn);
     {
         let keys = txn.open_table(index::ARRIVAL_KEYS).unwrap();
         let mut old_ids = txn.open_table(index::ARRIVAL_IDS_V4).unwrap();
@@ -427,15 +432,8 @@ fn downgrade_to_format_2(dir: &Path) {
     let txn = db.begin_write().unwrap();
     downgrade_to_format_4(&txn);
     {
+        let all = arrival_rows(&txn);
         let mut t = txn.open_table(index::ARRIVALS).unwrap();
-        let all: Vec<(u64, Arrival)> = t
-            .iter()
-            .unwrap()
-            .map(|e| {
-                let (k, v) = e.unwrap();
-                (k.value(), codec::decode_arrival(v.value()).unwrap())
-            })
-            .collect();
         for (k, a) in all {
             t.insert(k, serde_json::to_vec(&a).unwrap().as_slice())
                 .unwrap();
