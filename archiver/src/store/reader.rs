@@ -862,6 +862,28 @@ impl NewestFirst<'_> {
 }
 
 fn open_shared(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
+    let db = open_shared_db(path)?;
+    // The daemon upgrades its index when it starts: one of another build may keep
+    // another format, which this build must not read.
+    let format = {
+        let txn = db.begin_read().map_err(idx_err)?;
+        let meta = txn.open_table(META).map_err(idx_err)?;
+        let v = meta.get(index::K_FORMAT).map_err(idx_err)?;
+        v.and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+            .map(u32::from_le_bytes)
+    };
+    match format {
+        Some(f) if f != super::record::INDEX_FORMAT => Err(StoreError::Unsupported(format!(
+            "the running daemon keeps its index in format {f} and this coffer reads format \
+             {}: run a cofferd and a coffer of the same version (after an upgrade, restart \
+             cofferd: it upgrades the index as it starts)",
+            super::record::INDEX_FORMAT
+        ))),
+        _ => Ok(db),
+    }
+}
+
+fn open_shared_db(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
     let mut b = redb::Builder::new();
     b.set_cache_size(super::engine::READER_CACHE_BYTES);
     b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);

@@ -1095,3 +1095,30 @@ fn an_arrival_whose_id_or_key_hash_is_taken_is_still_indexed_as_new() {
     assert_eq!(found.arrivals[0].id, first.arrival_id);
     assert!(verify(dir.path(), true).problems.is_empty());
 }
+
+#[test]
+fn a_reader_beside_a_daemon_of_another_index_format_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(opts(dir.path(), 64 << 20)).unwrap();
+    let h = store.handle();
+    h.ingest_blocking(msg(1, "a@example.org")).unwrap();
+    assert_eq!(all(dir.path()).1.messages, 1);
+    let db = h.shared.db.read().unwrap().clone().unwrap();
+    let set_format = |f: u32| {
+        let txn = db.begin_write().unwrap();
+        txn.open_table(index::META)
+            .unwrap()
+            .insert(index::K_FORMAT, f.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    };
+    set_format(4);
+    let err = StoreReader::open(dir.path()).err().expect("refused");
+    assert!(matches!(err, StoreError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("format 4"), "{err}");
+    set_format(record::INDEX_FORMAT);
+    assert!(StoreReader::open(dir.path()).unwrap().daemon_running());
+    drop(db);
+    drop(h);
+    store.close();
+}
