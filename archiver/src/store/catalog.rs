@@ -191,7 +191,7 @@ impl Catalog {
         }
         let mut last = 0;
         for (local, _) in &self.arrivals {
-            put_leb64(&mut b, local - last);
+            codec::put_uint(&mut b, local - last);
             last = *local;
         }
         for (_, v) in &self.arrivals {
@@ -469,38 +469,14 @@ impl<'a> Cursor<'a> {
         Err("a number in the catalog is too long".into())
     }
 
-    /// A u32 in LEB128 (at most 5 bytes).
+    /// A u32 in LEB128.
     fn leb(&mut self) -> Result<u32, String> {
-        let mut v = 0u32;
-        for shift in [0, 7, 14, 21, 28] {
-            let byte = self.take(1)?[0];
-            let bits = u32::from(byte & 0x7f);
-            if shift == 28 && bits > 0x0f {
-                return Err("a number in the catalog is too large".into());
-            }
-            v |= bits << shift;
-            if byte & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("a number in the catalog is too long".into())
+        u32::try_from(self.leb64()?).map_err(|_| "a number in the catalog is too large".into())
     }
 }
 
-fn put_leb64(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8 & 0x7f) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_leb(out: &mut Vec<u8>, mut v: u32) {
-    while v >= 0x80 {
-        out.push((v as u8 & 0x7f) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+fn put_leb(out: &mut Vec<u8>, v: u32) {
+    codec::put_uint(out, u64::from(v));
 }
 
 /// The catalog as one block of a `.blk` (header, zstd frame, CRC).
@@ -775,7 +751,7 @@ pub fn local_of_id(
     id: &ArrivalId,
 ) -> Result<Option<u64>, StoreError> {
     let ids = txn.open_table(ARRIVAL_IDS).map_err(idx_err)?;
-    for local in index::id_locals(&ids, id).map_err(idx_err)? {
+    for local in index::id_locals(&ids, index::id_key(id)).map_err(idx_err)? {
         if arrival(txn, cats, local)?.is_some_and(|a| a.id == *id) {
             return Ok(Some(local));
         }
@@ -1006,7 +982,7 @@ mod tests {
         let mut big = Vec::new();
         put_leb(&mut big, u32::MAX);
         put_leb(&mut big, 300);
-        put_leb64(&mut big, u64::MAX);
+        codec::put_uint(&mut big, u64::MAX);
         let mut r = Cursor { b: &big, at: 0 };
         assert_eq!((r.leb(), r.leb()), (Ok(u32::MAX), Ok(300)));
         assert_eq!(r.leb64(), Ok(u64::MAX));

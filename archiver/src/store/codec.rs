@@ -20,7 +20,8 @@ pub const TAG_ARRIVAL: u8 = 0xA3;
 /// First byte of a summary value.
 pub const TAG_SUMMARY: u8 = 0x53;
 
-fn put_uint(out: &mut Vec<u8>, mut v: u64) {
+/// Appends `v` in LEB128.
+pub(crate) fn put_uint(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let byte = (v & 0x7f) as u8;
         v >>= 7;

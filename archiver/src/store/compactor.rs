@@ -229,7 +229,7 @@ impl StoreHandle {
             let Ok(id) = id.parse::<crate::ids::ArrivalId>() else {
                 continue;
             };
-            for local in index::id_locals(&ids, &id).map_err(idx_err)? {
+            for local in index::id_locals(&ids, index::id_key(&id)).map_err(idx_err)? {
                 let Some(v) = rows.get(local).map_err(idx_err)? else {
                     continue;
                 };

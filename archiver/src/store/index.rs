@@ -167,21 +167,26 @@ pub fn origin_hash(id: &ArrivalId) -> u64 {
     u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
-/// The [`ARRIVAL_IDS`] key of arrival `id` numbered `local`.
-pub fn id_entry(id: &ArrivalId, local: u64) -> (u64, u64, u64) {
-    (origin_hash(id), id.seq, local)
+/// (origin hash, sequence): what [`ARRIVAL_IDS`] files arrival `id` under.
+pub fn id_key(id: &ArrivalId) -> (u64, u64) {
+    (origin_hash(id), id.seq)
 }
 
-/// The local numbers [`ARRIVAL_IDS`] files arrival `id` under, each to be checked
-/// against its arrival.
+/// The [`ARRIVAL_IDS`] entry of arrival `id` numbered `local`.
+pub fn id_entry(id: &ArrivalId, local: u64) -> (u64, u64, u64) {
+    let (h, seq) = id_key(id);
+    (h, seq, local)
+}
+
+/// The local numbers [`ARRIVAL_IDS`] files an arrival id under (its [`id_key`]), each
+/// to be checked against its arrival.
 ///
 /// # Errors
 /// redb errors.
 pub fn id_locals<T: ReadableTable<(u64, u64, u64), ()>>(
     t: &T,
-    id: &ArrivalId,
+    (h, seq): (u64, u64),
 ) -> Result<Vec<u64>, redb::Error> {
-    let (h, seq) = (origin_hash(id), id.seq);
     let mut out = Vec::new();
     for e in t.range((h, seq, 0)..=(h, seq, u64::MAX))? {
         out.push(e?.0.value().2);
@@ -766,22 +771,25 @@ impl<'t> Tables<'t> {
         arrival: &Arrival,
         key: Option<[u8; 32]>,
     ) -> Result<Option<u64>, StoreError> {
-        for local in id_locals(&self.arrival_ids, &arrival.id).map_err(idx_err)? {
+        let (h, seq) = id_key(&arrival.id);
+        for local in id_locals(&self.arrival_ids, (h, seq)).map_err(idx_err)? {
             if self.arrival_at(local)?.is_some_and(|a| a.id == arrival.id) {
                 return Ok(None);
             }
         }
-        self.insert_arrival(arrival, key).map_err(idx_err)
+        self.insert_arrival(arrival, key, (h, seq)).map_err(idx_err)
     }
 
+    /// Numbers and indexes a new arrival, filed under `(h, seq)` ([`id_key`]).
     fn insert_arrival(
         &mut self,
         arrival: &Arrival,
         key: Option<[u8; 32]>,
+        (h, seq): (u64, u64),
     ) -> Result<Option<u64>, redb::Error> {
         let local = self.counters.next_local.max(1);
         self.counters.next_local = local + 1;
-        self.arrival_ids.insert(id_entry(&arrival.id, local), ())?;
+        self.arrival_ids.insert((h, seq, local), ())?;
         let message: MessageId = arrival.message.parse().expect("arrival names a message id");
         self.arrivals
             .insert(local, codec::encode_arrival(arrival).as_slice())?;
